@@ -1,0 +1,27 @@
+# Two entry points (see README): `make demo` and `make test`. Each installs what it needs.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.rimlens-installed
+
+.PHONY: demo test bench install clean
+
+$(STAMP): pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -c constraints.txt -e ".[test,bench]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	OMP_NUM_THREADS=2 $(VENV)/bin/rimlens demo --out demo_output
+
+test: $(STAMP)
+	OMP_NUM_THREADS=1 $(PY) -m pytest -n 2 -q
+
+bench: $(STAMP)
+	OMP_NUM_THREADS=2 $(PY) benchmarks/bench_simulator.py
+
+clean:
+	rm -rf $(VENV) demo_output

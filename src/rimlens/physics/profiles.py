@@ -1,0 +1,178 @@
+"""Analytic convergence profiles with closed-form deflections, and the Sersic light profile.
+
+All functions are pure: they take image-plane coordinates ``x, y`` in arcsec (tensors of any,
+broadcastable, shape) and parameters, and return the convergence (dimensionless) or the deflection
+``(alpha_x, alpha_y)`` in arcsec. Parameters may be Python floats or tensors broadcastable to the
+coordinates (e.g. shape ``B x 1 x 1 x 1`` for a batch of lenses on an ``N x N`` grid).
+
+Elliptical profiles use the axis ratio ``q`` (minor / major, 0 < q <= 1) and the position angle
+``phi`` of the major axis, counter-clockwise from the +x axis, in radians. Their elliptical radius is
+the "product-averaged" ``sqrt(q x'^2 + y'^2 / q)`` (as lenstronomy), so ``theta_E`` is the Einstein
+radius of the equivalent circular lens.
+"""
+
+from __future__ import annotations
+
+import math
+
+import scipy.special
+import torch
+
+
+def _rotate(x, y, center_x, center_y, phi):
+    """Coordinates in the frame centred on the lens with x' along the major axis."""
+    dx, dy = x - center_x, y - center_y
+    c, s = _cos(phi), _sin(phi)
+    return dx * c + dy * s, -dx * s + dy * c
+
+
+def _unrotate(ax, ay, phi):
+    c, s = _cos(phi), _sin(phi)
+    return ax * c - ay * s, ax * s + ay * c
+
+
+def _cos(a):
+    return torch.cos(a) if isinstance(a, torch.Tensor) else math.cos(a)
+
+
+def _sin(a):
+    return torch.sin(a) if isinstance(a, torch.Tensor) else math.sin(a)
+
+
+def _as_tensor_like(v, like: torch.Tensor) -> torch.Tensor:
+    return torch.as_tensor(v, dtype=like.dtype, device=like.device)
+
+
+# ------------------------------------------------------------------------------ Gaussian
+def gaussian_kappa(x, y, kappa_0, sigma_arcsec, center_x=0.0, center_y=0.0):
+    """Circular Gaussian convergence ``kappa_0 exp(-r^2 / 2 sigma^2)``."""
+    r2 = (x - center_x) ** 2 + (y - center_y) ** 2
+    return kappa_0 * torch.exp(-0.5 * r2 / sigma_arcsec**2)
+
+
+def gaussian_deflection(x, y, kappa_0, sigma_arcsec, center_x=0.0, center_y=0.0):
+    """Deflection of :func:`gaussian_kappa`: ``alpha(r) = 2 kappa_0 sigma^2 (1 - e^{-r^2/2sigma^2}) / r``."""
+    dx, dy = x - center_x, y - center_y
+    r2 = dx**2 + dy**2
+    # alpha / r = 2 kappa_0 sigma^2 (1 - e^{-u}) / r^2, with u = r^2 / 2 sigma^2; expm1 keeps r -> 0 exact.
+    u = 0.5 * r2 / sigma_arcsec**2
+    factor = torch.where(u > 1e-12, -torch.expm1(-u) / torch.where(u > 1e-12, u, torch.ones_like(u)), 1 - u / 2)
+    factor = kappa_0 * factor  # = alpha / r
+    return factor * dx, factor * dy
+
+
+# ------------------------------------------------------------------------------ SIS
+def sis_kappa(x, y, theta_e_arcsec, center_x=0.0, center_y=0.0):
+    """Singular isothermal sphere ``kappa = theta_E / (2 r)``."""
+    r = torch.sqrt((x - center_x) ** 2 + (y - center_y) ** 2)
+    return theta_e_arcsec / (2 * r)
+
+
+def sis_deflection(x, y, theta_e_arcsec, center_x=0.0, center_y=0.0):
+    """Deflection of :func:`sis_kappa`: ``theta_E`` times the unit radial vector."""
+    dx, dy = x - center_x, y - center_y
+    r = torch.sqrt(dx**2 + dy**2).clamp_min(1e-30)
+    return theta_e_arcsec * dx / r, theta_e_arcsec * dy / r
+
+
+# ------------------------------------------------------------------------------ SIE (cored)
+def sie_kappa(x, y, theta_e_arcsec, axis_ratio, phi_rad=0.0, center_x=0.0, center_y=0.0, core_arcsec=0.0):
+    """Singular (or cored) isothermal ellipsoid.
+
+    ``kappa = theta_E / (2 sqrt(q x'^2 + y'^2 / q + s^2))`` with core radius ``s``.
+    """
+    xp, yp = _rotate(x, y, center_x, center_y, phi_rad)
+    return theta_e_arcsec / (2 * torch.sqrt(axis_ratio * xp**2 + yp**2 / axis_ratio + core_arcsec**2))
+
+
+def sie_deflection(x, y, theta_e_arcsec, axis_ratio, phi_rad=0.0, center_x=0.0, center_y=0.0, core_arcsec=0.0):
+    """Deflection of :func:`sie_kappa` (Keeton 2001, softened isothermal ellipsoid).
+
+    With ``b = theta_E sqrt(q)``, ``s' = s / sqrt(q)``, ``psi = sqrt(q^2 (s'^2 + x'^2) + y'^2)``:
+    ``alpha_x' = b / sqrt(1-q^2) atan(sqrt(1-q^2) x' / (psi + s'))``,
+    ``alpha_y' = b / sqrt(1-q^2) atanh(sqrt(1-q^2) y' / (psi + q^2 s'))``.
+    """
+    xp, yp = _rotate(x, y, center_x, center_y, phi_rad)
+    q = _as_tensor_like(axis_ratio, xp)
+    s = _as_tensor_like(core_arcsec, xp) / torch.sqrt(q)
+    b = theta_e_arcsec * torch.sqrt(q)
+    # q -> 1 is a removable singularity; a floor on sqrt(1-q^2) keeps the error below 1e-8.
+    e = torch.sqrt((1 - q**2).clamp_min(1e-8))
+    psi = torch.sqrt(q**2 * (s**2 + xp**2) + yp**2)
+    tiny = torch.finfo(xp.dtype).tiny
+    ax = b / e * torch.atan(e * xp / (psi + s + tiny))
+    ay = b / e * torch.atanh(e * yp / (psi + q**2 * s + tiny))
+    return _unrotate(ax, ay, phi_rad)
+
+
+# ------------------------------------------------------------------------------ NFW
+def _nfw_f(xr):
+    """F(x) of the projected NFW profile (Bartelmann 1996)."""
+    one = torch.ones_like(xr)
+    lo = xr < 1
+    hi = xr > 1
+    x_lo = torch.where(lo, xr, 0.5 * one)
+    x_hi = torch.where(hi, xr, 2.0 * one)
+    f_lo = torch.atanh(torch.sqrt(1 - x_lo**2)) / torch.sqrt(1 - x_lo**2)
+    f_hi = torch.atan(torch.sqrt(x_hi**2 - 1)) / torch.sqrt(x_hi**2 - 1)
+    return torch.where(lo, f_lo, torch.where(hi, f_hi, one))
+
+
+def nfw_kappa(x, y, kappa_s, r_s_arcsec, center_x=0.0, center_y=0.0):
+    """Spherical NFW convergence ``2 kappa_s (1 - F(x)) / (x^2 - 1)``, ``x = r / r_s``."""
+    xr = torch.sqrt((x - center_x) ** 2 + (y - center_y) ** 2) / r_s_arcsec
+    xr = xr.clamp_min(1e-12)
+    near = (xr - 1).abs() < 1e-4
+    # Near x = 1 use the Taylor expansion 2 kappa_s (1/3 - 0.4 (x - 1)).
+    x_safe = torch.where(near, torch.full_like(xr, 2.0), xr)
+    k = 2 * (1 - _nfw_f(x_safe)) / (x_safe**2 - 1)
+    k = torch.where(near, 2 * (1 / 3 - 0.4 * (xr - 1)), k)
+    return kappa_s * k
+
+
+def nfw_deflection(x, y, kappa_s, r_s_arcsec, center_x=0.0, center_y=0.0):
+    """Deflection of :func:`nfw_kappa`: ``alpha(r) = 4 kappa_s r_s h(x) / x`` radially,
+    ``h(x) = ln(x / 2) + F(x)`` (with F as in the convergence)."""
+    dx, dy = x - center_x, y - center_y
+    r = torch.sqrt(dx**2 + dy**2).clamp_min(1e-12)
+    xr = r / r_s_arcsec
+    h = torch.log(xr / 2) + _nfw_f(xr)
+    amp = 4 * kappa_s * r_s_arcsec * h / xr
+    return amp * dx / r, amp * dy / r
+
+
+# ------------------------------------------------------------------------------ light
+def sersic_b(n: float) -> float:
+    """Exact Sersic ``b_n`` such that ``R_e`` encloses half the light: ``gamma(2n, b_n) = Gamma(2n)/2``."""
+    return float(scipy.special.gammaincinv(2 * n, 0.5))
+
+
+def sersic(x, y, amplitude, r_eff_arcsec, n, axis_ratio=1.0, phi_rad=0.0, center_x=0.0, center_y=0.0):
+    """Elliptical Sersic surface brightness ``A exp(-b_n ((R / R_e)^{1/n} - 1))``.
+
+    ``R = sqrt(q x'^2 + y'^2 / q)``; ``amplitude`` is the brightness at ``R_e``.
+    """
+    xp, yp = _rotate(x, y, center_x, center_y, phi_rad)
+    r = torch.sqrt(axis_ratio * xp**2 + yp**2 / axis_ratio + 1e-12)
+    bn = sersic_b(float(n)) if not isinstance(n, torch.Tensor) else torch.as_tensor(
+        scipy.special.gammaincinv(2 * n.detach().cpu().numpy(), 0.5), dtype=xp.dtype, device=xp.device)
+    return amplitude * torch.exp(-bn * ((r / r_eff_arcsec) ** (1.0 / n) - 1))
+
+
+def pixelate(fn, grid, supersample: int = 1, dtype: torch.dtype = torch.float32, device=None, **params) -> torch.Tensor:
+    """Pixel-averaged map of an analytic profile on ``grid``, shape ``1 x 1 x N x N``.
+
+    ``fn(x, y, **params)`` is evaluated on ``supersample x supersample`` sub-pixel centres per pixel
+    and averaged, which conserves the mass of cuspy profiles (SIS/SIE) far better than sampling the
+    pixel centres. Parameters may be ``B x 1 x 1 x 1`` tensors to get ``B`` maps.
+    """
+    from rimlens.physics.grid import PixelGrid
+
+    f = int(supersample)
+    fine = PixelGrid(grid.n_pixels * f, grid.pixel_scale_arcsec / f)
+    x, y = fine.coordinates(torch.float64 if dtype == torch.float64 else torch.float32, device)
+    values = fn(x, y, **params)
+    values = values.reshape(-1, 1, *values.shape[-2:]) if values.ndim != 4 else values
+    if f > 1:
+        values = torch.nn.functional.avg_pool2d(values, f)
+    return values.to(dtype)

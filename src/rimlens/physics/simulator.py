@@ -1,0 +1,178 @@
+"""The lensing simulator: one object that owns the forward model, the noise and the likelihood.
+
+    observation = PSF * [source(theta - alpha(kappa))] + noise,   noise ~ N(0, sigma^2) per pixel.
+
+The convergence lives on the image grid; the source on its own grid (see :mod:`rimlens.physics.grid`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from rimlens.errors import RimlensInputError, check_batch, check_map, check_noise_sigma
+from rimlens.physics.deflection import deflection_field
+from rimlens.physics.grid import PixelGrid
+from rimlens.physics.likelihood import chi_squared, degrees_of_freedom, peak_snr
+from rimlens.physics.psf import PSF
+from rimlens.physics.raytrace import lens_equation, sample_bilinear
+
+
+@dataclass
+class SimulatedLens:
+    """Result of :meth:`LensSimulator.simulate` (all ``B x 1 x N x N`` except ``noise_sigma``/``snr``)."""
+
+    noiseless: torch.Tensor
+    observation: torch.Tensor
+    noise_sigma: torch.Tensor  # (B,) or noise map
+    snr: torch.Tensor  # (B,) peak SNR of the noiseless image
+
+
+def _as_psf(psf) -> PSF:
+    if isinstance(psf, PSF):
+        return psf
+    if psf is None:
+        raise RimlensInputError("a PSF is required (a rimlens.physics.PSF or a kernel tensor)")
+    return PSF.from_kernel(psf)
+
+
+class LensSimulator:
+    """Differentiable ray-tracing simulator for a pixelated source and a pixelated convergence.
+
+    Args:
+        image_grid: grid of the image and of the convergence map.
+        source_grid: grid of the source plane.
+
+    All methods accept float32 or float64 tensors on any device and are batched; the PSF may be
+    one kernel for the whole batch or one per example; ``noise_sigma`` may be a float, a ``(B,)``
+    tensor or a ``B x 1 x N x N`` noise map.
+    """
+
+    def __init__(self, image_grid: PixelGrid, source_grid: PixelGrid):
+        self.image_grid = image_grid
+        self.source_grid = source_grid
+        self._coords: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def __repr__(self) -> str:
+        return f"LensSimulator(image_grid={self.image_grid}, source_grid={self.source_grid})"
+
+    def _xy(self, like: torch.Tensor):
+        key = (like.dtype, str(like.device))
+        if key not in self._coords:
+            self._coords[key] = self.image_grid.coordinates(like.dtype, like.device)
+        return self._coords[key]
+
+    # ------------------------------------------------------------------ checks
+    def _check_kappa(self, kappa: torch.Tensor, name: str = "kappa") -> None:
+        check_map(kappa, name)
+        if kappa.shape[-1] != self.image_grid.n_pixels:
+            raise RimlensInputError(f"{name} has {kappa.shape[-1]} pixels per side, the image grid has {self.image_grid.n_pixels}")
+
+    def _check_source(self, source: torch.Tensor) -> None:
+        check_map(source, "source")
+        if source.shape[-1] != self.source_grid.n_pixels:
+            raise RimlensInputError(f"source has {source.shape[-1]} pixels per side, the source grid has {self.source_grid.n_pixels}")
+
+    def _check_image(self, image: torch.Tensor, name: str) -> None:
+        check_map(image, name)
+        if image.shape[-1] != self.image_grid.n_pixels:
+            raise RimlensInputError(f"{name} has {image.shape[-1]} pixels per side, the image grid has {self.image_grid.n_pixels}")
+
+    # ------------------------------------------------------------------ forward model
+    def deflection(self, kappa: torch.Tensor, check: bool = True) -> torch.Tensor:
+        """Deflection ``B x 2 x N x N`` (arcsec) of a convergence map on the image grid."""
+        if check:
+            self._check_kappa(kappa)
+        return deflection_field(kappa, self.image_grid.pixel_scale_arcsec, check=False)
+
+    def lens(self, source: torch.Tensor, kappa: torch.Tensor | None = None, *,
+             alpha: torch.Tensor | None = None, check: bool = True) -> torch.Tensor:
+        """Lensed, unblurred image ``B x 1 x N x N`` of ``source`` by ``kappa`` (or by a given deflection ``alpha``)."""
+        if (kappa is None) == (alpha is None):
+            raise RimlensInputError("give exactly one of kappa or alpha")
+        if check:
+            self._check_source(source)
+            if kappa is not None:
+                self._check_kappa(kappa)
+                check_batch({"source": source.shape[0], "kappa": kappa.shape[0]})
+        if alpha is None:
+            alpha = self.deflection(kappa, check=False)
+        x, y = self._xy(alpha)
+        beta_x, beta_y = lens_equation(x, y, alpha)
+        if source.shape[0] != beta_x.shape[0]:
+            n = max(source.shape[0], beta_x.shape[0])
+            source = source.expand(n, -1, -1, -1)
+            beta_x, beta_y = beta_x.expand(n, -1, -1), beta_y.expand(n, -1, -1)
+        return sample_bilinear(source, self.source_grid, beta_x, beta_y)
+
+    def forward(self, source: torch.Tensor, kappa: torch.Tensor, psf, *, check: bool = True) -> torch.Tensor:
+        """Noiseless model image ``PSF * lens(source, kappa)``, shape ``B x 1 x N x N``."""
+        psf = _as_psf(psf)
+        if check:
+            self._check_source(source)
+            self._check_kappa(kappa)
+            check_batch({"source": source.shape[0], "kappa": kappa.shape[0], "psf": psf.batch_size})
+        return psf.convolve(self.lens(source, kappa, check=False))
+
+    __call__ = forward
+
+    def add_noise(self, image: torch.Tensor, noise_sigma, generator: torch.Generator | None = None) -> torch.Tensor:
+        """``image + sigma * N(0, 1)``; Gaussian noise added after the PSF."""
+        sigma = check_noise_sigma(noise_sigma, image.shape[0], tuple(image.shape[-2:]), like=image)
+        noise = torch.randn(image.shape, generator=generator, dtype=image.dtype, device=image.device)
+        return image + sigma * noise
+
+    def simulate(self, source: torch.Tensor, kappa: torch.Tensor, psf, noise_sigma,
+                 generator: torch.Generator | None = None) -> SimulatedLens:
+        """Noiseless and noisy images of a batch of lenses, with their peak SNR."""
+        noiseless = self.forward(source, kappa, psf)
+        sigma = check_noise_sigma(noise_sigma, noiseless.shape[0], tuple(noiseless.shape[-2:]), like=noiseless)
+        observation = self.add_noise(noiseless, sigma, generator)
+        sigma_out = sigma.reshape(-1).expand(noiseless.shape[0]).clone() if sigma.numel() <= noiseless.shape[0] else sigma
+        return SimulatedLens(noiseless, observation, sigma_out, peak_snr(noiseless, sigma))
+
+    # ------------------------------------------------------------------ likelihood
+    def chi_squared(self, observation, source, kappa, psf, noise_sigma, mask=None, *, check: bool = True) -> torch.Tensor:
+        """Chi-square per example ``(B,)`` of the model ``forward(source, kappa, psf)``."""
+        if check:
+            self._check_image(observation, "observation")
+        model = self.forward(source, kappa, psf, check=check)
+        sigma = check_noise_sigma(noise_sigma, observation.shape[0], tuple(observation.shape[-2:]), like=observation)
+        return chi_squared(model, observation, sigma, mask)
+
+    def reduced_chi_squared(self, observation, source, kappa, psf, noise_sigma, mask=None) -> torch.Tensor:
+        """Reduced chi-square per example ``(B,)``: chi2 / number of used pixels."""
+        self._check_image(observation, "observation")
+        sigma = check_noise_sigma(noise_sigma, observation.shape[0], tuple(observation.shape[-2:]), like=observation)
+        return self.chi_squared(observation, source, kappa, psf, sigma, mask) / degrees_of_freedom(sigma, observation.shape, mask).clamp_min(1)
+
+    def likelihood_gradient(self, observation, source, log10_kappa, psf, noise_sigma, mask=None, *,
+                            create_graph: bool = False, check: bool = True):
+        """Gradient of the negative log-likelihood ``chi2 / 2`` w.r.t. the source and ``log10 kappa``.
+
+        This is what the RIM is fed at every step (with kappa = 10 ** log10_kappa).
+
+        Args:
+            observation: ``B x 1 x N x N``.
+            source: ``B x 1 x M x M``.
+            log10_kappa: ``B x 1 x N x N``.
+            create_graph: keep the graph for second-order derivatives (fine-tuning).
+
+        Returns:
+            ``(grad_source, grad_log10_kappa, chi2)`` with shapes of the inputs and ``(B,)``.
+            Each example's gradient depends only on that example.
+        """
+        if check:
+            self._check_image(observation, "observation")
+            self._check_source(source)
+            self._check_kappa(log10_kappa, "log10_kappa")
+            check_batch({"observation": observation.shape[0], "source": source.shape[0], "log10_kappa": log10_kappa.shape[0]})
+        sigma = check_noise_sigma(noise_sigma, observation.shape[0], tuple(observation.shape[-2:]), like=observation)
+        with torch.enable_grad():
+            s = source if (create_graph and source.requires_grad) else source.detach().requires_grad_(True)
+            eta = log10_kappa if (create_graph and log10_kappa.requires_grad) else log10_kappa.detach().requires_grad_(True)
+            model = self.forward(s, torch.pow(10.0, eta), psf, check=False)
+            chi2 = chi_squared(model, observation, sigma, mask)
+            g_s, g_eta = torch.autograd.grad(0.5 * chi2.sum(), (s, eta), create_graph=create_graph)
+        return g_s, g_eta, chi2.detach() if not create_graph else chi2
