@@ -7,7 +7,9 @@ the field, so a kernel whose light sits at offset ``(+1, 0)`` moves light one pi
 
 Two exact methods, chosen automatically:
 
-* ``separable``: two 1-D passes, for kernels built from 1-D factors (Gaussians);
+* ``separable``: two 1-D passes, for kernels built from 1-D factors (Gaussians), done as two
+  products with banded Toeplitz matrices ``T_rows @ image @ T_cols^T`` (a batched matmul is 4-20x
+  faster on CPU than a one-channel ``conv2d`` and than the FFT);
 * ``fft``: zero-padded FFT convolution for any kernel (the kernel spectrum is cached);
 * ``direct``: grouped ``conv2d``, kept as a reference implementation for tests.
 """
@@ -169,13 +171,26 @@ class PSF:
         weight = torch.flip(self.kernel, dims=(-2, -1)).to(image.dtype)
         return self._grouped(image, weight, self.size // 2)
 
-    def _convolve_separable(self, image: torch.Tensor) -> torch.Tensor:
-        rows, cols = self.factors
+    def _toeplitz(self, profile: torch.Tensor, n: int, like: torch.Tensor) -> torch.Tensor:
+        """``B x 1 x n x n`` matrices ``T[i, j] = profile[i - j + K//2]`` (zero outside the kernel)."""
         k = self.size
-        w_rows = torch.flip(rows, dims=(-1,)).to(image.dtype).reshape(-1, 1, k, 1)
-        w_cols = torch.flip(cols, dims=(-1,)).to(image.dtype).reshape(-1, 1, 1, k)
-        out = self._grouped(image, w_rows, (k // 2, 0))
-        return self._grouped(out, w_cols, (0, k // 2))
+        idx = torch.arange(n, device=like.device)
+        d = idx[:, None] - idx[None, :] + k // 2
+        inside = (d >= 0) & (d < k)
+        prof = profile.to(dtype=like.dtype, device=like.device)
+        t = prof[:, d.clamp(0, k - 1)] * inside.to(like.dtype)
+        return t[:, None]
+
+    def _convolve_separable(self, image: torch.Tensor) -> torch.Tensor:
+        n_rows, n_cols = image.shape[-2:]
+        key = ("toeplitz", n_rows, n_cols, image.dtype, str(image.device))
+        mats = self._fft_cache.get(key)
+        if mats is None or self.factors[0].requires_grad:
+            mats = (self._toeplitz(self.factors[0], n_rows, image), self._toeplitz(self.factors[1], n_cols, image).transpose(-1, -2))
+            if not self.factors[0].requires_grad:
+                self._fft_cache[key] = mats
+        t_rows, t_cols_t = mats
+        return t_rows @ image @ t_cols_t
 
     def _convolve_fft(self, image: torch.Tensor) -> torch.Tensor:
         n_rows, n_cols = image.shape[-2:]

@@ -1,0 +1,57 @@
+"""Helpers shared by the benchmark scripts: timing with medians and a machine description."""
+
+from __future__ import annotations
+
+import os
+import platform
+import statistics
+import time
+
+import torch
+
+
+def set_threads(n: int | None = None) -> int:
+    n = int(n or os.environ.get("OMP_NUM_THREADS", 2))
+    torch.set_num_threads(n)
+    return n
+
+
+def median_time(fn, repeats: int = 7, warmup: int = 2, min_time: float = 0.05) -> float:
+    """Median wall time of ``fn()`` in seconds; each sample loops until ``min_time`` has passed."""
+    for _ in range(warmup):
+        fn()
+    samples = []
+    for _ in range(repeats):
+        n, t0 = 0, time.perf_counter()
+        while True:
+            fn()
+            n += 1
+            dt = time.perf_counter() - t0
+            if dt >= min_time:
+                break
+        samples.append(dt / n)
+    return statistics.median(samples)
+
+
+def machine() -> str:
+    return f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}"
+
+
+def compare_times(fns: dict, repeats: int = 7, warmup: int = 2, min_time: float = 0.05) -> dict:
+    """Median wall time (s) of each callable, measured round-robin so that machine noise hits all
+    of them alike (the ratio of medians is then far more stable than separate runs)."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    samples = {k: [] for k in fns}
+    for _ in range(repeats):
+        for k, fn in fns.items():
+            n, t0 = 0, time.perf_counter()
+            while True:
+                fn()
+                n += 1
+                dt = time.perf_counter() - t0
+                if dt >= min_time:
+                    break
+            samples[k].append(dt / n)
+    return {k: statistics.median(v) for k, v in samples.items()}
