@@ -53,6 +53,57 @@ def demo(out_dir: Path, seed: int):
     click.echo(f"wrote {png}")
 
 
+@cli.command()
+@click.option("--preset", default="cpu64", show_default=True, help="Named configuration (tiny, cpu64, paper128).")
+@click.option("--count", type=click.IntRange(min=1), required=True, help="Number of validated lenses.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Same seed, same data, bit for bit.")
+@click.option("--out", "out_path", type=click.Path(dir_okay=False, path_type=Path), required=True, help="Output HDF5 file.")
+@click.option("--split", type=click.Choice(["train", "test"]), default="train", show_default=True,
+              help="Which galaxies (COSMOS split by galaxy) and particle-galaxy stream.")
+@click.option("--noise", type=click.Choice(["train", "high", "medium", "low"]), default=None,
+              help="Noise recipe (high/medium/low = the paper's test sets); default: the preset's.")
+@click.option("--block-size", type=click.IntRange(min=1), default=64, show_default=True)
+@click.option("--overwrite", is_flag=True, help="Replace an existing finished file.")
+def simulate(preset, count, seed, out_path, split, noise, block_size, overwrite):
+    """Simulate validated lenses into an HDF5 file (an interrupted run resumes when re-run)."""
+    from rimlens.config import get_preset
+    from rimlens.data.storage import generate_dataset, read_lenses
+
+    if out_path.exists() and not overwrite:
+        raise RimlensInputError(f"{out_path} exists; pass --overwrite to replace it")
+    cfg = get_preset(preset)
+    generate_dataset(out_path, cfg, count, seed, split=split, noise=noise, block_size=block_size, progress=True)
+    attrs = read_lenses(out_path, slice(0, 1))["attrs"]
+    drawn = int(attrs["stats_drawn"])
+    reasons = ", ".join(f"{k[len('stats_rejected_'):]} {int(v)}" for k, v in attrs.items() if k.startswith("stats_rejected_"))
+    click.echo(f"wrote {count} lenses to {out_path} ({drawn} drawn; rejected: {reasons})")
+
+
+@cli.command()
+@click.argument("path", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--out", "out_png", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="PNG to write (default: PATH with .png).")
+@click.option("--count", type=click.IntRange(1, 32), default=4, show_default=True, help="Lenses to show.")
+@click.option("--start", type=click.IntRange(min=0), default=0, show_default=True, help="First lens index.")
+def show(path, out_png, count, start):
+    """Picture of lenses in a file: observation, source, log10 kappa, with SNR and Einstein radius."""
+    from rimlens.data.storage import read_lenses
+    from rimlens.evaluate.figures import lens_panels
+
+    d = read_lenses(path, slice(start, start + count))
+    grid = d["preset"].grid
+    rows = [{"observation": d["observation"][i, 0], "source": d["source"][i, 0], "kappa": d["kappa"][i, 0],
+             "image_scale": grid.image_grid.pixel_scale_arcsec, "source_scale": grid.source_grid.pixel_scale_arcsec,
+             "title": f"#{start + i}  SNR {d['snr'][i]:.0f}  $\\theta_E$ {d['theta_e'][i]:.2f}\"  "
+                      f"({d['kappa_family'][i].decode()}, {d['source_family'][i].decode()})"}
+            for i in range(len(d["snr"]))]
+    if not rows:
+        raise RimlensInputError(f"{path} has no lens at index {start}")
+    out_png = out_png or path.with_suffix(".png")
+    lens_panels(rows, out_png)
+    click.echo(f"wrote {out_png}")
+
+
 def main(argv=None) -> int:
     """Entry point: runs the click group, turning input errors into exit code 2."""
     os.environ.setdefault("OMP_NUM_THREADS", str(min(2, os.cpu_count() or 1)))

@@ -1,0 +1,1 @@
+"""Training and test data: sources, convergence maps, particles, lens simulation, storage."""

@@ -1,0 +1,212 @@
+"""HDF5 storage of simulated lenses, resumable generation, and torch datasets.
+
+File layout (format ``rimlens-lenses-1``): datasets ``observation``, ``source``, ``kappa``, ``psf``
+(``n x 1 x N x N`` / ``n x 1 x K x K`` float32), ``psf_fwhm``, ``noise_sigma``, ``snr``, ``theta_e``
+(``(n,)``), ``source_family``, ``kappa_family`` (strings); attributes ``format``, ``preset`` (JSON
+of the full configuration), ``seed``, ``count``, ``split``, ``noise``, ``rimlens_version``, grid
+descriptions, and the validation statistics.
+
+Generation is split in blocks; block ``b`` depends only on ``(seed, b)``. Each finished block is
+written atomically to ``FILE.parts/`` and the final file is assembled atomically at the end, so a
+killed run resumes where it stopped and produces exactly the file an uninterrupted run would.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import h5py
+import numpy as np
+import torch
+from torch.utils.data import Dataset, IterableDataset, get_worker_info
+
+from rimlens import __version__
+from rimlens.config import Preset, preset_from_json
+from rimlens.data.lenses import REJECTION_REASONS, LensBatch, LensGenerator
+from rimlens.data.random import child_rng
+from rimlens.errors import RimlensInputError
+from rimlens.io.atomic import atomic_path
+
+FORMAT = "rimlens-lenses-1"
+ARRAYS = ("observation", "source", "kappa", "psf", "psf_fwhm", "noise_sigma", "snr", "theta_e")
+STRINGS = ("source_family", "kappa_family")
+
+
+def _write_batch(h5: h5py.File, batch: LensBatch, compression: str | None = "gzip") -> None:
+    for k in ARRAYS:
+        a = getattr(batch, k).detach().cpu().numpy().astype(np.float32)
+        chunks = (1,) + a.shape[1:] if a.ndim > 1 else None
+        h5.create_dataset(k, data=a, chunks=chunks, compression=compression if a.ndim > 1 else None)
+    for k in STRINGS:
+        h5.create_dataset(k, data=np.asarray(getattr(batch, k), dtype="S"))
+
+
+def _read_arrays(h5: h5py.File, sl=slice(None)) -> dict:
+    return {k: h5[k][sl] for k in ARRAYS + STRINGS}
+
+
+def generate_dataset(path: str | Path, preset: Preset, count: int, seed: int, *, split: str = "train",
+                     noise: str | None = None, block_size: int = 64, progress: bool = True, bank_seed: int | None = None) -> Path:
+    """Generate ``count`` validated lenses into ``path`` (resumable; see module docstring).
+
+    Returns:
+        The path of the finished file.
+    """
+    path = Path(path)
+    if count < 1:
+        raise RimlensInputError(f"count must be >= 1, got {count}")
+    parts = path.with_name(path.name + ".parts")
+    settings = {"preset": preset.to_json(), "count": count, "seed": seed, "split": split,
+                "noise": noise or preset.data.noise, "block_size": block_size,
+                "bank_seed": seed if bank_seed is None else bank_seed}
+    meta = parts / "settings.json"
+    if parts.exists():
+        try:
+            old = json.loads(meta.read_text())
+        except (OSError, ValueError):
+            old = None
+        if old != settings:
+            raise RimlensInputError(f"{parts} holds an interrupted run with other settings; delete it or use the same settings")
+    else:
+        parts.mkdir(parents=True)
+        with atomic_path(meta) as tmp:
+            tmp.write_text(json.dumps(settings, sort_keys=True))
+    gen = LensGenerator(preset, split=split, bank_seed=settings["bank_seed"], noise=settings["noise"])
+    n_blocks = -(-count // block_size)
+    from tqdm import tqdm
+
+    bar = tqdm(total=count, unit="lens", disable=not progress, desc=f"simulating {path.name}")
+    for b in range(n_blocks):
+        size = min(block_size, count - b * block_size)
+        block = parts / f"block_{b:06d}.h5"
+        if block.exists():
+            bar.update(size)
+            continue
+        gen.rejections.clear()
+        gen.n_drawn = 0
+        batch = gen.draw(child_rng(seed, b), size)
+        with atomic_path(block) as tmp:
+            with h5py.File(tmp, "w") as h5:
+                _write_batch(h5, batch, compression=None)
+                for k, v in gen.stats().items():
+                    h5.attrs[k] = v
+        bar.update(size)
+    bar.close()
+    _assemble(path, parts, n_blocks, settings, preset)
+    shutil.rmtree(parts)
+    return path
+
+
+def _assemble(path: Path, parts: Path, n_blocks: int, settings: dict, preset: Preset) -> None:
+    stats = {"drawn": 0, **{f"rejected_{k}": 0 for k in REJECTION_REASONS}}
+    data = {k: [] for k in ARRAYS + STRINGS}
+    for b in range(n_blocks):
+        with h5py.File(parts / f"block_{b:06d}.h5", "r") as h5:
+            for k, v in _read_arrays(h5).items():
+                data[k].append(v)
+            for k in stats:
+                stats[k] += int(h5.attrs[k])
+    with atomic_path(path) as tmp:
+        with h5py.File(tmp, "w") as h5:
+            for k in ARRAYS:
+                a = np.concatenate(data[k])
+                h5.create_dataset(k, data=a, chunks=((1,) + a.shape[1:]) if a.ndim > 1 else None,
+                                  compression="gzip" if a.ndim > 1 else None)
+            for k in STRINGS:
+                h5.create_dataset(k, data=np.concatenate(data[k]))
+            grid = preset.grid
+            h5.attrs.update({"format": FORMAT, "rimlens_version": __version__, "preset": settings["preset"],
+                             "preset_name": preset.name, "seed": settings["seed"], "count": settings["count"],
+                             "split": settings["split"], "noise": settings["noise"], "bank_seed": settings["bank_seed"],
+                             "image_grid": json.dumps(grid.image_grid.as_dict()),
+                             "source_grid": json.dumps(grid.source_grid.as_dict()),
+                             "conventions": "B x 1 x N x N, row 0 at the bottom (FITS order), x along columns; arcsec",
+                             **{f"stats_{k}": v for k, v in stats.items()}})
+
+
+def open_lens_file(path: str | Path) -> h5py.File:
+    """Open a rimlens lens file read-only, with clear errors for missing, truncated or foreign files."""
+    path = Path(path)
+    if not path.exists():
+        raise RimlensInputError(f"no such file: {path}")
+    try:
+        h5 = h5py.File(path, "r")
+    except (OSError, ValueError) as exc:
+        raise RimlensInputError(f"{path} is not a readable HDF5 file (truncated or corrupt?): {exc}") from None
+    if h5.attrs.get("format") != FORMAT:
+        h5.close()
+        raise RimlensInputError(f"{path} is not a rimlens lens file (format attribute {FORMAT!r} missing)")
+    missing = [k for k in ARRAYS + STRINGS if k not in h5]
+    n = {h5[k].shape[0] for k in ARRAYS + STRINGS if k in h5}
+    if missing or len(n) != 1 or n.pop() != int(h5.attrs["count"]):
+        h5.close()
+        raise RimlensInputError(f"{path} is incomplete or inconsistent (missing {missing or 'nothing'}, lengths differ)")
+    return h5
+
+
+def read_lenses(path: str | Path, index=slice(None)) -> dict:
+    """Arrays of a lens file (``index`` selects examples) plus its ``attrs`` and ``preset``."""
+    with open_lens_file(path) as h5:
+        out = _read_arrays(h5, index)
+        out["attrs"] = dict(h5.attrs)
+    out["preset"] = preset_from_json(out["attrs"]["preset"])
+    return out
+
+
+class LensDataset(Dataset):
+    """A lens file as a torch Dataset of dicts of tensors (``observation``, ``source``, ``kappa``,
+    ``psf``, ``noise_sigma``, ...). The HDF5 file is opened lazily in each worker."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        with open_lens_file(self.path) as h5:
+            self.length = int(h5.attrs["count"])
+            self.preset = preset_from_json(h5.attrs["preset"])
+        self._h5 = None
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, i: int) -> dict:
+        if self._h5 is None:
+            self._h5 = h5py.File(self.path, "r")
+        return {k: torch.as_tensor(self._h5[k][i]) for k in ARRAYS}
+
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        state["_h5"] = None
+        return state
+
+
+class OnTheFlyLenses(IterableDataset):
+    """Endless stream of freshly simulated, validated lens batches (dicts of ``B x ...`` tensors).
+
+    Each (rank, worker) pair draws from its own seeded stream ``child_rng(seed, rank, worker, i)``,
+    so training never waits on disk and multi-process runs never repeat each other.
+    """
+
+    def __init__(self, preset: Preset, batch_size: int, seed: int = 0, rank: int = 0, split: str = "train",
+                 vae_sampler=None):
+        self.preset, self.batch_size, self.seed, self.rank, self.split = preset, batch_size, seed, rank, split
+        self.vae_sampler = vae_sampler
+        self._gen = None
+
+    def generator(self) -> LensGenerator:
+        if self._gen is None:
+            self._gen = LensGenerator(self.preset, split=self.split, bank_seed=self.seed, vae_sampler=self.vae_sampler)
+        return self._gen
+
+    def batches(self, start: int = 0):
+        """Yield batch ``start``, ``start + 1``, ... (resumable by index)."""
+        info = get_worker_info()
+        worker = info.id if info is not None else 0
+        i = start
+        while True:
+            b = self.generator().draw(child_rng(self.seed, self.rank, worker, i), self.batch_size)
+            yield {k: getattr(b, k) for k in LensBatch.FIELDS}
+            i += 1
+
+    def __iter__(self):
+        return self.batches()

@@ -1,0 +1,206 @@
+"""Sources, convergence maps, lens validation, HDF5 storage and resumable generation."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import h5py
+import numpy as np
+import pytest
+import torch
+
+from rimlens.config import GridConfig, ValidationConfig, get_preset
+from rimlens.data.kappa import einstein_radius, rescale_to_einstein_radius, tng_evaluation_maps
+from rimlens.data.lenses import LensGenerator, validate_lenses
+from rimlens.data.random import child_rng
+from rimlens.data.sources import SourceBank, parametric_sources, read_real_galaxy_catalog, shipped_cosmos_stamps
+from rimlens.data.storage import LensDataset, OnTheFlyLenses, generate_dataset, read_lenses
+from rimlens.errors import RimlensInputError
+from rimlens.physics import PixelGrid, profiles
+from rimlens.physics.resample import resample_density, resample_flux
+
+
+@pytest.mark.parametrize("n", [32, 64, 128])
+def test_einstein_radius_of_sis_within_5_percent(n):
+    grid = PixelGrid.from_fov(n, 7.68)
+    te = torch.linspace(0.5, 2.5, 9, dtype=torch.float64).reshape(-1, 1, 1, 1)
+    kappa = profiles.pixelate(profiles.sis_kappa, grid, 8, torch.float64, theta_e_arcsec=te, center_x=0.03, center_y=-0.02)
+    est = einstein_radius(kappa, grid.pixel_scale_arcsec)
+    assert torch.all((est / te.flatten() - 1).abs() < 0.05)
+
+
+def test_rescaling_hits_requested_radius():
+    grid = PixelGrid.from_fov(64, 7.68)
+    maps = tng_evaluation_maps(grid, torch.float64)
+    target = torch.tensor([0.5, 1.2, 1.9, 2.5], dtype=torch.float64)
+    scaled, factor = rescale_to_einstein_radius(maps, grid.pixel_scale_arcsec, target)
+    assert torch.allclose(einstein_radius(scaled, grid.pixel_scale_arcsec), target, rtol=2e-3)
+    assert torch.all(factor > 0)
+
+
+def test_resampling_conserves_flux():
+    rng = np.random.default_rng(0)
+    img = torch.as_tensor(rng.uniform(size=(2, 1, 50, 50)))
+    for n_out, s_out in [(32, 0.047), (100, 0.0151), (37, 0.05)]:  # down, up, non-integer, same field or smaller
+        out = resample_flux(img, 0.03, n_out, s_out)
+        inside = min(50 * 0.03, n_out * s_out)
+        ref = resample_flux(img, 0.03, int(round(inside / 0.03)), 0.03) if inside < 1.5 else img
+        assert torch.allclose(out.sum(dim=(-2, -1)), ref.sum(dim=(-2, -1)), rtol=1e-6)
+    d = resample_density(torch.ones(1, 1, 10, 10, dtype=torch.float64), 0.1, 7, 0.13)
+    assert torch.allclose(d, torch.ones_like(d))
+
+
+def test_cosmos_reader_and_split():
+    stamps = shipped_cosmos_stamps()
+    assert len(stamps) == 112 and len({s.ident for s in stamps}) == 112
+    grid = PixelGrid.from_fov(32, 3.0)
+    train, test = SourceBank(grid, "train"), SourceBank(grid, "test")
+    assert len(train) > 20 and len(test) > 3
+    assert not set(train.idents) & set(test.idents)
+    s, ids = train.draw(np.random.default_rng(0), 16)
+    assert s.shape == (16, 1, 32, 32) and torch.allclose(s.amax(dim=(-2, -1)), torch.ones(16, 1))
+    assert float(s.min()) >= 0 and set(ids) <= set(train.idents)
+
+
+def test_foreign_catalogue_rejected(tmp_path):
+    from astropy.table import Table
+
+    Table({"a": [1, 2]}).write(tmp_path / "cat.fits")
+    with pytest.raises(RimlensInputError, match="not a RealGalaxy catalogue"):
+        read_real_galaxy_catalog(tmp_path / "cat.fits")
+    (tmp_path / "bad.fits").write_bytes(b"garbage" * 100)
+    with pytest.raises(RimlensInputError, match="cannot read"):
+        read_real_galaxy_catalog(tmp_path / "bad.fits")
+
+
+def test_parametric_sources():
+    s = parametric_sources(PixelGrid.from_fov(32, 3.0), np.random.default_rng(0), 8)
+    assert s.shape == (8, 1, 32, 32) and torch.allclose(s.amax(dim=(-2, -1)), torch.ones(8, 1))
+
+
+def _good_lens(grid: GridConfig):
+    """An SIS with theta_E = 1.2" and a compact source behind it: a bright ring."""
+    from rimlens.physics import PSF, LensSimulator
+
+    img, src = grid.image_grid, grid.source_grid
+    kappa = profiles.pixelate(profiles.sis_kappa, img, 4, theta_e_arcsec=1.2, center_x=0.01, center_y=0.02)
+    sx, sy = src.coordinates()
+    source = torch.exp(-0.5 * ((sx - 0.05) ** 2 + sy**2) / 0.1**2)[None, None]
+    noiseless = LensSimulator(img, src).forward(source, kappa, PSF.gaussian(0.1, img.pixel_scale_arcsec))
+    return noiseless, source, kappa
+
+
+def test_each_validation_check_rejects_a_crafted_bad_lens():
+    grid, cfg = get_preset("cpu64").grid, ValidationConfig()
+    noiseless, source, kappa = _good_lens(grid)
+    ok = validate_lenses(noiseless, source, kappa, grid, cfg)
+    assert not any(bool(v.any()) for v in ok.values()), ok
+    # magnification: an unlensed-looking image (the source itself, tiny) -> few bright image pixels
+    tiny_img = torch.zeros_like(noiseless)
+    tiny_img[..., 32, 32] = 1.0
+    assert validate_lenses(tiny_img, source, kappa, grid, cfg)["magnification"].all()
+    # edge: light at the border
+    edgy = noiseless.clone()
+    edgy[..., 0, 10] = 0.5
+    assert validate_lenses(edgy, source, kappa, grid, cfg)["edge_flux"].all()
+    # faint source: nothing above 0.1
+    faint = source * 0.05
+    assert validate_lenses(noiseless, faint, kappa, grid, cfg)["faint_source"].all()
+    # kappa never reaching 1
+    assert validate_lenses(noiseless, source, kappa.clamp(max=0.9), grid, cfg)["low_kappa"].all()
+
+
+def test_generator_counts_rejections_and_draws_validated_lenses():
+    gen = LensGenerator(get_preset("tiny"))
+    batch = gen.draw(np.random.default_rng(0), 24)
+    assert len(batch) == 24 and gen.stats()["drawn"] >= 24
+    assert batch.observation.shape == (24, 1, 32, 32) and batch.psf.shape[-1] % 2 == 1
+    assert torch.allclose(batch.psf.sum(dim=(-2, -1)), torch.ones(24, 1), atol=1e-5)
+    assert torch.all((batch.noise_sigma >= 0.001) & (batch.noise_sigma <= 0.1))
+    assert torch.all((batch.psf_fwhm >= 0.06) & (batch.psf_fwhm <= 0.30))
+    assert torch.all(batch.kappa.flatten(1).amax(1) >= 1)
+
+
+def test_hdf5_round_trip_and_determinism(tmp_path):
+    preset = get_preset("tiny")
+    a = generate_dataset(tmp_path / "a.h5", preset, 40, seed=5, block_size=16, progress=False)
+    b = generate_dataset(tmp_path / "b.h5", preset, 40, seed=5, block_size=16, progress=False)
+    da, db = read_lenses(a), read_lenses(b)
+    for k in ("observation", "source", "kappa", "psf", "noise_sigma", "theta_e"):
+        assert np.array_equal(da[k], db[k]), k
+    # round trip: the file holds exactly what the generator draws for each block
+    gen = LensGenerator(preset, bank_seed=5)
+    block1 = gen.draw(child_rng(5, 1), 16)
+    assert np.array_equal(da["observation"][16:32], block1.observation.numpy())
+    assert np.array_equal(da["kappa"][16:32], block1.kappa.numpy())
+    assert da["preset"] == preset and da["attrs"]["seed"] == 5
+    ds = LensDataset(a)
+    assert len(ds) == 40 and torch.equal(ds[17]["source"], torch.as_tensor(da["source"][17]))
+    c = generate_dataset(tmp_path / "c.h5", preset, 40, seed=6, block_size=16, progress=False)
+    assert not np.array_equal(read_lenses(c)["observation"], da["observation"])
+
+
+def test_truncated_and_foreign_files_give_clear_errors(tmp_path):
+    good = generate_dataset(tmp_path / "g.h5", get_preset("tiny"), 8, seed=1, block_size=8, progress=False)
+    data = good.read_bytes()
+    (tmp_path / "trunc.h5").write_bytes(data[: len(data) // 2])
+    with pytest.raises(RimlensInputError, match="truncated or corrupt"):
+        LensDataset(tmp_path / "trunc.h5")
+    with h5py.File(tmp_path / "foreign.h5", "w") as f:
+        f["x"] = np.zeros(3)
+    with pytest.raises(RimlensInputError, match="not a rimlens lens file"):
+        LensDataset(tmp_path / "foreign.h5")
+    with pytest.raises(RimlensInputError, match="no such file"):
+        LensDataset(tmp_path / "missing.h5")
+
+
+def test_killed_simulate_resumes_to_identical_file(tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    args = [sys.executable, "-m", "rimlens.cli", "simulate", "--preset", "tiny", "--count", "96", "--seed", "3",
+            "--block-size", "16"]
+    ref = tmp_path / "ref.h5"
+    subprocess.run(args + ["--out", str(ref)], check=True, env=env, capture_output=True)
+    out = tmp_path / "killed.h5"
+    proc = subprocess.Popen(args + ["--out", str(out)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    parts = tmp_path / "killed.h5.parts"
+    deadline = time.time() + 120
+    while time.time() < deadline and not (parts / "block_000001.h5").exists():
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not out.exists() and (parts / "block_000000.h5").exists()
+    done_before = sorted(p.name for p in parts.glob("block_*.h5"))
+    r = subprocess.run(args + ["--out", str(out)], env=env, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert not parts.exists()
+    a, b = read_lenses(ref), read_lenses(out)
+    for k in ("observation", "source", "kappa", "psf", "noise_sigma", "snr", "theta_e", "kappa_family"):
+        assert np.array_equal(a[k], b[k]), k
+    assert len(done_before) < 6
+
+
+def test_on_the_fly_stream_is_seeded_per_worker():
+    preset = get_preset("tiny")
+    s1 = next(iter(OnTheFlyLenses(preset, 4, seed=1)))
+    s2 = next(iter(OnTheFlyLenses(preset, 4, seed=1)))
+    other_rank = next(iter(OnTheFlyLenses(preset, 4, seed=1, rank=1)))
+    assert torch.equal(s1["observation"], s2["observation"])
+    assert not torch.equal(s1["observation"], other_rank["observation"])
+    loader = torch.utils.data.DataLoader(OnTheFlyLenses(preset, 4, seed=1), batch_size=None, num_workers=2)
+    it = iter(loader)
+    w0, w1 = next(it), next(it)
+    assert not torch.equal(w0["observation"], w1["observation"])
+
+
+def test_cli_simulate_and_show(tmp_path):
+    from rimlens.cli import main
+
+    out = tmp_path / "s.h5"
+    assert main(["simulate", "--preset", "tiny", "--count", "4", "--seed", "0", "--out", str(out)]) == 0
+    assert main(["simulate", "--preset", "tiny", "--count", "4", "--seed", "0", "--out", str(out)]) == 2  # exists
+    assert main(["show", str(out), "--out", str(tmp_path / "s.png")]) == 0
+    assert (tmp_path / "s.png").read_bytes()[:4] == b"\x89PNG"
+    assert main(["show", str(tmp_path / "nope.h5")]) == 2
+    assert main(["simulate", "--preset", "nope", "--count", "4", "--out", str(tmp_path / "x.h5")]) == 2
