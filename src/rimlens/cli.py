@@ -6,6 +6,7 @@ code 2, never a traceback.
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 from pathlib import Path
@@ -102,6 +103,72 @@ def show(path, out_png, count, start):
     out_png = out_png or path.with_suffix(".png")
     lens_panels(rows, out_png)
     click.echo(f"wrote {out_png}")
+
+
+@cli.command()
+@click.option("--preset", default="cpu64", show_default=True, help="Named configuration (tiny, cpu64, paper128).")
+@click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), required=True, help="Run folder.")
+@click.option("--resume", is_flag=True, help="Continue the run in --out from its latest checkpoint.")
+@click.option("--max-steps", type=click.IntRange(min=1), default=None, help="Override the preset's step limit.")
+@click.option("--max-minutes", type=float, default=None, help="Stop (with a checkpoint) after this wall time.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=None, help="Global batch size.")
+@click.option("--lr", type=float, default=None, help="Initial learning rate.")
+@click.option("--seed", type=int, default=None)
+@click.option("--device", default=None, help="torch device (default: cuda if available, else cpu).")
+@click.option("--set", "settings", multiple=True, metavar="KEY=VALUE",
+              help="Override any training setting (rimlens.train.TrainConfig), e.g. --set val_every=500.")
+def train(preset, out_dir, resume, max_steps, max_minutes, batch_size, lr, seed, device, settings):
+    """Train a RIM (single process, or multi-GPU / multi-node under torchrun)."""
+    import dataclasses
+
+    import torch.distributed as dist
+
+    from rimlens.config import get_preset
+    from rimlens.train import Trainer
+
+    cfg = get_preset(preset)
+    overrides = {k: v for k, v in {"max_steps": max_steps, "max_minutes": max_minutes, "batch_size": batch_size,
+                                   "learning_rate": lr, "seed": seed}.items() if v is not None}
+    for item in settings:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise RimlensInputError(f"--set expects KEY=VALUE, got {item!r}")
+        try:
+            overrides[key] = json.loads(value)
+        except ValueError:
+            overrides[key] = value
+    if overrides:
+        cfg = dataclasses.replace(cfg, train={**cfg.train, **overrides})
+    started = False
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+        import torch
+
+        dist.init_process_group("nccl" if torch.cuda.is_available() and device != "cpu" else "gloo")
+        started = True
+    try:
+        trainer = Trainer(cfg, out_dir, resume=resume, device=device)
+        if resume and overrides:  # the checkpoint's configuration wins, except for the limits asked for now
+            trainer.cfg = dataclasses.replace(trainer.cfg, **{k: v for k, v in overrides.items() if k in ("max_steps", "max_minutes")})
+        result = trainer.train()
+    finally:
+        if started:
+            dist.destroy_process_group()
+    if trainer.rank == 0:
+        click.echo(f"stopped at step {result['step']} ({result['stop_reason']}); "
+                   f"validation loss {result.get('val_loss', float('nan')):.4g}; checkpoints in {out_dir}")
+
+
+@cli.command()
+@click.argument("model")
+@click.argument("data", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--out", "out_path", type=click.Path(dir_okay=False, path_type=Path), required=True, help="Output HDF5.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True)
+def predict(model, data, out_path, batch_size):
+    """Reconstruct every lens of DATA (a rimlens HDF5 file) with MODEL (checkpoint, run folder or 'default')."""
+    from rimlens.inference.predict import predict_file
+
+    predict_file(model, data, out_path, batch_size=batch_size)
+    click.echo(f"wrote {out_path}")
 
 
 def main(argv=None) -> int:

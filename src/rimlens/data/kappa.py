@@ -113,7 +113,7 @@ class AnalyticKappaConfig:
     subhalo_kappa_s_range: tuple[float, float] = (0.02, 0.15)
     subhalo_rs_range_arcsec: tuple[float, float] = (0.03, 0.15)
     multipole_max_amplitude: float = 0.0
-    supersample: int = 4
+    supersample: int = 2
 
 
 def analytic_kappa(grid: PixelGrid, rng: np.random.Generator, batch: int, config: AnalyticKappaConfig = AnalyticKappaConfig(),
@@ -133,7 +133,7 @@ def analytic_kappa(grid: PixelGrid, rng: np.random.Generator, batch: int, config
     params = {"theta_e": theta_e, "axis_ratio": 1 - e, "phi": phi, "x0": x0, "y0": y0}
 
     def t(a):
-        return torch.as_tensor(a, dtype=torch.float64).reshape(-1, 1, 1, 1)
+        return torch.as_tensor(a, dtype=dtype).reshape(-1, 1, 1, 1)
 
     def fn(x, y):
         k = profiles.sie_kappa(x, y, t(theta_e), t(1 - e), t(phi), t(x0), t(y0), c.core_arcsec)
@@ -146,9 +146,9 @@ def analytic_kappa(grid: PixelGrid, rng: np.random.Generator, batch: int, config
                 k = k * (1 + t(amp) * torch.cos(m * (ang - t(phase))))
         return k
 
-    kappa = profiles.pixelate(fn, grid, c.supersample, torch.float64)
+    kappa = profiles.pixelate(fn, grid, c.supersample, dtype)
     if c.subhalo_mean_count > 0:
-        kappa = kappa + _subhaloes(grid, rng, theta_e, x0, y0, c)
+        kappa = kappa + _subhaloes(grid, rng, theta_e, x0, y0, c).to(dtype)
     return kappa.to(dtype), params
 
 

@@ -214,7 +214,7 @@ def parametric_sources(grid: PixelGrid, rng: np.random.Generator, batch: int,
     c = config
 
     def t(a):
-        return torch.as_tensor(np.asarray(a, dtype=np.float64)).reshape(-1, 1, 1, 1)
+        return torch.as_tensor(np.asarray(a), dtype=dtype).reshape(-1, 1, 1, 1)
 
     r_eff = rng.uniform(*c.r_eff_arcsec, batch)
     n = rng.uniform(*c.sersic_index, batch)
@@ -230,7 +230,7 @@ def parametric_sources(grid: PixelGrid, rng: np.random.Generator, batch: int,
     cx, cy = x0[owner] + rr * np.cos(ca), y0[owner] + rr * np.sin(ca)
     cs = rng.uniform(*c.clump_sigma_arcsec, len(owner))
     camp = rng.uniform(*c.clump_amplitude, len(owner))
-    bn = torch.as_tensor(np.array([profiles.sersic_b(v) for v in n])).reshape(-1, 1, 1, 1)
+    bn = t([profiles.sersic_b(v) for v in n])
 
     def fn(x, y):
         xp = (x - t(x0)) * torch.cos(t(phi)) + (y - t(y0)) * torch.sin(t(phi))
@@ -243,5 +243,5 @@ def parametric_sources(grid: PixelGrid, rng: np.random.Generator, batch: int,
             img = img.index_add(0, torch.as_tensor(owner), blobs[:, None])
         return img
 
-    out = profiles.pixelate(fn, grid, supersample, torch.float64)
-    return (out / out.amax(dim=(-2, -1), keepdim=True)).to(dtype)
+    out = profiles.pixelate(fn, grid, supersample, dtype)
+    return out / out.amax(dim=(-2, -1), keepdim=True)

@@ -49,3 +49,30 @@ def lens_panels(rows: list[dict], path: str | Path, dpi: int = 110) -> Path:
         fig.savefig(tmp, dpi=dpi, format="png")
     plt.close(fig)
     return path
+
+
+def training_curve(history: list[dict], path: str | Path) -> Path:
+    """Training and validation loss (log scale) against step, with the validation errors of the
+    final estimates and the mean-map baselines."""
+    steps = [h["step"] for h in history]
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    ax = axes[0]
+    ax.plot(steps, [h["train_loss"] for h in history], label="train loss (running mean)")
+    ax.plot(steps, [h["val_loss"] for h in history], label="validation loss")
+    ax.set_yscale("log")
+    ax.set_xlabel("step")
+    ax.legend()
+    ax = axes[1]
+    for key, base, label in [("val_source_mse", "baseline_source_mse", "source MSE"),
+                             ("val_log10_kappa_mse", "baseline_log10_kappa_mse", r"$\log_{10}\kappa$ MSE")]:
+        line, = ax.plot(steps, [h[key] for h in history], label=f"{label} (final step)")
+        ax.axhline(history[-1][base], color=line.get_color(), ls="--", label=f"{label}, mean-map baseline")
+    ax.set_yscale("log")
+    ax.set_xlabel("step")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=100, format="png")
+    plt.close(fig)
+    return path

@@ -1,0 +1,156 @@
+"""The Recurrent Inference Machine (censai_as_run.md section 3).
+
+At step 0 the U-net sees ``[y, 0, 0, 0, 0]`` and returns the initial estimate (learned from the
+observation). At each later step it sees ``[y, s_t, eta_t, g~_s, g~_eta]`` where ``eta = log10 kappa``
+and ``g~`` are the gradients of ``chi^2 / 2`` (the negative log-likelihood of the simulator) with
+respect to the source and ``eta``, normalised RMSProp-style per pixel
+(``v = 0.9 v + 0.1 g^2``, ``g~ = g / (sqrt(v / (1 - 0.9^(t+1))) + 1e-8)``), and returns additive
+updates. During training the gradient computation is excluded from back-propagation through time
+(the gradients are constant inputs), as in the paper.
+
+The source link is the identity in every step (the paper used identity in training but ReLU at
+test time, an inconsistency we do not reproduce); the *reported* source is ``max(s, 0)``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from rimlens.config import GridConfig
+from rimlens.errors import RimlensInputError
+from rimlens.nn.unet import GRUUNet, UNetConfig
+from rimlens.physics import PSF, LensSimulator
+
+
+@dataclass(frozen=True)
+class RIMConfig:
+    """Configuration of a RIM: its U-net, number of steps and gradient normalisation."""
+
+    unet: UNetConfig = field(default_factory=UNetConfig)
+    steps: int = 8
+    rmsprop_decay: float = 0.9
+    epsilon: float = 1e-8
+
+
+@dataclass
+class RIMOutput:
+    """All estimates of a RIM call: ``source`` and ``log10_kappa`` are ``T x B x 1 x N x N``."""
+
+    source: torch.Tensor
+    log10_kappa: torch.Tensor
+    chi2: torch.Tensor  # T-1 x B: chi^2 at the estimates whose gradients were computed
+
+    @property
+    def final_source(self) -> torch.Tensor:
+        """Reported source of the last step (non-negative), ``B x 1 x N x N``."""
+        return self.source[-1].clamp_min(0)
+
+    @property
+    def final_kappa(self) -> torch.Tensor:
+        return 10 ** self.log10_kappa[-1]
+
+
+class RIM(nn.Module):
+    """RIM over a lensing simulator. ``forward(observation, psf, noise_sigma)`` -> :class:`RIMOutput`.
+
+    Args:
+        config: model configuration.
+        grid: image / source grids (they must have the same number of pixels: the U-net stacks
+            observation, source and convergence as channels).
+    """
+
+    def __init__(self, config: RIMConfig, grid: GridConfig):
+        super().__init__()
+        if grid.image_pixels != grid.source_pixels:
+            raise RimlensInputError("the RIM needs image_pixels == source_pixels (they are stacked as channels)")
+        levels = config.unet.levels
+        if grid.image_pixels % (2**levels):
+            raise RimlensInputError(f"{grid.image_pixels} px is not divisible by 2^{levels} (U-net levels)")
+        self.config, self.grid = config, grid
+        self.simulator = LensSimulator(grid.image_grid, grid.source_grid)
+        self.unet = GRUUNet(config.unet)
+        self.amp = False  # bfloat16 autocast of the U-net on CUDA (the simulator stays float32)
+
+    def _unet(self, x, hidden=None):
+        if self.amp and x.device.type == "cuda":
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                delta, hidden = self._unet(x, hidden)
+            return delta.float(), [h.float() for h in hidden]
+        return self.unet(x, hidden)
+
+    def _normalise(self, g, v, t):
+        d = self.config.rmsprop_decay
+        v = d * v + (1 - d) * g**2
+        v_hat = v / (1 - d ** (t + 1))
+        return g / (torch.sqrt(v_hat) + self.config.epsilon), v
+
+    def forward(self, observation: torch.Tensor, psf, noise_sigma, *, steps: int | None = None,
+                differentiable_likelihood: bool = False, mask: torch.Tensor | None = None) -> RIMOutput:
+        """Run the RIM.
+
+        Args:
+            observation: ``B x 1 x N x N``.
+            psf: a :class:`rimlens.physics.PSF` or kernels ``B x 1 x K x K``.
+            noise_sigma: float, ``(B,)`` or a noise map.
+            steps: number of steps T (default: the configuration's).
+            differentiable_likelihood: keep the likelihood gradients in the graph (second order),
+                for fine-tuning; off in training, as the paper.
+            mask: optional pixel mask for the likelihood (True = used).
+        """
+        steps = steps or self.config.steps
+        psf = psf if isinstance(psf, PSF) else PSF.from_kernel(psf)
+        sim = self.simulator
+        b = observation.shape[0]
+        zeros = torch.zeros_like(observation)
+        x = torch.cat([observation, zeros, zeros, zeros, zeros], dim=1)
+        channels_last = next(self.unet.parameters()).is_contiguous(memory_format=torch.channels_last) and x.device.type == "cpu"
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        delta, hidden = self._unet(x)
+        s, eta = delta[:, :1], delta[:, 1:2]
+        sources, etas, chi2s = [s], [eta], []
+        v_s = v_eta = None
+        for t in range(steps - 1):
+            if differentiable_likelihood:
+                g_s, g_eta, chi2 = sim.likelihood_gradient(observation, s, eta, psf, noise_sigma, mask, create_graph=True, check=False)
+            else:
+                g_s, g_eta, chi2 = sim.likelihood_gradient(observation, s.detach(), eta.detach(), psf, noise_sigma, mask, check=False)
+            if v_s is None:
+                v_s, v_eta = torch.zeros_like(g_s), torch.zeros_like(g_eta)
+            g_s, v_s = self._normalise(g_s, v_s, t)
+            g_eta, v_eta = self._normalise(g_eta, v_eta, t)
+            x = torch.cat([observation, s, eta, g_s, g_eta], dim=1)
+            if channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            delta, hidden = self._unet(x, hidden)
+            s, eta = s + delta[:, :1], eta + delta[:, 1:2]
+            sources.append(s)
+            etas.append(eta)
+            chi2s.append(chi2)
+        chi2 = torch.stack(chi2s) if chi2s else observation.new_zeros(0, b)
+        return RIMOutput(torch.stack(sources), torch.stack(etas), chi2)
+
+
+def rim_loss(output: RIMOutput, source: torch.Tensor, kappa: torch.Tensor) -> torch.Tensor:
+    """Training loss (paper eq. 7 / censai_as_run.md section 3), averaged over the batch:
+    ``mean_t [ mean_p (s_t - s)^2 + sum_p w_p (eta_t - log10 kappa)^2 ]``,
+    ``w_p = sqrt(kappa_p) / sum_q sqrt(kappa_q)``."""
+    w = torch.sqrt(kappa)
+    w = w / w.sum(dim=(-3, -2, -1), keepdim=True)
+    src_term = ((output.source - source) ** 2).mean(dim=(-3, -2, -1))  # T x B
+    kap_term = (w * (output.log10_kappa - torch.log10(kappa)) ** 2).sum(dim=(-3, -2, -1))
+    return (src_term + kap_term).mean()
+
+
+def rim_config_to_dict(config: RIMConfig) -> dict:
+    return dataclasses.asdict(config)
+
+
+def rim_config_from_dict(d: dict) -> RIMConfig:
+    from rimlens.config import from_dict
+
+    return from_dict(RIMConfig, d)

@@ -1,0 +1,138 @@
+"""The RIM: shapes, the paper-size configuration, learning, exact resume, DDP equivalence, checkpoints."""
+
+import dataclasses
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from rimlens.config import get_preset
+from rimlens.errors import RimlensInputError
+from rimlens.inference.rim import RIM, RIMConfig, rim_config_from_dict, rim_loss
+from rimlens.nn.unet import GRUUNet, UNetConfig, count_parameters
+from rimlens.train import Trainer, load_model
+from rimlens.train.checkpoint import save_checkpoint
+
+
+def _tiny(**train):
+    p = get_preset("tiny")
+    return dataclasses.replace(p, train={**p.train, **train})
+
+
+def test_shapes_and_dtypes_through_steps():
+    p = get_preset("tiny")
+    rim = RIM(rim_config_from_dict(p.model), p.grid)
+    obs = torch.rand(3, 1, 32, 32)
+    psf = torch.ones(3, 1, 5, 5) / 25
+    out = rim(obs, psf, torch.full((3,), 0.05))
+    t = p.model["steps"]
+    assert out.source.shape == (t, 3, 1, 32, 32) and out.log10_kappa.shape == (t, 3, 1, 32, 32)
+    assert out.chi2.shape == (t - 1, 3) and out.source.dtype == torch.float32
+    assert torch.all(out.final_source >= 0) and torch.all(out.final_kappa > 0)
+    loss = rim_loss(out, torch.rand(3, 1, 32, 32), torch.rand(3, 1, 32, 32) + 0.1)
+    loss.backward()
+    assert all(p.grad is not None for p in rim.unet.parameters())
+    rim64 = rim.double()
+    out64 = rim64(obs.double(), psf.double(), torch.full((3,), 0.05, dtype=torch.float64))
+    assert out64.source.dtype == torch.float64
+
+
+def test_paper128_builds_with_paper_parameter_count():
+    p = get_preset("paper128")
+    with torch.device("meta"):
+        unet = GRUUNet(rim_config_from_dict(p.model).unet)
+    n = count_parameters(unet)
+    assert 3.4e8 <= n <= 3.6e8, n
+
+
+def test_grid_must_suit_the_unet():
+    p = get_preset("tiny")
+    with pytest.raises(RimlensInputError, match="divisible"):
+        RIM(RIMConfig(unet=UNetConfig(filters=(4, 4, 4, 4, 4, 4))), p.grid)
+
+
+def test_tiny_training_beats_trivial_baseline(tmp_path):
+    trainer = Trainer(_tiny(max_steps=400, val_every=400), tmp_path / "run", progress=False)
+    before = trainer.evaluate()
+    result = trainer.train()
+    assert result["val_loss"] < 0.5 * result["baseline_loss"], result
+    assert result["val_loss"] < 0.2 * before["val_loss"]
+    assert result["val_log10_kappa_mse"] < result["baseline_log10_kappa_mse"]
+    assert (tmp_path / "run" / "metrics.csv").exists() and (tmp_path / "run" / "training_curve.png").exists()
+    model, preset, _ = load_model(tmp_path / "run")
+    assert preset == trainer.preset
+
+
+def _weights(path):
+    return torch.load(path, weights_only=True)["model"]
+
+
+def test_resume_is_exact(tmp_path):
+    cfg = _tiny(max_steps=4, val_every=1000, checkpoint_every=1000, val_size=8)
+    Trainer(cfg, tmp_path / "straight", progress=False).train()
+    t = Trainer(dataclasses.replace(cfg, train={**cfg.train, "max_steps": 2}), tmp_path / "split", progress=False)
+    t.train()
+    t2 = Trainer(cfg, tmp_path / "split", resume=True, progress=False)
+    t2.cfg = dataclasses.replace(t2.cfg, max_steps=4)
+    assert t2.step == 2
+    t2.train()
+    a, b = _weights(tmp_path / "straight" / "latest.pt"), _weights(tmp_path / "split" / "latest.pt")
+    for k in a:
+        assert torch.allclose(a[k], b[k], atol=1e-6, rtol=0), k
+
+
+def test_two_process_ddp_equals_one_process(tmp_path):
+    cfg = _tiny(max_steps=3, val_every=1000, checkpoint_every=1000, val_size=4, data_shards=2)
+    Trainer(cfg, tmp_path / "single", progress=False).train()
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
+           "-m", "rimlens.cli", "train", "--preset", "tiny", "--out", str(tmp_path / "ddp"), "--max-steps", "3", "--device", "cpu",
+           "--set", "val_every=1000", "--set", "checkpoint_every=1000", "--set", "val_size=4"]
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    a, b = _weights(tmp_path / "single" / "latest.pt"), _weights(tmp_path / "ddp" / "latest.pt")
+    for k in a:
+        assert torch.allclose(a[k], b[k], atol=1e-5, rtol=0), k
+
+
+def test_corrupt_and_incompatible_checkpoints(tmp_path):
+    cfg = _tiny(max_steps=1, val_every=1000, val_size=4)
+    Trainer(cfg, tmp_path / "run", progress=False).train()
+    good = tmp_path / "run" / "latest.pt"
+    data = good.read_bytes()
+    (tmp_path / "trunc.pt").write_bytes(data[: len(data) // 3])
+    with pytest.raises(RimlensInputError, match="not a readable checkpoint"):
+        load_model(tmp_path / "trunc.pt")
+    (tmp_path / "junk.pt").write_bytes(b"hello")
+    with pytest.raises(RimlensInputError, match="not a readable checkpoint"):
+        load_model(tmp_path / "junk.pt")
+    ckpt = torch.load(good, weights_only=True)
+    other = get_preset("tiny")
+    other = dataclasses.replace(other, model={**other.model, "unet": {**other.model["unet"], "filters": [4, 8, 16]}})
+    save_checkpoint(tmp_path / "mismatch.pt", {**{k: v for k, v in ckpt.items() if k != "format"}, "preset": other.to_json()})
+    with pytest.raises(RimlensInputError, match="does not match"):
+        load_model(tmp_path / "mismatch.pt")
+    torch.save({"something": 1}, tmp_path / "foreign.pt")
+    with pytest.raises(RimlensInputError, match="not a rimlens checkpoint"):
+        load_model(tmp_path / "foreign.pt")
+    with pytest.raises(RimlensInputError, match="no such checkpoint"):
+        load_model(tmp_path / "missing.pt")
+    from rimlens.cli import main
+
+    assert main(["predict", str(tmp_path / "junk.pt"), str(tmp_path / "x.h5"), "--out", str(tmp_path / "o.h5")]) == 2
+
+
+def test_predict_cli(tmp_path):
+    from rimlens.cli import main
+    from rimlens.data.storage import generate_dataset
+
+    Trainer(_tiny(max_steps=2, val_every=1000, val_size=4), tmp_path / "run", progress=False).train()
+    data = generate_dataset(tmp_path / "d.h5", get_preset("tiny"), 6, seed=9, block_size=6, progress=False)
+    assert main(["predict", str(tmp_path / "run"), str(data), "--out", str(tmp_path / "rec.h5"), "--batch-size", "4"]) == 0
+    import h5py
+
+    with h5py.File(tmp_path / "rec.h5") as f:
+        assert f["source"].shape == (6, 1, 32, 32) and f["chi2_nu"].shape == (6,)
+        assert (f["kappa"][:] > 0).all()
