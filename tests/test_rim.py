@@ -54,12 +54,14 @@ def test_grid_must_suit_the_unet():
 
 
 def test_tiny_training_beats_trivial_baseline(tmp_path):
-    trainer = Trainer(_tiny(max_steps=400, val_every=400), tmp_path / "run", progress=False)
+    # ~1.5 minutes on one CPU core
+    trainer = Trainer(_tiny(max_steps=800, val_every=800), tmp_path / "run", progress=False)
     before = trainer.evaluate()
     result = trainer.train()
     assert result["val_loss"] < 0.5 * result["baseline_loss"], result
-    assert result["val_loss"] < 0.2 * before["val_loss"]
-    assert result["val_log10_kappa_mse"] < result["baseline_log10_kappa_mse"]
+    assert result["val_loss"] < 0.1 * before["val_loss"]
+    assert result["val_log10_kappa_mse"] < 0.5 * result["baseline_log10_kappa_mse"]
+    assert result["val_source_mse"] < result["baseline_source_mse"]
     assert (tmp_path / "run" / "metrics.csv").exists() and (tmp_path / "run" / "training_curve.png").exists()
     model, preset, _ = load_model(tmp_path / "run")
     assert preset == trainer.preset
@@ -84,12 +86,15 @@ def test_resume_is_exact(tmp_path):
 
 
 def test_two_process_ddp_equals_one_process(tmp_path):
-    cfg = _tiny(max_steps=3, val_every=1000, checkpoint_every=1000, val_size=4, data_shards=2)
+    # A small learning rate: Adamax's first steps are sign-like (+-lr), so float32 rounding differences
+    # between one all-reduced and one local gradient sum in near-zero components become +-lr changes.
+    # With lr = 1e-4 both runs agree to 1e-5 (measured 6e-6); with lr = 1e-2 they differ by up to 7e-3.
+    cfg = _tiny(max_steps=3, val_every=1000, checkpoint_every=1000, val_size=4, data_shards=2, learning_rate=1e-4)
     Trainer(cfg, tmp_path / "single", progress=False).train()
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
            "-m", "rimlens.cli", "train", "--preset", "tiny", "--out", str(tmp_path / "ddp"), "--max-steps", "3", "--device", "cpu",
-           "--set", "val_every=1000", "--set", "checkpoint_every=1000", "--set", "val_size=4"]
+           "--lr", "1e-4", "--set", "val_every=1000", "--set", "checkpoint_every=1000", "--set", "val_size=4"]
     r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-2000:]
     a, b = _weights(tmp_path / "single" / "latest.pt"), _weights(tmp_path / "ddp" / "latest.pt")

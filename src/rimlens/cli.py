@@ -171,6 +171,34 @@ def predict(model, data, out_path, batch_size):
     click.echo(f"wrote {out_path}")
 
 
+@cli.command("train-vae")
+@click.argument("kind", type=click.Choice(["source", "kappa"]))
+@click.option("--preset", default="cpu64", show_default=True)
+@click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), required=True)
+@click.option("--resume", is_flag=True)
+@click.option("--max-steps", type=click.IntRange(min=1), default=None)
+@click.option("--max-minutes", type=float, default=None)
+@click.option("--set", "settings", multiple=True, metavar="KEY=VALUE", help="Override a VAETrainConfig setting.")
+def train_vae(kind, preset, out_dir, resume, max_steps, max_minutes, settings):
+    """Train the source or log10-kappa VAE (priors for fine-tuning and a training-data family)."""
+    from rimlens.config import get_preset
+    from rimlens.train.vae import VAETrainer
+
+    train = {k: v for k, v in {"max_steps": max_steps, "max_minutes": max_minutes}.items() if v is not None}
+    for item in settings:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise RimlensInputError(f"--set expects KEY=VALUE, got {item!r}")
+        train[key] = json.loads(value)
+    trainer = VAETrainer(kind, get_preset(preset), out_dir, resume=resume, train=None if resume else train)
+    if resume and train:
+        import dataclasses
+
+        trainer.cfg = dataclasses.replace(trainer.cfg, **{k: v for k, v in train.items() if k in ("max_steps", "max_minutes")})
+    last = trainer.train()
+    click.echo(f"{kind} VAE: step {trainer.step}, validation loss {last.get('val_loss', float('nan')):.4g}; checkpoints in {out_dir}")
+
+
 def main(argv=None) -> int:
     """Entry point: runs the click group, turning input errors into exit code 2."""
     os.environ.setdefault("OMP_NUM_THREADS", str(min(2, os.cpu_count() or 1)))

@@ -146,7 +146,7 @@ class LensGenerator:
 
     # ------------------------------------------------------------------ draws
     def _families(self, rng, weights: dict, n: int) -> np.ndarray:
-        names = list(weights)
+        names = sorted(weights)  # independent of the dict's order (configurations round-trip through JSON)
         return np.asarray(names)[rng.choice(len(names), size=n, p=[weights[k] for k in names])]
 
     def _sources(self, rng, families: np.ndarray) -> torch.Tensor:

@@ -103,6 +103,7 @@ class Trainer:
                 device = torch.device("cpu")
         self.device = torch.device(device)
         self.progress = progress and self.rank == 0
+        torch.manual_seed(self.cfg.seed)  # same initial weights for the same seed (and on every rank)
         self.model = build_model(preset).to(self.device)
         if self.cfg.channels_last and self.device.type == "cpu":
             self.model = self.model.to(memory_format=torch.channels_last)

@@ -1,0 +1,82 @@
+"""FITS input and output.
+
+Input images are 2-D (a degenerate cube with one plane is accepted); row 0 is the bottom of the
+image (FITS order), which is rimlens' convention, so arrays are used as stored. The pixel scale
+is read from ``CD1_1/CD1_2`` (WCS), ``CDELT1``, or ``PIXSCALE``/``PIXSCAL1``/``PIXELSCL`` keywords.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+
+from rimlens.errors import RimlensInputError
+from rimlens.io.atomic import atomic_path
+
+
+def read_image(path: str | Path, name: str = "image", hdu: int | None = None) -> tuple[np.ndarray, dict]:
+    """Read a 2-D float64 image and its header from a FITS file.
+
+    Args:
+        path: the file.
+        name: what it is (used in error messages: "image", "PSF", "noise map", "mask").
+        hdu: HDU index (default: the first HDU holding data).
+
+    Raises:
+        RimlensInputError: missing or unreadable file, no image data, a real cube, NaN/inf values.
+    """
+    from astropy.io import fits
+
+    path = Path(path)
+    if not path.exists():
+        raise RimlensInputError(f"{name} file not found: {path}")
+    try:
+        with fits.open(path, memmap=False) as hdul:
+            hdus = [hdul[hdu]] if hdu is not None else [h for h in hdul if getattr(h, "data", None) is not None]
+            if not hdus or hdus[0].data is None:
+                raise RimlensInputError(f"{name} file {path} holds no image data")
+            data = np.asarray(hdus[0].data, dtype=np.float64)
+            header = dict(hdus[0].header)
+    except RimlensInputError:
+        raise
+    except Exception as exc:  # astropy raises OSError, TypeError, IndexError... for malformed files
+        raise RimlensInputError(f"{name} file {path} is not a readable FITS file: {exc}") from None
+    while data.ndim > 2 and data.shape[0] == 1:
+        data = data[0]
+    if data.ndim != 2:
+        raise RimlensInputError(f"{name} in {path} must be a 2-D image, got shape {data.shape}")
+    if not np.all(np.isfinite(data)):
+        raise RimlensInputError(f"{name} in {path} contains {int((~np.isfinite(data)).sum())} NaN or infinite pixels")
+    return data, header
+
+
+def pixel_scale_from_header(header: dict) -> float | None:
+    """Pixel scale in arcsec from a FITS header, or None if it does not say."""
+    if "CD1_1" in header:
+        cd11, cd21 = float(header.get("CD1_1", 0.0)), float(header.get("CD2_1", 0.0))
+        return math.hypot(cd11, cd21) * 3600.0
+    if "CDELT1" in header and float(header["CDELT1"]) != 0:
+        unit = str(header.get("CUNIT1", "deg")).strip().lower()
+        scale = abs(float(header["CDELT1"]))
+        return scale * (3600.0 if unit in ("deg", "degree", "") else 1.0 if unit in ("arcsec",) else 3600.0)
+    for key in ("PIXSCALE", "PIXSCAL1", "PIXELSCL", "PIXSCL"):
+        if key in header:
+            return float(header[key])
+    return None
+
+
+def write_image(path: str | Path, data: np.ndarray, header: dict | None = None, overwrite: bool = True) -> Path:
+    """Atomically write a 2-D array with header cards ``{key: value}`` or ``{key: (value, comment)}``."""
+    from astropy.io import fits
+
+    path = Path(path)
+    if path.exists() and not overwrite:
+        raise RimlensInputError(f"{path} exists")
+    hdu = fits.PrimaryHDU(np.asarray(data, dtype=np.float32))
+    for k, v in (header or {}).items():
+        hdu.header[k] = v
+    with atomic_path(path, suffix=".fits.tmp") as tmp:
+        hdu.writeto(tmp, overwrite=True)
+    return path

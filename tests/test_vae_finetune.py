@@ -1,0 +1,99 @@
+"""VAEs and EWC fine-tuning on the tiny preset."""
+
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+
+from rimlens.config import get_preset
+from rimlens.errors import RimlensInputError
+from rimlens.inference.finetune import FinetuneOptions, fisher_diagonal, finetune
+from rimlens.nn.vae import VAE, VAEConfig
+from rimlens.physics import PSF
+from rimlens.train import Trainer
+from rimlens.train.vae import VAETrainer, load_vae
+
+
+@pytest.fixture(scope="module")
+def tiny_vaes(tmp_path_factory):
+    root = tmp_path_factory.mktemp("vae")
+    out = {}
+    for kind in ("source", "kappa"):
+        t = VAETrainer(kind, get_preset("tiny"), root / kind, train={"max_steps": 150, "val_every": 150, "batch_size": 16,
+                                                                      "learning_rate": 1e-3, "val_size": 32}, progress=False)
+        first = t.evaluate()
+        last = t.train()
+        out[kind] = (t, first, last, root / kind)
+    return out
+
+
+def test_vae_loss_falls_and_reconstructs_better_than_mean(tiny_vaes):
+    for kind, (t, first, last, _) in tiny_vaes.items():
+        assert last["val_loss"] < first["val_loss"], kind
+        assert last["val_reconstruction_of_mean"] < last["mean_map_error"], (kind, last)
+
+
+def test_vae_samples_shape_and_range(tiny_vaes):
+    src, _ = load_vae(tiny_vaes["source"][3] / "latest.pt")
+    s = src.sample(5, torch.Generator().manual_seed(0))
+    assert s.shape == (5, 1, 32, 32) and float(s.min()) >= 0 and float(s.max()) <= 1
+    kap, kind = load_vae(tiny_vaes["kappa"][3] / "latest.pt")
+    k = kap.sample(5, torch.Generator().manual_seed(0))
+    assert kind == "kappa" and k.shape == (5, 1, 32, 32) and torch.isfinite(k).all()
+
+
+def test_vae_resume_and_bad_grid(tmp_path):
+    with pytest.raises(RimlensInputError, match="divisible"):
+        VAE(VAEConfig(image_pixels=36, levels=3))
+    cfg = {"max_steps": 4, "val_every": 2, "batch_size": 4, "val_size": 4}
+    VAETrainer("source", get_preset("tiny"), tmp_path / "a", train=cfg, progress=False).train()
+    t = VAETrainer("source", get_preset("tiny"), tmp_path / "b", train={**cfg, "max_steps": 2}, progress=False)
+    t.train()
+    t2 = VAETrainer("source", get_preset("tiny"), tmp_path / "b", resume=True, progress=False)
+    t2.cfg = dataclasses.replace(t2.cfg, max_steps=4)
+    t2.train()
+    a = torch.load(tmp_path / "a" / "latest.pt", weights_only=True)["model"]
+    b = torch.load(tmp_path / "b" / "latest.pt", weights_only=True)["model"]
+    assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+
+
+@pytest.fixture(scope="module")
+def tiny_rim(tmp_path_factory):
+    root = tmp_path_factory.mktemp("rim")
+    p = get_preset("tiny")
+    t = Trainer(dataclasses.replace(p, train={**p.train, "max_steps": 150, "val_every": 150, "val_size": 8}), root, progress=False)
+    t.train()
+    batch = t.generator.draw(np.random.default_rng(123), 1)
+    return t.model.eval(), batch
+
+
+def test_fisher_is_finite_and_non_negative(tiny_rim, tiny_vaes):
+    model, b = tiny_rim
+    src_vae, _ = load_vae(tiny_vaes["source"][3] / "latest.pt")
+    kap_vae, _ = load_vae(tiny_vaes["kappa"][3] / "latest.pt")
+    out = model(b.observation, b.psf, b.noise_sigma)
+    f = fisher_diagonal(model, b.observation, PSF.from_kernel(b.psf), b.noise_sigma, src_vae, kap_vae,
+                        out.source[-1].detach(), out.log10_kappa[-1].detach(), FinetuneOptions(n_samples=4))
+    assert all(torch.isfinite(x).all() and (x >= 0).all() for x in f)
+    assert sum(float(x.sum()) for x in f) > 0
+
+
+def test_finetune_lambda_limits_and_never_worse(tiny_rim, tiny_vaes):
+    model, b = tiny_rim
+    src_vae, _ = load_vae(tiny_vaes["source"][3] / "latest.pt")
+    kap_vae, _ = load_vae(tiny_vaes["kappa"][3] / "latest.pt")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    free = finetune(model, b.observation, b.psf, b.noise_sigma, src_vae, kap_vae,
+                    FinetuneOptions(ewc_lambda=0.0, learning_rate=1e-4, n_samples=2, max_steps=15, target_chi2_nu=0.0))
+    assert free.chi2_nu <= free.baseline_chi2_nu
+    assert free.chi2_nu < free.baseline_chi2_nu  # lambda = 0: the fit improves
+    assert min(free.chi2_history[1:]) < free.chi2_history[0]
+    # the caller's model is untouched
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    # a huge lambda pins the weights to phi0: RMSprop steps have size ~lr, so with lambda = 0 the
+    # weights drift further and further while a huge lambda keeps them within a few lr
+    pinned = finetune(model, b.observation, b.psf, b.noise_sigma, src_vae, kap_vae,
+                      FinetuneOptions(ewc_lambda=1e12, learning_rate=1e-4, n_samples=2, max_steps=15, target_chi2_nu=0.0))
+    assert pinned.chi2_nu <= pinned.baseline_chi2_nu
+    assert pinned.weight_change <= 5e-4 < free.weight_change
