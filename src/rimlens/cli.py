@@ -22,36 +22,115 @@ def cli():
     """rimlens: reconstruct strong gravitational lenses (convergence and source) with a RIM."""
 
 
+def _load_vaes(source_vae, kappa_vae):
+    from rimlens.train.checkpoint import resolve_model_path
+    from rimlens.train.vae import load_vae
+
+    paths = []
+    for given, name in ((source_vae, "source"), (kappa_vae, "kappa")):
+        if given is None:
+            from importlib import resources
+
+            with resources.as_file(resources.files("rimlens") / "models" / "cpu64" / f"vae_{name}.pt") as p:
+                given = p
+            if not Path(given).exists():
+                raise RimlensInputError(f"no {name} VAE is shipped with this version; pass --{name}-vae (train one with "
+                                        f"`rimlens train-vae {name}`)")
+        paths.append(resolve_model_path(given))
+    return load_vae(paths[0])[0], load_vae(paths[1])[0]
+
+
+def _reconstruct_one(model, preset, prep, out_dir, finetune, vaes, summary, truth=None, title=""):
+    from rimlens.evaluate.products import write_products
+    from rimlens.inference.pipeline import reconstruct_prepared
+
+    r = reconstruct_prepared(model, prep, vaes if finetune else None)
+    summary = {**summary, "chi2_nu": r["chi2_nu"], "baseline_chi2_nu": r["baseline_chi2_nu"], "seconds": round(r["seconds"], 3),
+               "flux_scale": prep.flux_scale, "center_arcsec": list(prep.center_arcsec)}
+    if finetune:
+        summary.update(finetune_steps=r["finetune_steps"], chi2_history=r["chi2_history"])
+    if truth is not None:
+        import torch
+
+        summary["source_mse"] = float(((r["source"] - truth["source"]) ** 2).mean())
+        summary["log10_kappa_mse"] = float(((torch.log10(r["kappa"]) - torch.log10(truth["kappa"])) ** 2).mean())
+    write_products(out_dir, observation=prep.observation, noise_sigma=prep.noise_sigma, mask=prep.mask,
+                   source=r["source"], kappa=r["kappa"], model_image=r["model_image"], alpha=r["alpha"],
+                   image_grid=preset.grid.image_grid, source_grid=preset.grid.source_grid, chi2_nu=r["chi2_nu"],
+                   summary=summary, truth=truth, title=title)
+    return r, summary
+
+
+@cli.command()
+@click.argument("image", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--psf", "psf_path", type=click.Path(dir_okay=False, path_type=Path), required=True, help="PSF FITS (odd size).")
+@click.option("--noise", "noise_path", type=click.Path(dir_okay=False, path_type=Path), default=None, help="1-sigma noise map FITS.")
+@click.option("--sigma", type=float, default=None, help="One noise sigma for all pixels (instead of --noise).")
+@click.option("--pixel-scale", type=float, default=None, help="arcsec / pixel (default: from the header).")
+@click.option("--mask", "mask_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="FITS mask: non-zero = use the pixel.")
+@click.option("--center", type=float, nargs=2, default=None, metavar="X Y",
+              help="Lens centre in arcsec from the image centre (default: the image centre).")
+@click.option("--model", default="default", show_default=True, help="Checkpoint, run folder or 'default'.")
+@click.option("--finetune", is_flag=True, help="Fine-tune the RIM on this observation (EWC prior, needs the VAEs).")
+@click.option("--source-vae", default=None, help="Source VAE checkpoint (default: the shipped one).")
+@click.option("--kappa-vae", default=None, help="log10-kappa VAE checkpoint (default: the shipped one).")
+@click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), required=True)
+def reconstruct(image, psf_path, noise_path, sigma, pixel_scale, mask_path, center, model, finetune, source_vae,
+                kappa_vae, out_dir):
+    """Reconstruct the convergence and the source of one lens image (FITS) and write FITS/PNG/JSON products."""
+    from rimlens.io.observation import load_observation, prepare_observation
+    from rimlens.train.checkpoint import load_model, resolve_model_path
+
+    obs = load_observation(image, psf_path, noise_path, sigma, pixel_scale, mask_path)
+    rim, preset, _ = load_model(model)
+    vaes = _load_vaes(source_vae, kappa_vae) if finetune else None
+    prep = prepare_observation(obs, preset.grid.image_grid, tuple(center) if center else None)
+    _, summary = _reconstruct_one(rim, preset, prep, out_dir, finetune, vaes,
+                                  {"image": str(image), "model": str(resolve_model_path(model)), "preset": preset.name},
+                                  title=obs.name)
+    click.echo(f"chi2_nu {summary['chi2_nu']:.3f} (baseline {summary['baseline_chi2_nu']:.3f}); products in {out_dir}")
+
+
 @cli.command()
 @click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), default=Path("demo_output"),
               show_default=True, help="Folder for the products.")
-@click.option("--seed", type=int, default=0, show_default=True)
-def demo(out_dir: Path, seed: int):
-    """Simulate an example lens (SIE + Sersic source with clumps) and write a picture of it."""
+@click.option("--model", default="default", show_default=True, help="Checkpoint, run folder or 'default'.")
+@click.option("--seed", type=int, default=7, show_default=True, help="Seed of the simulated held-out lens.")
+def demo(out_dir: Path, model: str, seed: int):
+    """Reconstruct the real HST lens SLACS J2303+1422 and a held-out simulated lens with the shipped model."""
+    import time
+    from importlib import resources
+
     import torch
 
-    from rimlens.evaluate.figures import lens_panels
-    from rimlens.physics import PSF, LensSimulator, PixelGrid, profiles
+    from rimlens.data.lenses import LensGenerator
+    from rimlens.data.random import child_rng
+    from rimlens.io.observation import PreparedObservation, load_observation, prepare_observation
+    from rimlens.train.checkpoint import load_model, resolve_model_path
 
-    torch.manual_seed(seed)
-    image_grid, source_grid = PixelGrid.from_fov(64, 7.68), PixelGrid.from_fov(64, 3.0)
-    sim = LensSimulator(image_grid, source_grid)
-    kappa = profiles.pixelate(profiles.sie_kappa, image_grid, 4, theta_e_arcsec=1.3, axis_ratio=0.7,
-                              phi_rad=0.5, center_x=0.03, center_y=-0.05, core_arcsec=0.01)
-    sx, sy = source_grid.coordinates()
-    source = profiles.sersic(sx, sy, 1.0, 0.25, 1.5, 0.7, -0.4, 0.1, 0.05)
-    for cx, cy, a in [(0.25, 0.1, 0.8), (-0.15, 0.2, 0.5)]:
-        source = source + a * profiles.gaussian_kappa(sx, sy, 1.0, 0.05, cx, cy)
-    source = (source / source.max())[None, None]
-    psf = PSF.gaussian(0.1, image_grid.pixel_scale_arcsec)
-    lens = sim.simulate(source, kappa, psf, 0.02, generator=torch.Generator().manual_seed(seed))
-    out_dir.mkdir(parents=True, exist_ok=True)
-    png = lens_panels([{
-        "observation": lens.observation[0, 0].numpy(), "source": source[0, 0].numpy(), "kappa": kappa[0, 0].numpy(),
-        "image_scale": image_grid.pixel_scale_arcsec, "source_scale": source_grid.pixel_scale_arcsec,
-        "title": f"simulated observation (peak SNR {float(lens.snr[0]):.0f})",
-    }], out_dir / "demo_lens.png")
-    click.echo(f"wrote {png}")
+    t0 = time.time()
+    rim, preset, _ = load_model(model)
+    model_path = str(resolve_model_path(model))
+    root = resources.files("rimlens") / "data" / "slacs"
+    with resources.as_file(root) as d:
+        obs = load_observation(d / "image.fits", d / "psf.fits", d / "noise_map.fits", pixel_scale_arcsec=0.05)
+    obs.name = "SLACS J2303+1422 (HST F814W, lens light subtracted)"
+    prep = prepare_observation(obs, preset.grid.image_grid)
+    _, s1 = _reconstruct_one(rim, preset, prep, out_dir / "slacs2303", False, None,
+                             {"image": "SLACS J2303+1422 (shipped)", "model": model_path, "preset": preset.name}, title=obs.name)
+    click.echo(f"SLACS J2303+1422: chi2_nu {s1['chi2_nu']:.2f}, products in {out_dir / 'slacs2303'}")
+    lens = LensGenerator(preset, split="test", bank_seed=seed, noise="high").draw(child_rng(seed, 99), 1)
+    grid = preset.grid.image_grid
+    prep = PreparedObservation(lens.observation, lens.noise_sigma.reshape(1, 1, 1, 1).expand(1, 1, grid.n_pixels, grid.n_pixels).clone(),
+                               lens.psf, torch.ones(1, 1, grid.n_pixels, grid.n_pixels, dtype=torch.bool), 1.0, (0.0, 0.0), grid)
+    _, s2 = _reconstruct_one(rim, preset, prep, out_dir / "simulated", False, None,
+                             {"image": f"simulated held-out lens (seed {seed}, {lens.kappa_family[0]} lens, {lens.source_family[0]} source)",
+                              "model": model_path, "preset": preset.name, "snr": float(lens.snr[0])},
+                             truth={"source": lens.source, "kappa": lens.kappa}, title=f"simulated lens, SNR {float(lens.snr[0]):.0f}")
+    click.echo(f"simulated lens: chi2_nu {s2['chi2_nu']:.2f}, source MSE {s2['source_mse']:.4f}, "
+               f"log10 kappa MSE {s2['log10_kappa_mse']:.4f}; products in {out_dir / 'simulated'}")
+    click.echo(f"done in {time.time() - t0:.1f} s")
 
 
 @cli.command()
