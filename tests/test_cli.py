@@ -4,10 +4,18 @@ import sys
 from rimlens.cli import main
 
 
-def test_demo_writes_png(tmp_path):
+def test_demo_reconstructs_real_and_simulated_lens_with_shipped_model(tmp_path):
+    import json
+
     assert main(["demo", "--out", str(tmp_path)]) == 0
-    png = tmp_path / "demo_lens.png"
-    assert png.exists() and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    for case in ("slacs2303", "simulated"):
+        summary = json.loads((tmp_path / case / "summary.json").read_text())
+        assert summary["chi2_nu"] > 0 and summary["model"].endswith("model.pt")
+        for name in ("source.fits", "kappa.fits", "deflection_x.fits", "model_image.fits", "residuals.fits"):
+            assert (tmp_path / case / name).exists()
+        assert (tmp_path / case / "reconstruction.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    sim = json.loads((tmp_path / "simulated" / "summary.json").read_text())
+    assert "log10_kappa_mse" in sim and "source_mse" in sim
 
 
 def test_usage_error_exit_code_2(capsys):
