@@ -241,13 +241,29 @@ def train(preset, out_dir, resume, max_steps, max_minutes, batch_size, lr, seed,
 @click.argument("model")
 @click.argument("data", type=click.Path(dir_okay=False, path_type=Path))
 @click.option("--out", "out_path", type=click.Path(dir_okay=False, path_type=Path), required=True, help="Output HDF5.")
-@click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True)
+@click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True,
+              help="Lenses per chunk (the unit of resumption and of sharding).")
 def predict(model, data, out_path, batch_size):
-    """Reconstruct every lens of DATA (a rimlens HDF5 file) with MODEL (checkpoint, run folder or 'default')."""
+    """Reconstruct every lens of DATA (a rimlens HDF5 file) with MODEL (checkpoint, run folder or 'default').
+
+    Resumable (finished chunks are kept in OUT.parts/); under torchrun the chunks are sharded over
+    the processes and gathered into one file."""
+    import torch.distributed as dist
+
     from rimlens.inference.predict import predict_file
 
-    predict_file(model, data, out_path, batch_size=batch_size)
-    click.echo(f"wrote {out_path}")
+    started = False
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+        dist.init_process_group("gloo")  # shards are independent: a CPU process group is enough to coordinate
+        started = True
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    try:
+        predict_file(model, data, out_path, batch_size=batch_size)
+    finally:
+        if started:
+            dist.destroy_process_group()
+    if rank == 0:
+        click.echo(f"wrote {out_path}")
 
 
 @cli.command("train-vae")

@@ -57,32 +57,61 @@ def reconstruct(model, observation: torch.Tensor, psf, noise_sigma, mask=None, b
 
 
 def predict_file(model_path, data_path, out_path, batch_size: int = 32, progress: bool = True) -> Path:
-    """Reconstruct every lens of a rimlens lens file into an HDF5 file (written atomically)."""
+    """Reconstruct every lens of a rimlens lens file into one HDF5 file.
+
+    Work is split in chunks of ``batch_size`` lenses, each written atomically to ``OUT.parts/`` as
+    soon as it is done, so a killed run resumes without redoing finished chunks. Under
+    ``torchrun`` (torch.distributed initialised) rank ``r`` of ``W`` takes chunks ``c = r mod W``;
+    rank 0 gathers the chunks into ``OUT`` (atomically) once every rank is done.
+    """
+    import torch.distributed as dist
     from tqdm import tqdm
 
     from rimlens.data.storage import open_lens_file
     from rimlens.train.checkpoint import load_model, resolve_model_path
 
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_available() and dist.is_initialized() else (0, 1)
     model, preset, _ = load_model(model_path)
+    out_path = Path(out_path)
+    parts = out_path.with_name(out_path.name + ".parts")
+    parts.mkdir(parents=True, exist_ok=True)
     with open_lens_file(data_path) as h5:
         n = int(h5.attrs["count"])
         n_pix = h5["observation"].shape[-1]
         if n_pix != preset.grid.image_pixels:
             raise RimlensInputError(f"{data_path} has {n_pix} px images but the model expects {preset.grid.image_pixels}")
-        results = []
-        for i in tqdm(range(0, n, batch_size), disable=not progress, desc="reconstructing", unit="batch"):
+        starts = list(range(0, n, batch_size))
+        mine = [s for c, s in enumerate(starts) if c % world == rank]
+        for i in tqdm(mine, disable=not progress or rank != 0, desc="reconstructing", unit="chunk"):
+            chunk = parts / f"chunk_{i:09d}_{batch_size}.h5"
+            if chunk.exists():
+                continue
             sl = slice(i, min(i + batch_size, n))
             r = reconstruct(model, torch.as_tensor(h5["observation"][sl]), torch.as_tensor(h5["psf"][sl]),
                             torch.as_tensor(h5["noise_sigma"][sl]), batch_size=batch_size)
-            results.append({k: v.cpu().numpy() for k, v in r.items()})
-    out_path = Path(out_path)
-    with atomic_path(out_path) as tmp:
-        with h5py.File(tmp, "w") as f:
-            for k in results[0]:
-                a = np.concatenate([r[k] for r in results], axis=1 if k == "chi2_nu_steps" else 0).astype(np.float32)
-                f.create_dataset(k, data=a, compression="gzip" if a.ndim > 2 else None)
-            f.attrs.update({"format": "rimlens-reconstructions-1", "model": str(resolve_model_path(model_path)),
-                            "data": str(data_path), "preset": preset.to_json(),
-                            "image_grid": json.dumps(preset.grid.image_grid.as_dict()),
-                            "source_grid": json.dumps(preset.grid.source_grid.as_dict())})
+            with atomic_path(chunk) as tmp:
+                with h5py.File(tmp, "w") as f:
+                    for k, v in r.items():
+                        f.create_dataset(k, data=v.cpu().numpy().astype(np.float32))
+    if world > 1:
+        dist.barrier()
+    if rank == 0:
+        results = []
+        for i in starts:
+            with h5py.File(parts / f"chunk_{i:09d}_{batch_size}.h5", "r") as f:
+                results.append({k: f[k][:] for k in f})
+        with atomic_path(out_path) as tmp:
+            with h5py.File(tmp, "w") as f:
+                for k in results[0]:
+                    a = np.concatenate([r[k] for r in results], axis=1 if k == "chi2_nu_steps" else 0)
+                    f.create_dataset(k, data=a, compression="gzip" if a.ndim > 2 else None)
+                f.attrs.update({"format": "rimlens-reconstructions-1", "model": str(resolve_model_path(model_path)),
+                                "data": str(data_path), "preset": preset.to_json(), "count": n,
+                                "image_grid": json.dumps(preset.grid.image_grid.as_dict()),
+                                "source_grid": json.dumps(preset.grid.source_grid.as_dict())})
+        import shutil
+
+        shutil.rmtree(parts)
+    if world > 1:
+        dist.barrier()
     return out_path
