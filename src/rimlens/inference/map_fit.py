@@ -1,0 +1,97 @@
+"""Classical baseline: maximum a posteriori fit of a pixelated source and a pixelated log10 kappa
+through the same simulator, with explicit priors, as users of lenstronomy / PyAutoLens-style pixel
+inversions would otherwise run.
+
+Objective per lens (minimised with L-BFGS, strong-Wolfe line search, from several starts):
+
+    chi2 / 2 + lambda_s * sum (D s)^2 + lambda_k * sum (D eta)^2,   s = softplus(u) >= 0,
+
+with ``D`` the discrete Laplacian (``curvature``) or the finite-difference gradient (``gradient``).
+Starts: eta = log10 of singular isothermal spheres with Einstein radii ``starts_theta_e``; s = 0.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from rimlens.physics import PSF, profiles
+from rimlens.physics.likelihood import chi_squared, reduced_chi_squared
+
+_LAPLACE = torch.tensor([[0.0, 1.0, 0.0], [1.0, -4.0, 1.0], [0.0, 1.0, 0.0]])
+
+
+@dataclass(frozen=True)
+class MAPOptions:
+    source_weight: float = 3.0
+    kappa_weight: float = 300.0
+    regularization: str = "curvature"  # or "gradient"
+    starts_theta_e: tuple = (0.8, 1.5, 2.2)
+    max_iterations: int = 200
+
+
+def _penalty(x: torch.Tensor, kind: str) -> torch.Tensor:
+    if kind == "curvature":
+        lap = F.conv2d(x, _LAPLACE.to(x)[None, None])  # valid region: no edge artefacts
+        return (lap**2).sum(dim=(1, 2, 3))
+    dx = x[..., :, 1:] - x[..., :, :-1]
+    dy = x[..., 1:, :] - x[..., :-1, :]
+    return (dx**2).sum(dim=(1, 2, 3)) + (dy**2).sum(dim=(1, 2, 3))
+
+
+def fit_map(simulator, observation: torch.Tensor, psf, noise_sigma, mask=None, options: MAPOptions = MAPOptions()) -> dict:
+    """MAP estimates for a batch of lenses.
+
+    Returns:
+        dict: ``source``, ``kappa`` (``B x 1 x N x N``), ``chi2_nu`` ``(B,)``, ``objective`` ``(B,)``,
+        ``seconds`` (total wall time).
+    """
+    t0 = time.time()
+    psf = psf if isinstance(psf, PSF) else PSF.from_kernel(psf)
+    b = observation.shape[0]
+    sigma = torch.as_tensor(noise_sigma, dtype=observation.dtype)
+    sigma = sigma.reshape(-1, 1, 1, 1) if sigma.ndim <= 1 else sigma
+    x, y = simulator.image_grid.coordinates(observation.dtype)
+    m = simulator.source_grid.n_pixels
+    best = None
+    for theta_e in options.starts_theta_e:
+        eta = torch.log10(profiles.pixelate(profiles.sis_kappa, simulator.image_grid, 2, observation.dtype,
+                                            theta_e_arcsec=theta_e, center_x=1e-3, center_y=1e-3)).expand(b, 1, -1, -1).clone()
+        u = torch.full((b, 1, m, m), -4.0, dtype=observation.dtype)
+        eta.requires_grad_(True)
+        u.requires_grad_(True)
+        opt = torch.optim.LBFGS([u, eta], lr=1, max_iter=options.max_iterations, line_search_fn="strong_wolfe",
+                                tolerance_grad=1e-9, tolerance_change=1e-12, history_size=20)
+
+        def objective_per_lens():
+            s = F.softplus(u)
+            model = simulator.forward(s, 10**eta, psf, check=False)
+            return (0.5 * chi_squared(model, observation, sigma, mask) + options.source_weight * _penalty(s, options.regularization)
+                    + options.kappa_weight * _penalty(eta, options.regularization))
+
+        def closure():
+            opt.zero_grad()
+            loss = objective_per_lens().sum()
+            loss.backward()
+            return loss
+
+        opt.step(closure)
+        with torch.no_grad():
+            obj = objective_per_lens()
+            s = F.softplus(u)
+            k = 10**eta
+        if best is None:
+            best = {"objective": obj, "source": s.clone(), "kappa": k.clone()}
+        else:
+            better = obj < best["objective"]
+            best["objective"] = torch.where(better, obj, best["objective"])
+            best["source"][better] = s[better]
+            best["kappa"][better] = k[better]
+    with torch.no_grad():
+        model = simulator.forward(best["source"], best["kappa"], psf, check=False)
+        best["chi2_nu"] = reduced_chi_squared(model, observation, sigma, mask)
+    best["seconds"] = time.time() - t0
+    return best
