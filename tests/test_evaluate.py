@@ -1,0 +1,63 @@
+"""Figures of merit, the MAP baseline and the evaluate report."""
+
+import dataclasses
+import json
+
+import numpy as np
+import torch
+
+from rimlens.config import get_preset
+from rimlens.data.lenses import LensGenerator
+from rimlens.evaluate.metrics import chi2_nu_distribution, coherence_spectrum, rim_style_loss
+from rimlens.inference.map_fit import MAPOptions, fit_map
+from rimlens.physics import LensSimulator
+
+
+def test_coherence_identity_noise_and_phase():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(4, 1, 32, 32, generator=g, dtype=torch.float64)
+    f, same = coherence_spectrum(x, x)
+    assert np.allclose(same[:, ~np.isnan(same[0])], 1.0)
+    _, indep = coherence_spectrum(x, torch.randn(4, 1, 32, 32, generator=g, dtype=torch.float64))
+    assert np.nanmean(indep) < 0.35
+    # same power, scrambled phases: the phase-sensitive coherence is low
+    X = torch.fft.fft2(x[:, 0])
+    scrambled = torch.fft.ifft2(X.abs() * torch.exp(1j * torch.rand(X.shape, generator=g, dtype=torch.float64) * 6.283)).real[:, None]
+    _, sc = coherence_spectrum(x, scrambled)
+    assert np.nanmean(sc[:, 3:]) < 0.5
+
+
+def test_chi2_distribution_is_normalised():
+    xs = np.linspace(0.8, 1.2, 4001)
+    assert abs(np.trapezoid(chi2_nu_distribution(1024, xs), xs) - 1) < 1e-3
+
+
+def test_loss_is_zero_for_truth():
+    s = torch.rand(2, 1, 8, 8)
+    k = torch.rand(2, 1, 8, 8) + 0.1
+    assert np.allclose(rim_style_loss(s, k, s, k), 0)
+
+
+def test_map_fit_lowers_chi2_from_start():
+    p = get_preset("tiny")
+    b = LensGenerator(p, split="test").draw(np.random.default_rng(2), 2)
+    sim = LensSimulator(p.grid.image_grid, p.grid.source_grid)
+    short = fit_map(sim, b.observation.double(), b.psf.double(), b.noise_sigma.double(), options=MAPOptions(max_iterations=1, starts_theta_e=(1.5,)))
+    long = fit_map(sim, b.observation.double(), b.psf.double(), b.noise_sigma.double(), options=MAPOptions(max_iterations=150))
+    assert torch.all(long["chi2_nu"] < short["chi2_nu"])
+    assert torch.all(long["source"] >= 0) and torch.all(long["kappa"] > 0)
+
+
+def test_evaluate_report(tmp_path):
+    from rimlens.cli import main
+    from rimlens.data.storage import generate_dataset
+    from rimlens.train import Trainer
+
+    preset = get_preset("tiny")
+    Trainer(dataclasses.replace(preset, train={**preset.train, "max_steps": 2, "val_size": 4}), tmp_path / "run", progress=False).train()
+    data = generate_dataset(tmp_path / "t.h5", preset, 8, seed=1, split="test", noise="high", block_size=8, progress=False)
+    assert main(["evaluate", str(tmp_path / "run"), str(data), "--out", str(tmp_path / "ev"), "--map", "2"]) == 0
+    m = json.loads((tmp_path / "ev" / "metrics.json").read_text())
+    assert m["rim"]["lenses"] == 8 and m["map"]["lenses"] == 2
+    for f in ("report.md", "chi2.png", "coherence.png", "gallery.png"):
+        assert (tmp_path / "ev" / f).exists()
