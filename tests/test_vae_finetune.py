@@ -20,8 +20,8 @@ def tiny_vaes(tmp_path_factory):
     root = tmp_path_factory.mktemp("vae")
     out = {}
     for kind in ("source", "kappa"):
-        t = VAETrainer(kind, get_preset("tiny"), root / kind, train={"max_steps": 150, "val_every": 150, "batch_size": 16,
-                                                                      "learning_rate": 1e-3, "val_size": 32}, progress=False)
+        t = VAETrainer(kind, get_preset("tiny"), root / kind, train={"max_steps": 500, "val_every": 500, "batch_size": 16,
+                                                                      "learning_rate": 2e-3, "val_size": 32}, progress=False)
         first = t.evaluate()
         last = t.train()
         out[kind] = (t, first, last, root / kind)

@@ -26,7 +26,8 @@ class VAEConfig:
     filters: int = 16
     filter_scaling: int = 2
     latent: int = 32
-    output: str = "sigmoid"  # or "linear"
+    output: str = "linear"  # or "sigmoid" (the paper's source VAE; see SOURCE_VAE)
+    sample_range: tuple | None = None  # clamp decoded samples to this range
     beta_start: float = 0.1
     beta_end: float = 0.1
     beta_warmup_steps: int = 1
@@ -42,7 +43,11 @@ class VAEConfig:
         return self.gamma_start * (1 - min(step, self.gamma_steps) / self.gamma_steps) ** self.gamma_power
 
 
-SOURCE_VAE = dict(levels=3, convs_per_level=2, filters=16, latent=32, output="sigmoid")
+# The paper's source VAE ends with a sigmoid. On our data a sigmoid output collapses to all-zero
+# images within ~50 steps (the initial 0.5 everywhere is pushed into saturation and its gradient
+# vanishes; seen at learning rates 1e-3 and 1e-4), while a linear output learns at once. We train
+# with a linear output and clamp samples to [0, 1].
+SOURCE_VAE = dict(levels=3, convs_per_level=2, filters=16, latent=32, output="linear", sample_range=(0.0, 1.0))
 KAPPA_VAE = dict(levels=4, convs_per_level=1, filters=16, latent=16, output="linear", beta_start=0.1, beta_end=0.2,
                  beta_warmup_steps=5000)
 
@@ -114,4 +119,7 @@ class VAE(nn.Module):
         z = torch.randn(n, self.config.latent, generator=generator, device=dev) * scale
         if center is not None:
             z = z + center
-        return self.decode(z)
+        out = self.decode(z)
+        if self.config.sample_range is not None:
+            out = out.clamp(*self.config.sample_range)
+        return out
