@@ -97,3 +97,30 @@ def test_finetune_lambda_limits_and_never_worse(tiny_rim, tiny_vaes):
                       FinetuneOptions(ewc_lambda=1e12, learning_rate=1e-4, n_samples=2, max_steps=15, target_chi2_nu=0.0))
     assert pinned.chi2_nu <= pinned.baseline_chi2_nu
     assert pinned.weight_change <= 5e-4 < free.weight_change
+
+
+def test_fisher_vmap_equals_loop(tiny_rim, tiny_vaes):
+    model, b = tiny_rim
+    src_vae, _ = load_vae(tiny_vaes["source"][3] / "latest.pt")
+    kap_vae, _ = load_vae(tiny_vaes["kappa"][3] / "latest.pt")
+    out = model(b.observation, b.psf, b.noise_sigma)
+    args = (model, b.observation, PSF.from_kernel(b.psf), b.noise_sigma, src_vae, kap_vae,
+            out.source[-1].detach(), out.log10_kappa[-1].detach())
+    loop = fisher_diagonal(*args, FinetuneOptions(n_samples=6, per_sample="loop"))
+    vm = fisher_diagonal(*args, FinetuneOptions(n_samples=6, per_sample="vmap", sample_chunk=4))
+    for a, v in zip(loop, vm):
+        assert torch.allclose(a, v, rtol=1e-4, atol=1e-6 * float(a.abs().max()) + 1e-12)
+
+
+def test_vae_samples_as_training_family(tiny_vaes):
+    p = get_preset("tiny")
+    data = dataclasses.replace(p.data, source_mix={"vae": 0.8, "cosmos": 0.2}, kappa_mix={"vae": 0.8, "sie": 0.2},
+                               source_vae=str(tiny_vaes["source"][3] / "latest.pt"), kappa_vae=str(tiny_vaes["kappa"][3] / "latest.pt"))
+    from rimlens.data.lenses import LensGenerator
+
+    gen = LensGenerator(dataclasses.replace(p, data=data))
+    batch = gen.draw(np.random.default_rng(0), 16)
+    assert "vae" in set(batch.source_family) and "vae" in set(batch.kappa_family)
+    assert torch.isfinite(batch.observation).all()
+    with pytest.raises(RimlensInputError, match="VAE"):
+        LensGenerator(dataclasses.replace(p, data=dataclasses.replace(p.data, source_mix={"vae": 1.0})))

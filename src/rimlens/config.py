@@ -76,7 +76,8 @@ class DataConfig:
 
     source_mix keys: ``cosmos`` (real HST galaxies), ``parametric`` (Sersic + clumps).
     kappa_mix keys: ``sie`` (SIE), ``sie_substructure`` (SIE + NFW subhaloes + multipoles),
-    ``particles`` (synthetic particle galaxies, smooth-particle lensing).
+    ``particles`` (synthetic particle galaxies, smooth-particle lensing). Both mixes accept ``vae``
+    (samples of the VAEs in ``source_vae`` / ``kappa_vae``; the paper used 80% VAE, 20% real).
     """
 
     source_mix: dict = field(default_factory=lambda: {"cosmos": 0.5, "parametric": 0.5})
@@ -87,6 +88,8 @@ class DataConfig:
     validation: ValidationConfig = ValidationConfig()
     particle_bank_size: int = 48
     min_source_peak_snr: float = 10.0
+    source_vae: str = ""  # VAE checkpoints for the "vae" families
+    kappa_vae: str = ""
 
     def __post_init__(self):
         if self.noise not in NOISE_RECIPES:

@@ -107,6 +107,11 @@ class LensGenerator:
         self.image_grid, self.source_grid = self.grid.image_grid, self.grid.source_grid
         self.simulator = LensSimulator(self.image_grid, self.source_grid)
         self.psf_size = psf_kernel_size(self.image_grid, self.data.psf_fwhm_arcsec.high)
+        if vae_sampler is None and ("vae" in self.data.source_mix or "vae" in self.data.kappa_mix):
+            if self.data.source_vae or self.data.kappa_vae:
+                from rimlens.train.vae import VAESampler
+
+                vae_sampler = VAESampler(self.data.source_vae or None, self.data.kappa_vae or None)
         self.vae_sampler = vae_sampler
         self.source_weights = self._weights(self.data.source_mix)
         self.kappa_weights = self._weights(self.data.kappa_mix)

@@ -89,7 +89,8 @@ class RIM(nn.Module):
         return g / (torch.sqrt(v_hat) + self.config.epsilon), v
 
     def forward(self, observation: torch.Tensor, psf, noise_sigma, *, steps: int | None = None,
-                differentiable_likelihood: bool = False, mask: torch.Tensor | None = None) -> RIMOutput:
+                differentiable_likelihood: bool = False, mask: torch.Tensor | None = None,
+                functional: bool = False) -> RIMOutput:
         """Run the RIM.
 
         Args:
@@ -100,6 +101,8 @@ class RIM(nn.Module):
             differentiable_likelihood: keep the likelihood gradients in the graph (second order),
                 for fine-tuning; off in training, as the paper.
             mask: optional pixel mask for the likelihood (True = used).
+            functional: likelihood gradients with ``torch.func`` (for ``vmap`` over examples, e.g.
+                per-sample gradients of the weights); ``psf`` must then be a PSF object.
         """
         steps = steps or self.config.steps
         psf = psf if isinstance(psf, PSF) else PSF.from_kernel(psf)
@@ -107,7 +110,8 @@ class RIM(nn.Module):
         b = observation.shape[0]
         zeros = torch.zeros_like(observation)
         x = torch.cat([observation, zeros, zeros, zeros, zeros], dim=1)
-        channels_last = next(self.unet.parameters()).is_contiguous(memory_format=torch.channels_last) and x.device.type == "cpu"
+        channels_last = (not functional and x.device.type == "cpu"
+                         and next(self.unet.parameters()).is_contiguous(memory_format=torch.channels_last))
         if channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         delta, hidden = self._unet(x)
@@ -118,7 +122,8 @@ class RIM(nn.Module):
             if differentiable_likelihood:
                 g_s, g_eta, chi2 = sim.likelihood_gradient(observation, s, eta, psf, noise_sigma, mask, create_graph=True, check=False)
             else:
-                g_s, g_eta, chi2 = sim.likelihood_gradient(observation, s.detach(), eta.detach(), psf, noise_sigma, mask, check=False)
+                g_s, g_eta, chi2 = sim.likelihood_gradient(observation, s.detach(), eta.detach(), psf, noise_sigma, mask,
+                                                           check=False, functional=functional)
             if v_s is None:
                 v_s, v_eta = torch.zeros_like(g_s), torch.zeros_like(g_eta)
             g_s, v_s = self._normalise(g_s, v_s, t)

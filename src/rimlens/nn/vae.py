@@ -109,7 +109,7 @@ class VAE(nn.Module):
         ident = ((self.expand(z) - feats) ** 2).mean(dim=1)
         c = self.config
         total = (rec + c.beta(step) * kl + c.gamma(step) * ident).mean()
-        return total, {"reconstruction": float(rec.mean()), "kl": float(kl.mean()), "identity": float(ident.mean())}
+        return total, {"reconstruction": float(rec.detach().mean()), "kl": float(kl.detach().mean()), "identity": float(ident.detach().mean())}
 
     @torch.no_grad()
     def sample(self, n: int, generator: torch.Generator | None = None, center: torch.Tensor | None = None,

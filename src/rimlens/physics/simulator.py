@@ -148,7 +148,7 @@ class LensSimulator:
         return self.chi_squared(observation, source, kappa, psf, sigma, mask) / degrees_of_freedom(sigma, observation.shape, mask).clamp_min(1)
 
     def likelihood_gradient(self, observation, source, log10_kappa, psf, noise_sigma, mask=None, *,
-                            create_graph: bool = False, check: bool = True):
+                            create_graph: bool = False, check: bool = True, functional: bool = False):
         """Gradient of the negative log-likelihood ``chi2 / 2`` w.r.t. the source and ``log10 kappa``.
 
         This is what the RIM is fed at every step (with kappa = 10 ** log10_kappa).
@@ -158,6 +158,8 @@ class LensSimulator:
             source: ``B x 1 x M x M``.
             log10_kappa: ``B x 1 x N x N``.
             create_graph: keep the graph for second-order derivatives (fine-tuning).
+            functional: compute with ``torch.func.grad`` (composable with ``vmap``, for per-sample
+                gradients); the inputs are treated as constants (no second-order path).
 
         Returns:
             ``(grad_source, grad_log10_kappa, chi2)`` with shapes of the inputs and ``(B,)``.
@@ -169,6 +171,13 @@ class LensSimulator:
             self._check_kappa(log10_kappa, "log10_kappa")
             check_batch({"observation": observation.shape[0], "source": source.shape[0], "log10_kappa": log10_kappa.shape[0]})
         sigma = check_noise_sigma(noise_sigma, observation.shape[0], tuple(observation.shape[-2:]), like=observation)
+        if functional:
+            def half_chi2(s, eta):
+                chi2 = chi_squared(self.forward(s, torch.pow(10.0, eta), psf, check=False), observation, sigma, mask)
+                return 0.5 * chi2.sum(), chi2
+
+            (g_s, g_eta), chi2 = torch.func.grad(half_chi2, argnums=(0, 1), has_aux=True)(source.detach(), log10_kappa.detach())
+            return g_s, g_eta, chi2
         with torch.enable_grad():
             s = source if (create_graph and source.requires_grad) else source.detach().requires_grad_(True)
             eta = log10_kappa if (create_graph and log10_kappa.requires_grad) else log10_kappa.detach().requires_grad_(True)
