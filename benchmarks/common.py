@@ -18,19 +18,7 @@ def set_threads(n: int | None = None) -> int:
 
 def median_time(fn, repeats: int = 7, warmup: int = 2, min_time: float = 0.05) -> float:
     """Median wall time of ``fn()`` in seconds; each sample loops until ``min_time`` has passed."""
-    for _ in range(warmup):
-        fn()
-    samples = []
-    for _ in range(repeats):
-        n, t0 = 0, time.perf_counter()
-        while True:
-            fn()
-            n += 1
-            dt = time.perf_counter() - t0
-            if dt >= min_time:
-                break
-        samples.append(dt / n)
-    return statistics.median(samples)
+    return compare_times({"fn": fn}, repeats, warmup, min_time)["fn"]
 
 
 def machine() -> str:

@@ -16,6 +16,20 @@ import click
 from rimlens.errors import RimlensInputError
 
 
+def _parse_settings(items) -> dict:
+    """``--set KEY=VALUE`` options as a dict (values parsed as JSON when possible)."""
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise RimlensInputError(f"--set expects KEY=VALUE, got {item!r}")
+        try:
+            out[key] = json.loads(value)
+        except ValueError:
+            out[key] = value
+    return out
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="rimlens")
 def cli():
@@ -208,14 +222,7 @@ def train(preset, out_dir, resume, max_steps, max_minutes, batch_size, lr, seed,
     cfg = get_preset(preset)
     overrides = {k: v for k, v in {"max_steps": max_steps, "max_minutes": max_minutes, "batch_size": batch_size,
                                    "learning_rate": lr, "seed": seed}.items() if v is not None}
-    for item in settings:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise RimlensInputError(f"--set expects KEY=VALUE, got {item!r}")
-        try:
-            overrides[key] = json.loads(value)
-        except ValueError:
-            overrides[key] = value
+    overrides.update(_parse_settings(settings))
     if overrides:
         cfg = dataclasses.replace(cfg, train={**cfg.train, **overrides})
     started = False
@@ -280,11 +287,7 @@ def train_vae(kind, preset, out_dir, resume, max_steps, max_minutes, settings):
     from rimlens.train.vae import VAETrainer
 
     train = {k: v for k, v in {"max_steps": max_steps, "max_minutes": max_minutes}.items() if v is not None}
-    for item in settings:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise RimlensInputError(f"--set expects KEY=VALUE, got {item!r}")
-        train[key] = json.loads(value)
+    train.update(_parse_settings(settings))
     trainer = VAETrainer(kind, get_preset(preset), out_dir, resume=resume, train=None if resume else train)
     if resume and train:
         import dataclasses

@@ -13,6 +13,15 @@ import numpy as np  # noqa: E402
 from rimlens.io.atomic import atomic_path  # noqa: E402
 
 
+def save_figure(fig, path: str | Path, dpi: int = 100) -> Path:
+    """Write a figure as PNG atomically and close it."""
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=dpi, format="png")
+    plt.close(fig)
+    return path
+
+
 def _extent(n_pixels: int, pixel_scale: float):
     half = n_pixels * pixel_scale / 2
     return (-half, half, -half, half)
@@ -44,11 +53,7 @@ def lens_panels(rows: list[dict], path: str | Path, dpi: int = 110) -> Path:
             ax.set_ylabel('y ["]')
             fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
     fig.tight_layout()
-    path = Path(path)
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=dpi, format="png")
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi)
 
 
 def training_curve(history: list[dict], path: str | Path) -> Path:
@@ -71,8 +76,4 @@ def training_curve(history: list[dict], path: str | Path) -> Path:
     ax.set_xlabel("step")
     ax.legend(fontsize=8)
     fig.tight_layout()
-    path = Path(path)
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=100, format="png")
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)

@@ -65,7 +65,7 @@ def write_products(out_dir: str | Path, *, observation: torch.Tensor, noise_sigm
 def reconstruction_page(path, observation, model_image, resid, source, kappa, image_grid, source_grid, chi2_nu,
                         title="", truth=None):
     """One page: observation, model, normalised residuals, source, log10 kappa (and the truth if known)."""
-    from rimlens.evaluate.figures import _extent, plt
+    from rimlens.evaluate.figures import _extent, plt, save_figure
 
     rows = 2 if truth else 1
     fig, axes = plt.subplots(rows, 5, figsize=(19, 3.8 * rows), squeeze=False)
@@ -93,8 +93,4 @@ def reconstruction_page(path, observation, model_image, resid, source, kappa, im
         tk = np.log10(np.clip(truth["kappa"][0, 0].cpu().numpy(), 1e-3, None))
         show(axes[1, 4], tk, ei, "viridis", r"$\log_{10}\kappa$ (truth)", vmin=lk.min(), vmax=lk.max())
     fig.tight_layout()
-    path = Path(path)
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=90, format="png")
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=90)

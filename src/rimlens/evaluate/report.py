@@ -9,15 +9,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from rimlens.evaluate.figures import plt
+from rimlens.evaluate.figures import plt, save_figure
 from rimlens.evaluate.metrics import chi2_nu_distribution, coherence_spectrum, rim_style_loss
 from rimlens.io.atomic import atomic_path
-
-
-def _save(fig, path):
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=100, format="png")
-    plt.close(fig)
 
 
 def evaluate_testset(model_path, data_path, out_dir, batch_size: int = 32, n_map: int = 0, progress: bool = True) -> dict:
@@ -91,7 +85,7 @@ def _figures(out, res, src, kap, obs, snr, dof, preset, metrics):
     ax[1].set_ylabel(r"$\chi^2_\nu$")
     ax[1].legend()
     fig.tight_layout()
-    _save(fig, out / "chi2.png")
+    save_figure(fig, out / "chi2.png")
     fig, ax = plt.subplots(1, 2, figsize=(11, 4))
     for a, (name, truth, est) in zip(ax, [("source", src, rim["source"]), (r"$\log_{10}\kappa$", torch.log10(kap), torch.log10(rim["kappa"]))]):
         f, g = coherence_spectrum(est, truth)
@@ -105,7 +99,7 @@ def _figures(out, res, src, kap, obs, snr, dof, preset, metrics):
         a.set_ylim(0, 1.02)
         a.legend()
     fig.tight_layout()
-    _save(fig, out / "coherence.png")
+    save_figure(fig, out / "coherence.png")
     order = np.argsort(chi)
     picks = order[np.linspace(0, len(order) - 1, min(5, len(order))).astype(int)]
     fig, ax = plt.subplots(len(picks), 4, figsize=(13, 3 * len(picks)), squeeze=False)
@@ -119,7 +113,7 @@ def _figures(out, res, src, kap, obs, snr, dof, preset, metrics):
             ax[r, c].set_yticks([])
             fig.colorbar(im, ax=ax[r, c], fraction=0.046)
     fig.tight_layout()
-    _save(fig, out / "gallery.png")
+    save_figure(fig, out / "gallery.png")
 
 
 def _report(out, m):
