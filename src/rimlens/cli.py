@@ -76,8 +76,8 @@ def _reconstruct_one(model, preset, prep, out_dir, finetune, vaes, summary, trut
 
 
 @cli.command()
-@click.argument("image", type=click.Path(dir_okay=False, path_type=Path))
-@click.option("--psf", "psf_path", type=click.Path(dir_okay=False, path_type=Path), required=True, help="PSF FITS (odd size).")
+@click.argument("image", type=click.Path(path_type=Path))
+@click.option("--psf", "psf_path", type=click.Path(dir_okay=False, path_type=Path), default=None, help="PSF FITS (odd size).")
 @click.option("--noise", "noise_path", type=click.Path(dir_okay=False, path_type=Path), default=None, help="1-sigma noise map FITS.")
 @click.option("--sigma", type=float, default=None, help="One noise sigma for all pixels (instead of --noise).")
 @click.option("--pixel-scale", type=float, default=None, help="arcsec / pixel (default: from the header).")
@@ -92,18 +92,82 @@ def _reconstruct_one(model, preset, prep, out_dir, finetune, vaes, summary, trut
 @click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), required=True)
 def reconstruct(image, psf_path, noise_path, sigma, pixel_scale, mask_path, center, model, finetune, source_vae,
                 kappa_vae, out_dir):
-    """Reconstruct the convergence and the source of one lens image (FITS) and write FITS/PNG/JSON products."""
+    """Reconstruct the convergence and the source of a lens image (FITS) and write FITS/PNG/JSON products.
+
+    IMAGE may also be a folder of lenses, one sub-folder each holding image.fits, psf.fits and
+    noise_map.fits (or use --sigma): they are reconstructed into OUT/<name>/, resumably (finished
+    lenses are skipped), sharded over processes under torchrun, with a table OUT/summary.csv.
+    """
     from rimlens.io.observation import load_observation, prepare_observation
     from rimlens.train.checkpoint import load_model, resolve_model_path
 
-    obs = load_observation(image, psf_path, noise_path, sigma, pixel_scale, mask_path)
     rim, preset, _ = load_model(model)
     vaes = _load_vaes(source_vae, kappa_vae) if finetune else None
+    if image.is_dir():
+        _reconstruct_folder(image, out_dir, rim, preset, model, sigma, pixel_scale, finetune, vaes)
+        return
+    if psf_path is None:
+        raise RimlensInputError("--psf is required")
+    obs = load_observation(image, psf_path, noise_path, sigma, pixel_scale, mask_path)
     prep = prepare_observation(obs, preset.grid.image_grid, tuple(center) if center else None)
     _, summary = _reconstruct_one(rim, preset, prep, out_dir, finetune, vaes,
                                   {"image": str(image), "model": str(resolve_model_path(model)), "preset": preset.name},
                                   title=obs.name)
     click.echo(f"chi2_nu {summary['chi2_nu']:.3f} (baseline {summary['baseline_chi2_nu']:.3f}); products in {out_dir}")
+
+
+def _reconstruct_folder(folder, out_dir, rim, preset, model, sigma, pixel_scale, finetune, vaes):
+    import csv
+
+    import torch.distributed as dist
+
+    from rimlens.io.atomic import atomic_path
+    from rimlens.io.observation import load_observation, prepare_observation
+    from rimlens.train.checkpoint import resolve_model_path
+
+    lenses = sorted(d for d in folder.iterdir() if (d / "image.fits").exists())
+    if not lenses:
+        raise RimlensInputError(f"{folder} holds no lens sub-folders with an image.fits")
+    started = False
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+        dist.init_process_group("gloo")
+        started = True
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    try:
+        for i, lens in enumerate(lenses):
+            target = out_dir / lens.name
+            if i % world != rank or (target / "summary.json").exists():
+                continue
+            noise = lens / "noise_map.fits" if sigma is None else None
+            try:
+                obs = load_observation(lens / "image.fits", lens / "psf.fits", noise, sigma, pixel_scale)
+                prep = prepare_observation(obs, preset.grid.image_grid)
+                _reconstruct_one(rim, preset, prep, target, finetune, vaes,
+                                 {"image": str(lens), "model": str(resolve_model_path(model)), "preset": preset.name}, title=lens.name)
+            except RimlensInputError as exc:  # one bad lens must not stop a survey-sized run
+                click.echo(f"error: {lens.name}: {exc}", err=True)
+        if world > 1:
+            dist.barrier()
+        if rank == 0:
+            rows = []
+            for lens in lenses:
+                f = out_dir / lens.name / "summary.json"
+                if f.exists():
+                    sm = json.loads(f.read_text())
+                    rows.append({"lens": lens.name, "chi2_nu": sm["chi2_nu"], "baseline_chi2_nu": sm["baseline_chi2_nu"],
+                                 "seconds": sm["seconds"], "used_pixels": sm["used_pixels"]})
+                else:
+                    rows.append({"lens": lens.name, "chi2_nu": "", "baseline_chi2_nu": "", "seconds": "", "used_pixels": ""})
+            with atomic_path(out_dir / "summary.csv") as tmp:
+                with open(tmp, "w", newline="") as fh:
+                    w = csv.DictWriter(fh, fieldnames=list(rows[0]))
+                    w.writeheader()
+                    w.writerows(rows)
+            done = sum(1 for r in rows if r["chi2_nu"] != "")
+            click.echo(f"reconstructed {done}/{len(lenses)} lenses; table in {out_dir / 'summary.csv'}")
+    finally:
+        if started:
+            dist.destroy_process_group()
 
 
 @cli.command()
