@@ -204,3 +204,19 @@ def test_cli_simulate_and_show(tmp_path):
     assert (tmp_path / "s.png").read_bytes()[:4] == b"\x89PNG"
     assert main(["show", str(tmp_path / "nope.h5")]) == 2
     assert main(["simulate", "--preset", "nope", "--count", "4", "--out", str(tmp_path / "x.h5")]) == 2
+
+
+def test_tng_maps_only_for_evaluation(tmp_path):
+    import dataclasses
+
+    p = get_preset("tiny")
+    tng = dataclasses.replace(p, data=dataclasses.replace(p.data, kappa_mix={"tng": 1.0}))
+    with pytest.raises(RimlensInputError, match="evaluation only"):
+        LensGenerator(tng, split="train")
+    batch = LensGenerator(tng, split="test").draw(np.random.default_rng(0), 4)
+    assert set(batch.kappa_family) == {"tng"}
+    from rimlens.cli import main
+
+    assert main(["simulate", "--preset", "tiny", "--count", "2", "--kappa-mix", "tng=1", "--out", str(tmp_path / "t.h5")]) == 2
+    assert main(["simulate", "--preset", "tiny", "--count", "2", "--kappa-mix", "tng=1", "--split", "test",
+                 "--out", str(tmp_path / "t.h5")]) == 0

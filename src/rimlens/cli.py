@@ -221,15 +221,26 @@ def demo(out_dir: Path, model: str, seed: int):
 @click.option("--noise", type=click.Choice(["train", "high", "medium", "low"]), default=None,
               help="Noise recipe (high/medium/low = the paper's test sets); default: the preset's.")
 @click.option("--block-size", type=click.IntRange(min=1), default=64, show_default=True)
+@click.option("--kappa-mix", multiple=True, metavar="FAMILY=WEIGHT",
+              help="Convergence families (sie, sie_substructure, particles, vae; tng for test sets only).")
+@click.option("--source-mix", multiple=True, metavar="FAMILY=WEIGHT", help="Source families (cosmos, parametric, vae).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing finished file.")
-def simulate(preset, count, seed, out_path, split, noise, block_size, overwrite):
+def simulate(preset, count, seed, out_path, split, noise, block_size, kappa_mix, source_mix, overwrite):
     """Simulate validated lenses into an HDF5 file (an interrupted run resumes when re-run)."""
+    import dataclasses
+
     from rimlens.config import get_preset
     from rimlens.data.storage import generate_dataset, read_lenses
 
     if out_path.exists() and not overwrite:
         raise RimlensInputError(f"{out_path} exists; pass --overwrite to replace it")
     cfg = get_preset(preset)
+    mixes = {}
+    for name, items in (("kappa_mix", kappa_mix), ("source_mix", source_mix)):
+        if items:
+            mixes[name] = {k: float(v) for k, v in _parse_settings(items).items()}
+    if mixes:
+        cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, **mixes))
     generate_dataset(out_path, cfg, count, seed, split=split, noise=noise, block_size=block_size, progress=True)
     attrs = read_lenses(out_path, slice(0, 1))["attrs"]
     drawn = int(attrs["stats_drawn"])

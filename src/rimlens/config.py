@@ -78,6 +78,8 @@ class DataConfig:
     kappa_mix keys: ``sie`` (SIE), ``sie_substructure`` (SIE + NFW subhaloes + multipoles),
     ``particles`` (synthetic particle galaxies, smooth-particle lensing). Both mixes accept ``vae``
     (samples of the VAEs in ``source_vae`` / ``kappa_vae``; the paper used 80% VAE, 20% real).
+    kappa_mix also accepts ``tng``: the 4 shipped TNG100 maps, for evaluation sets only (refused
+    for training data).
     """
 
     source_mix: dict = field(default_factory=lambda: {"cosmos": 0.5, "parametric": 0.5})
@@ -95,7 +97,7 @@ class DataConfig:
         if self.noise not in NOISE_RECIPES:
             raise RimlensInputError(f"unknown noise recipe {self.noise!r}; choose from {sorted(NOISE_RECIPES)}")
         for name, mix, allowed in (("source_mix", self.source_mix, {"cosmos", "parametric", "vae"}),
-                                   ("kappa_mix", self.kappa_mix, {"sie", "sie_substructure", "particles", "vae"})):
+                                   ("kappa_mix", self.kappa_mix, {"sie", "sie_substructure", "particles", "vae", "tng"})):
             bad = set(mix) - allowed
             if bad or not mix or any(v < 0 for v in mix.values()) or sum(mix.values()) <= 0:
                 raise RimlensInputError(f"{name} must map {sorted(allowed)} to non-negative weights, got {mix}")

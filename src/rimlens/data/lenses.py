@@ -115,6 +115,8 @@ class LensGenerator:
         self.vae_sampler = vae_sampler
         self.source_weights = self._weights(self.data.source_mix)
         self.kappa_weights = self._weights(self.data.kappa_mix)
+        if split == "train" and self.kappa_weights.get("tng", 0) > 0:
+            raise RimlensInputError("the TNG100 maps are for evaluation only: the 'tng' family is refused for training data")
         self._source_bank = None
         self._particle_bank = None
         self.bank_seed = bank_seed + (0 if split == "train" else 1_000_003)
@@ -184,6 +186,11 @@ class LensGenerator:
                 if fam == "particles":
                     bank = self.particle_bank
                     base = random_dihedral(bank[rng.integers(0, len(bank), len(idx))], rng)
+                elif fam == "tng":  # evaluation only (refused for training in __init__)
+                    from rimlens.data.kappa import tng_evaluation_maps
+
+                    maps = tng_evaluation_maps(self.image_grid)
+                    base = random_dihedral(maps[rng.integers(0, len(maps), len(idx))], rng)
                 else:  # vae
                     base = self.vae_sampler.kappas(rng, len(idx))
                 out[idx], _ = rescale_to_einstein_radius(base, self.image_grid.pixel_scale_arcsec, theta_e[idx])

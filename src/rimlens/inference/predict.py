@@ -28,7 +28,7 @@ def reconstruct(model, observation: torch.Tensor, psf, noise_sigma, mask=None, b
     """
     from rimlens.errors import check_noise_sigma
     from rimlens.physics import PSF
-    from rimlens.physics.likelihood import reduced_chi_squared
+    from rimlens.physics.likelihood import degrees_of_freedom, reduced_chi_squared
 
     sim = model.simulator
     sim._check_image(observation, "observation")
@@ -50,9 +50,7 @@ def reconstruct(model, observation: torch.Tensor, psf, noise_sigma, mask=None, b
         out["kappa"].append(10**eta)
         out["model_image"].append(img)
         out["chi2_nu"].append(reduced_chi_squared(img, obs, sig, m))
-        n_used = obs[0].numel() if m is None else None
-        steps = r.chi2 / (n_used if n_used else 1)
-        out["chi2_nu_steps"].append(steps)
+        out["chi2_nu_steps"].append(r.chi2 / degrees_of_freedom(sig, obs.shape, m).clamp_min(1))
     return {k: torch.cat(v, dim=1 if k == "chi2_nu_steps" else 0) for k, v in out.items()}
 
 
