@@ -174,3 +174,14 @@ def test_sharded_predict_equals_single_and_resumes(tmp_path):
         assert np.all(f["chi2_nu"][:3] == 7.0)
         assert np.allclose(f["chi2_nu"][3:], a["chi2_nu"][3:], atol=1e-6)
     assert not parts.exists()
+
+
+def test_init_from_weights(tmp_path):
+    cfg = _tiny(max_steps=1, val_every=1000, val_size=4)
+    Trainer(cfg, tmp_path / "a", progress=False).train()
+    t = Trainer(cfg, tmp_path / "b", progress=False, init_from=tmp_path / "a")
+    a = torch.load(tmp_path / "a" / "latest.pt", weights_only=True)["model"]
+    assert all(torch.equal(a[k], v) for k, v in t.model.state_dict().items())
+    other = dataclasses.replace(cfg, model={**cfg.model, "steps": 3})
+    with pytest.raises(RimlensInputError, match="differs"):
+        Trainer(other, tmp_path / "c", progress=False, init_from=tmp_path / "a")

@@ -285,7 +285,8 @@ def show(path, out_png, count, start):
 @click.option("--device", default=None, help="torch device (default: cuda if available, else cpu).")
 @click.option("--set", "settings", multiple=True, metavar="KEY=VALUE",
               help="Override any training setting (rimlens.train.TrainConfig), e.g. --set val_every=500.")
-def train(preset, out_dir, resume, max_steps, max_minutes, batch_size, lr, seed, device, settings):
+@click.option("--init-from", default=None, help="Start from these weights (e.g. 'default' to keep training the shipped model).")
+def train(preset, out_dir, resume, max_steps, max_minutes, batch_size, lr, seed, device, settings, init_from):
     """Train a RIM (single process, or multi-GPU / multi-node under torchrun)."""
     import dataclasses
 
@@ -307,7 +308,7 @@ def train(preset, out_dir, resume, max_steps, max_minutes, batch_size, lr, seed,
         dist.init_process_group("nccl" if torch.cuda.is_available() and device != "cpu" else "gloo")
         started = True
     try:
-        trainer = Trainer(cfg, out_dir, resume=resume, device=device)
+        trainer = Trainer(cfg, out_dir, resume=resume, device=device, init_from=init_from)
         if resume and overrides:  # the checkpoint's configuration wins, except for the limits asked for now
             trainer.cfg = dataclasses.replace(trainer.cfg, **{k: v for k, v in overrides.items() if k in ("max_steps", "max_minutes")})
         result = trainer.train()

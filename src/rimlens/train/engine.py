@@ -74,10 +74,13 @@ class Trainer:
         out_dir: run folder: ``latest.pt``, ``best.pt``, ``config.json``, ``metrics.csv``,
             ``training_curve.png``.
         resume: continue from ``out_dir/latest.pt`` (its configuration wins).
+        init_from: start a new run from the weights of this checkpoint (fresh optimizer and step
+            count; the model configurations must match), e.g. to keep training the shipped model.
         device: torch device (default: CUDA with DDP local rank if available, else CPU).
     """
 
-    def __init__(self, preset: Preset, out_dir: str | Path, resume: bool = False, device=None, progress: bool = True):
+    def __init__(self, preset: Preset, out_dir: str | Path, resume: bool = False, device=None, progress: bool = True,
+                 init_from: str | Path | None = None):
         self.out_dir = Path(out_dir)
         self.rank, self.world = _distributed()
         latest = self.out_dir / "latest.pt"
@@ -114,6 +117,13 @@ class Trainer:
         self.evals_without_improvement = 0
         self.history: list[dict] = []
         self.elapsed = 0.0
+        if init_from is not None and ckpt is None:
+            from rimlens.train.checkpoint import load_model
+
+            source_model, source_preset, _ = load_model(init_from)
+            if source_preset.model != preset.model or source_preset.grid != preset.grid:
+                raise RimlensInputError(f"--init-from {init_from}: its model or grid differs from preset {preset.name!r}")
+            self.model.load_state_dict(source_model.state_dict())
         if ckpt is not None:
             self.model.load_state_dict(ckpt["model"])
             self.optimizer.load_state_dict(ckpt["optimizer"])
