@@ -26,3 +26,25 @@ def test_usage_error_exit_code_2(capsys):
 def test_console_script_no_traceback():
     r = subprocess.run([sys.executable, "-m", "rimlens.cli", "demo", "--seed", "x"], capture_output=True, text=True)
     assert r.returncode == 2 and "Traceback" not in r.stderr
+
+
+def test_atomic_write_keeps_old_file_on_failure_and_normal_permissions(tmp_path):
+    import os
+
+    import pytest
+
+    from rimlens.io.atomic import atomic_path
+
+    target = tmp_path / "f.txt"
+    target.write_text("old")
+    with pytest.raises(RuntimeError):
+        with atomic_path(target) as tmp:
+            tmp.write_text("half")
+            raise RuntimeError("killed")
+    assert target.read_text() == "old" and len(list(tmp_path.iterdir())) == 1
+    with atomic_path(target) as tmp:
+        tmp.write_text("new")
+    assert target.read_text() == "new"
+    mask = os.umask(0)
+    os.umask(mask)
+    assert (target.stat().st_mode & 0o777) == (0o666 & ~mask)

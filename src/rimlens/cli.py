@@ -349,6 +349,17 @@ def predict(model, data, out_path, batch_size):
         click.echo(f"wrote {out_path}")
 
 
+@cli.command("export-model")
+@click.argument("run_dir", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), required=True)
+@click.option("--checkpoint", default="best.pt", show_default=True)
+def export_model_cmd(run_dir, out_dir, checkpoint):
+    """Package a training run (weights, configuration, log, validation metrics) for distribution."""
+    from rimlens.train.checkpoint import export_model
+
+    click.echo(f"wrote {export_model(run_dir, out_dir, checkpoint)}")
+
+
 @cli.command("train-vae")
 @click.argument("kind", type=click.Choice(["source", "kappa"]))
 @click.option("--preset", default="cpu64", show_default=True)

@@ -86,3 +86,29 @@ def load_model(path: str | Path = DEFAULT_MODEL, map_location="cpu"):
         raise RimlensInputError(f"checkpoint {path} does not match its model configuration: {first}") from None
     model.eval()
     return model, preset, ckpt
+
+
+def export_model(run_dir: str | Path, out_dir: str | Path, checkpoint: str = "best.pt") -> Path:
+    """Package a training run for distribution: ``model.pt`` (weights + configuration + history, no
+    optimizer state), ``metrics.csv``, ``training_curve.png`` and ``validation.json`` (the metrics of
+    the exported checkpoint and of the mean-map baseline, and how long it trained)."""
+    import json
+    import shutil
+
+    run_dir, out_dir = Path(run_dir), Path(out_dir)
+    ckpt = load_checkpoint(run_dir / checkpoint)
+    load_model(run_dir / checkpoint)  # all-or-nothing check before writing anything
+    out_dir.mkdir(parents=True, exist_ok=True)
+    payload = {k: v for k, v in ckpt.items() if k not in ("format", "optimizer")}
+    save_checkpoint(out_dir / "model.pt", payload)
+    history = json.loads(ckpt.get("history", "[]"))
+    best = min(history, key=lambda h: h["val_loss"]) if history else {}
+    summary = {"checkpoint": checkpoint, "step": ckpt.get("step"), "elapsed_s": ckpt.get("elapsed_s"),
+               "validation": best, "preset": json.loads(ckpt["preset"])}
+    with atomic_path(out_dir / "validation.json") as tmp:
+        tmp.write_text(json.dumps(summary, indent=2))
+    for name in ("metrics.csv", "training_curve.png"):
+        if (run_dir / name).exists():
+            with atomic_path(out_dir / name) as tmp:
+                shutil.copyfile(run_dir / name, tmp)
+    return out_dir / "model.pt"
