@@ -15,7 +15,9 @@ def test_demo_reconstructs_real_and_simulated_lens_with_shipped_model(tmp_path):
             assert (tmp_path / case / name).exists()
         assert (tmp_path / case / "reconstruction.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     sim = json.loads((tmp_path / "simulated" / "summary.json").read_text())
-    assert "log10_kappa_mse" in sim and "source_mse" in sim
+    # the shipped model must explain most of the lensed light and beat a flat kappa guess
+    assert sim["chi2_nu"] < 10
+    assert sim["log10_kappa_mse"] < 0.1 and sim["source_mse"] < 0.01
 
 
 def test_usage_error_exit_code_2(capsys):
@@ -48,3 +50,10 @@ def test_atomic_write_keeps_old_file_on_failure_and_normal_permissions(tmp_path)
     mask = os.umask(0)
     os.umask(mask)
     assert (target.stat().st_mode & 0o777) == (0o666 & ~mask)
+
+
+def test_bad_settings_exit_2(tmp_path):
+    assert main(["train", "--preset", "tiny", "--out", str(tmp_path / "r"), "--set", "val_every=0"]) == 2
+    assert main(["train", "--preset", "tiny", "--out", str(tmp_path / "r"), "--set", "batch_size=abc"]) == 2
+    assert main(["simulate", "--preset", "tiny", "--count", "2", "--kappa-mix", "sie=abc", "--out", str(tmp_path / "a.h5")]) == 2
+    assert main(["simulate", "--preset", "tiny", "--count", "2", "--kappa-mix", "sie=nan", "--out", str(tmp_path / "a.h5")]) == 2

@@ -42,9 +42,20 @@ def test_map_fit_lowers_chi2_from_start():
     p = get_preset("tiny")
     b = LensGenerator(p, split="test").draw(np.random.default_rng(2), 2)
     sim = LensSimulator(p.grid.image_grid, p.grid.source_grid)
-    short = fit_map(sim, b.observation.double(), b.psf.double(), b.noise_sigma.double(), options=MAPOptions(max_iterations=1, starts_theta_e=(1.5,)))
+    from rimlens.physics import PSF, profiles
+    from rimlens.physics.likelihood import reduced_chi_squared
+
     long = fit_map(sim, b.observation.double(), b.psf.double(), b.noise_sigma.double(), options=MAPOptions(max_iterations=150))
-    assert torch.all(long["chi2_nu"] < short["chi2_nu"])
+    # chi2 of the starting point (SIS theta_E = 1.5", faint flat source) and of the truth
+    start_k = profiles.pixelate(profiles.sis_kappa, p.grid.image_grid, 2, torch.float64, theta_e_arcsec=1.5,
+                                center_x=1e-3, center_y=1e-3).expand(2, 1, -1, -1)
+    start_s = torch.nn.functional.softplus(torch.full((2, 1, 32, 32), -4.0, dtype=torch.float64))
+    psf = PSF.from_kernel(b.psf.double())
+    sig = b.noise_sigma.double().reshape(-1, 1, 1, 1)
+    start = reduced_chi_squared(sim.forward(start_s, start_k, psf), b.observation.double(), sig)
+    assert torch.all(long["chi2_nu"] < 0.2 * start)
+    # (its log10 kappa error need not fall: a pixelated kappa with only a smoothness prior is
+    # ill-constrained -- on this pair it ends further from the truth than the SIS start)
     assert torch.all(long["source"] >= 0) and torch.all(long["kappa"] > 0)
 
 

@@ -43,8 +43,15 @@ def test_fits_round_trip_keeps_data_and_grid(tmp_path):
 
 def test_pixel_scale_from_header_variants():
     assert pixel_scale_from_header({"CDELT1": -1e-5}) == pytest.approx(0.036)
+    assert pixel_scale_from_header({"CDELT1": 50.0, "CUNIT1": "mas"}) == pytest.approx(0.05)
+    assert pixel_scale_from_header({"CDELT1": 0.001, "CUNIT1": "arcmin"}) == pytest.approx(0.06)
+    assert pixel_scale_from_header({"CD1_1": 0.0, "CD2_1": 0.04, "CUNIT1": "arcsec"}) == pytest.approx(0.04)
     assert pixel_scale_from_header({"PIXSCALE": 0.05}) == 0.05
     assert pixel_scale_from_header({}) is None
+    with pytest.raises(RimlensInputError, match="CUNIT1"):
+        pixel_scale_from_header({"CDELT1": 1.0, "CUNIT1": "furlong"})
+    with pytest.raises(RimlensInputError, match="not a number"):
+        pixel_scale_from_header({"PIXSCALE": "small"})
 
 
 def test_bad_inputs_give_clear_errors(files, tmp_path):
@@ -124,6 +131,13 @@ def test_masked_pixels_do_not_change_chi2(files, tmp_path):
     noisy[:30, :] = 1e8  # the noise-map convention for bad pixels
     c = prepare_observation(Observation(garbage, noisy, obs.psf, 0.1), grid)
     assert torch.equal(c.mask, a.mask)
+
+
+def test_folder_mode_rejects_per_file_options(files, tmp_path):
+    from rimlens.cli import main
+
+    (tmp_path / "lenses").mkdir()
+    assert main(["reconstruct", str(tmp_path / "lenses"), "--psf", str(files["psf"]), "--out", str(tmp_path / "o")]) == 2
 
 
 def test_folder_of_lenses_sharded_and_resumable(tmp_path):

@@ -33,6 +33,18 @@ def test_sampling_at_pixel_centres_is_identity_and_outside_is_zero(rng):
     assert torch.all(sample_bilinear(src, grid, far, far) == 0)
 
 
+def test_linear_fall_off_beyond_the_outermost_centres():
+    # zero padding: half a pixel beyond the last centre the brightness is half the edge value,
+    # one pixel beyond it is zero
+    grid = PixelGrid(5, 0.2)
+    src = torch.ones(1, 1, 5, 5, dtype=torch.float64)
+    edge = 2 * 0.2
+    x = torch.tensor([[[edge, edge + 0.1, edge + 0.2, edge + 0.3]]], dtype=torch.float64)
+    y = torch.zeros_like(x)
+    out = sample_bilinear(src, grid, x, y)[0, 0, 0]
+    assert torch.allclose(out, torch.tensor([1.0, 0.5, 0.0, 0.0], dtype=torch.float64), atol=1e-12)
+
+
 def test_finer_source_grid_reproduces_zero_padded_copy():
     # image pixels at the centres of a 2x coarser source grid: every second image pixel = source pixel
     src_grid = PixelGrid(5, 0.2)

@@ -161,18 +161,46 @@ def test_sharded_predict_equals_single_and_resumes(tmp_path):
     with h5py.File(tmp_path / "single.h5") as a, h5py.File(tmp_path / "ddp.h5") as b:
         for k in ("source", "kappa", "chi2_nu"):
             assert np.allclose(a[k][:], b[k][:], atol=1e-6), k
-    # resume: pre-existing finished chunks are kept, not recomputed
+    # resume: a run killed after its first chunk restarts from the second one
+    import rimlens.inference.predict as P
+
+    real, calls = P.reconstruct, []
+
+    def dies_after_one(*a, **k):
+        if calls:
+            raise KeyboardInterrupt
+        calls.append(1)
+        return real(*a, **k)
+
+    P.reconstruct = dies_after_one
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            predict_file(tmp_path / "run", data, tmp_path / "res.h5", batch_size=3, progress=False)
+    finally:
+        P.reconstruct = real
     parts = tmp_path / "res.h5.parts"
-    parts.mkdir()
-    with h5py.File(tmp_path / "single.h5") as a:
-        with h5py.File(parts / "chunk_000000000_3.h5", "w") as f:
-            for k in a:
-                v = a[k][:]
-                f[k] = (v[:, :3] if k == "chi2_nu_steps" else v[:3]) * 0 + 7.0  # a marker no model would give
-    predict_file(tmp_path / "run", data, tmp_path / "res.h5", batch_size=3, progress=False)
+    assert (parts / "chunk_000000000_3.h5").exists() and not (tmp_path / "res.h5").exists()
+    stamp = (parts / "chunk_000000000_3.h5").stat().st_mtime_ns
+    done = []
+    P.reconstruct = lambda *a, **k: done.append(1) or real(*a, **k)
+    try:
+        predict_file(tmp_path / "run", data, tmp_path / "res.h5", batch_size=3, progress=False)
+    finally:
+        P.reconstruct = real
+    assert len(done) == 3  # chunks 2..4 of 4; the finished one was not redone
     with h5py.File(tmp_path / "res.h5") as f, h5py.File(tmp_path / "single.h5") as a:
-        assert np.all(f["chi2_nu"][:3] == 7.0)
-        assert np.allclose(f["chi2_nu"][3:], a["chi2_nu"][3:], atol=1e-6)
+        assert np.allclose(f["chi2_nu"][:], a["chi2_nu"][:], atol=1e-6)
+    # a leftover parts folder from another model is refused
+    Trainer(_tiny(max_steps=2, val_every=1000, val_size=4), tmp_path / "run2", progress=False).train()
+    (tmp_path / "other.h5.parts").mkdir()
+    (tmp_path / "other.h5.parts" / "settings.json").write_text("{}")
+    with pytest.raises(RimlensInputError, match="interrupted run"):
+        predict_file(tmp_path / "run2", data, tmp_path / "other.h5", batch_size=3, progress=False)
+    # a data set on another grid is refused
+    other_grid = dataclasses.replace(get_preset("tiny"), grid=dataclasses.replace(get_preset("tiny").grid, image_fov_arcsec=6.0))
+    data2 = generate_dataset(tmp_path / "d2.h5", other_grid, 2, seed=4, block_size=2, progress=False)
+    with pytest.raises(RimlensInputError, match="differs from the model"):
+        predict_file(tmp_path / "run", data2, tmp_path / "x.h5", progress=False)
     assert not parts.exists()
 
 

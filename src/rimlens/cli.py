@@ -104,6 +104,9 @@ def reconstruct(image, psf_path, noise_path, sigma, pixel_scale, mask_path, cent
     rim, preset, _ = load_model(model)
     vaes = _load_vaes(source_vae, kappa_vae) if finetune else None
     if image.is_dir():
+        given = [n for n, v in (("--psf", psf_path), ("--noise", noise_path), ("--mask", mask_path), ("--center", center)) if v]
+        if given:
+            raise RimlensInputError(f"{', '.join(given)} cannot be used with a folder of lenses (each sub-folder holds its own files)")
         _reconstruct_folder(image, out_dir, rim, preset, model, sigma, pixel_scale, finetune, vaes)
         return
     if psf_path is None:
@@ -238,7 +241,11 @@ def simulate(preset, count, seed, out_path, split, noise, block_size, kappa_mix,
     mixes = {}
     for name, items in (("kappa_mix", kappa_mix), ("source_mix", source_mix)):
         if items:
-            mixes[name] = {k: float(v) for k, v in _parse_settings(items).items()}
+            weights = _parse_settings(items)
+            bad = {k: v for k, v in weights.items() if isinstance(v, bool) or not isinstance(v, (int, float)) or not v >= 0 or v == float("inf")}
+            if bad:
+                raise RimlensInputError(f"--{name.replace('_', '-')} weights must be finite numbers >= 0, got {bad}")
+            mixes[name] = {k: float(v) for k, v in weights.items()}
     if mixes:
         cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, **mixes))
     generate_dataset(out_path, cfg, count, seed, split=split, noise=noise, block_size=block_size, progress=True)

@@ -138,6 +138,10 @@ def from_dict(cls, data):
             v = from_dict(t, v)
         elif isinstance(v, list):
             v = tuple(v)
+        elif t is float and isinstance(v, int) and not isinstance(v, bool):
+            v = float(v)
+        elif t in (int, float, bool, str) and not isinstance(v, t):
+            raise RimlensInputError(f"{cls.__name__}.{k} must be {t.__name__}, got {v!r}")
         kwargs[k] = v
     return cls(**kwargs)
 

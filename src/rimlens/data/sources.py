@@ -73,7 +73,10 @@ def read_real_galaxy_catalog(catalog_path: str | Path, image_dir: str | Path | N
                 open_files[name] = fits.open(path, memmap=False)
             ident = int(row["IDENT"])
             hdu = (hdu_override or {}).get(ident, int(row["GAL_HDU"]))
-            data = open_files[name][hdu].data
+            try:
+                data = open_files[name][hdu].data
+            except IndexError:
+                raise RimlensInputError(f"{name} has no HDU {hdu} (galaxy {ident})") from None
             if data is None or data.ndim != 2:
                 raise RimlensInputError(f"{name} HDU {hdu} (galaxy {ident}) holds no 2-D image")
             noise = float(row["NOISE_VARIANCE"]) if "NOISE_VARIANCE" in table.colnames else float("nan")
@@ -124,10 +127,11 @@ def preprocess_stamp(stamp: GalaxyStamp, grid: PixelGrid, background_sigmas: flo
     yy, xx = np.indices(img.shape)
     cy, cx = (img * yy).sum() / img.sum(), (img * xx).sum() / img.sum()
     dy, dx = int(round(cy - (img.shape[0] - 1) / 2)), int(round(cx - (img.shape[1] - 1) / 2))
-    size = max(img.shape) + 2 * max(abs(dy), abs(dx)) + 2
-    canvas = np.zeros((size, size))
-    oy, ox = (size - img.shape[0]) // 2 - dy, (size - img.shape[1]) // 2 - dx
-    canvas[oy:oy + img.shape[0], ox:ox + img.shape[1]] = img
+    pad = max(abs(dy), abs(dx)) + 1
+    # per-axis padding keeps each axis' parity, so the centroid lands on the canvas centre exactly
+    # (up to the integer rounding above); the canvas may be non-square, the resampling handles it
+    canvas = np.zeros((img.shape[0] + 2 * pad, img.shape[1] + 2 * pad))
+    canvas[pad - dy:pad - dy + img.shape[0], pad - dx:pad - dx + img.shape[1]] = img
     t = torch.as_tensor(canvas)[None, None]
     out = resample_density(t, stamp.pixel_scale_arcsec, grid.n_pixels, grid.pixel_scale_arcsec)
     return out / out.max()

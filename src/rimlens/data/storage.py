@@ -61,6 +61,8 @@ def generate_dataset(path: str | Path, preset: Preset, count: int, seed: int, *,
     settings = {"preset": preset.to_json(), "count": count, "seed": seed, "split": split,
                 "noise": noise or preset.data.noise, "block_size": block_size,
                 "bank_seed": seed if bank_seed is None else bank_seed}
+    # build the generator first: a configuration error must not leave a parts folder behind
+    gen = LensGenerator(preset, split=split, bank_seed=settings["bank_seed"], noise=settings["noise"])
     meta = parts / "settings.json"
     if parts.exists():
         try:
@@ -73,7 +75,6 @@ def generate_dataset(path: str | Path, preset: Preset, count: int, seed: int, *,
         parts.mkdir(parents=True)
         with atomic_path(meta) as tmp:
             tmp.write_text(json.dumps(settings, sort_keys=True))
-    gen = LensGenerator(preset, split=split, bank_seed=settings["bank_seed"], noise=settings["noise"])
     n_blocks = -(-count // block_size)
     from tqdm import tqdm
 

@@ -28,6 +28,9 @@ def evaluate_testset(model_path, data_path, out_dir, batch_size: int = 32, n_map
     out.mkdir(parents=True, exist_ok=True)
     model, preset, _ = load_model(model_path)
     d = read_lenses(data_path)
+    from rimlens.inference.predict import check_grids
+
+    check_grids(d["attrs"], preset, data_path)
     obs, psf, sigma = (torch.as_tensor(d[k]) for k in ("observation", "psf", "noise_sigma"))
     src, kap, snr = torch.as_tensor(d["source"]), torch.as_tensor(d["kappa"]), d["snr"]
     n = obs.shape[0]

@@ -17,8 +17,9 @@ from dataclasses import dataclass, field
 
 import torch
 
+from rimlens.errors import check_noise_sigma
 from rimlens.physics import PSF
-from rimlens.physics.likelihood import reduced_chi_squared
+from rimlens.physics.likelihood import reduced_chi_squared, used_pixels
 
 
 @dataclass
@@ -58,7 +59,7 @@ def _estimates(model, obs, psf, sigma, mask=None, differentiable=False):
 
 
 def fisher_diagonal(model, observation, psf: PSF, noise_sigma, source_vae, kappa_vae, source_hat, eta_hat,
-                    options: FinetuneOptions) -> list[torch.Tensor]:
+                    options: FinetuneOptions, mask: torch.Tensor | None = None) -> list[torch.Tensor]:
     """Diagonal Fisher information of the RIM weights from lenses drawn around the estimate.
 
     Per-sample gradients are computed in chunks with ``torch.func`` (vmap of grad) when possible.
@@ -74,15 +75,17 @@ def fisher_diagonal(model, observation, psf: PSF, noise_sigma, source_vae, kappa
         eta_tilde = kappa_vae.sample(options.n_samples, gen, center=z_k0, scale=options.latent_sigma)
         kernel = psf.kernel.expand(options.n_samples, -1, -1, -1)
         y_clean = sim.forward(s_tilde, 10**eta_tilde, PSF.from_kernel(kernel), check=False)
-        sig = torch.as_tensor(noise_sigma, dtype=y_clean.dtype).reshape(-1)[:1]
-        y_tilde = y_clean + sig.reshape(1, 1, 1, 1) * torch.randn(y_clean.shape, generator=gen)
+        # the observation's own noise (scalar or map); excluded pixels (sigma >= 1e6) get no noise
+        sig = check_noise_sigma(noise_sigma, 1, tuple(observation.shape[-2:]), like=observation)[:1]
+        used = used_pixels(sig, observation.shape, mask)
+        y_tilde = y_clean + sig * used * torch.randn(y_clean.shape, generator=gen)
     n2 = observation.shape[-1] ** 2
     if options.per_sample == "vmap":
-        return _fisher_vmap(model, y_tilde, kernel, sig, s_tilde, eta_tilde, n2, options)
+        return _fisher_vmap(model, y_tilde, kernel, sig, s_tilde, eta_tilde, n2, options, mask)
     params = [p for p in model.parameters() if p.requires_grad]
     fisher = [torch.zeros_like(p) for p in params]
     for i in range(options.n_samples):
-        out = model(y_tilde[i:i + 1], PSF.from_kernel(kernel[i:i + 1]), sig)
+        out = model(y_tilde[i:i + 1], PSF.from_kernel(kernel[i:i + 1]), sig, mask=mask)
         w = torch.sqrt(10 ** eta_tilde[i:i + 1])
         w = w / w.sum()
         loss = n2 * (w * (out.log10_kappa - eta_tilde[i:i + 1]) ** 2).sum() + ((out.source - s_tilde[i:i + 1]) ** 2).sum()
@@ -92,7 +95,7 @@ def fisher_diagonal(model, observation, psf: PSF, noise_sigma, source_vae, kappa
     return fisher
 
 
-def _fisher_vmap(model, y_tilde, kernel, sig, s_tilde, eta_tilde, n2, options) -> list[torch.Tensor]:
+def _fisher_vmap(model, y_tilde, kernel, sig, s_tilde, eta_tilde, n2, options, mask=None) -> list[torch.Tensor]:
     """Per-sample gradients with ``torch.func`` (vmap of grad), in chunks of ``sample_chunk``."""
     from torch.func import functional_call, grad, vmap
 
@@ -101,7 +104,7 @@ def _fisher_vmap(model, y_tilde, kernel, sig, s_tilde, eta_tilde, n2, options) -
     buffers = {n: b for n, b in model.named_buffers()}
 
     def loss_one(params, y, k, s_true, eta_true):
-        out = functional_call(model, (params, buffers), (y[None], PSF(k[None]), sig), {"functional": True})
+        out = functional_call(model, (params, buffers), (y[None], PSF(k[None]), sig), {"functional": True, "mask": mask})
         w = torch.sqrt(10 ** eta_true[None])
         w = w / w.sum()
         return n2 * (w * (out.log10_kappa - eta_true[None]) ** 2).sum() + ((out.source - s_true[None]) ** 2).sum()
@@ -135,7 +138,7 @@ def finetune(model, observation: torch.Tensor, psf, noise_sigma, source_vae, kap
         result.seconds = time.time() - t0
         return result
     t1 = time.time()
-    fisher = fisher_diagonal(work, observation, psf, sigma, source_vae, kappa_vae, s0, eta0, options)
+    fisher = fisher_diagonal(work, observation, psf, sigma, source_vae, kappa_vae, s0, eta0, options, mask)
     result.fisher_seconds = time.time() - t1
     params = [p for p in work.parameters() if p.requires_grad]
     anchor = [p.detach().clone() for p in params]

@@ -54,6 +54,32 @@ def reconstruct(model, observation: torch.Tensor, psf, noise_sigma, mask=None, b
     return {k: torch.cat(v, dim=1 if k == "chi2_nu_steps" else 0) for k, v in out.items()}
 
 
+def check_grids(attrs, preset, data_path) -> None:
+    """Refuse a data file whose image or source grid differs from the model's."""
+    for key, grid in (("image_grid", preset.grid.image_grid), ("source_grid", preset.grid.source_grid)):
+        g = json.loads(attrs[key])
+        if g["n_pixels"] != grid.n_pixels or abs(g["pixel_scale_arcsec"] - grid.pixel_scale_arcsec) > 1e-9 * grid.pixel_scale_arcsec:
+            raise RimlensInputError(f"{data_path}: its {key.replace('_', ' ')} ({g['n_pixels']} px of {g['pixel_scale_arcsec']:.5g}\") "
+                                    f"differs from the model's ({grid.n_pixels} px of {grid.pixel_scale_arcsec:.5g}\")")
+
+
+def _claim_parts(parts: Path, settings: dict) -> None:
+    """Create (or re-open for resumption) a parts folder; refuse one left by a different run."""
+    meta = parts / "settings.json"
+    if parts.exists():
+        try:
+            old = json.loads(meta.read_text())
+        except (OSError, ValueError):
+            old = None
+        if old != settings:
+            raise RimlensInputError(f"{parts} holds an interrupted run with another model, data set or batch size; "
+                                    "delete it or repeat the same command")
+        return
+    parts.mkdir(parents=True)
+    with atomic_path(meta) as tmp:
+        tmp.write_text(json.dumps(settings, sort_keys=True))
+
+
 def predict_file(model_path, data_path, out_path, batch_size: int = 32, progress: bool = True) -> Path:
     """Reconstruct every lens of a rimlens lens file into one HDF5 file.
 
@@ -72,12 +98,17 @@ def predict_file(model_path, data_path, out_path, batch_size: int = 32, progress
     model, preset, _ = load_model(model_path)
     out_path = Path(out_path)
     parts = out_path.with_name(out_path.name + ".parts")
-    parts.mkdir(parents=True, exist_ok=True)
     with open_lens_file(data_path) as h5:
         n = int(h5.attrs["count"])
-        n_pix = h5["observation"].shape[-1]
-        if n_pix != preset.grid.image_pixels:
-            raise RimlensInputError(f"{data_path} has {n_pix} px images but the model expects {preset.grid.image_pixels}")
+        check_grids(h5.attrs, preset, data_path)
+        model_file = resolve_model_path(model_path)
+        settings = {"model": str(model_file.resolve()), "model_bytes": model_file.stat().st_size,
+                    "model_mtime_ns": model_file.stat().st_mtime_ns, "data": str(Path(data_path).resolve()),
+                    "count": n, "seed": int(h5.attrs["seed"]), "batch_size": batch_size}
+        if rank == 0:
+            _claim_parts(parts, settings)
+        if world > 1:
+            dist.barrier()
         starts = list(range(0, n, batch_size))
         mine = [s for c, s in enumerate(starts) if c % world == rank]
         for i in tqdm(mine, disable=not progress or rank != 0, desc="reconstructing", unit="chunk"):

@@ -140,10 +140,14 @@ class RIM(nn.Module):
         return RIMOutput(torch.stack(sources), torch.stack(etas), chi2)
 
 
+KAPPA_FLOOR = 1e-6  # log10 of an exactly-zero convergence pixel would poison the loss
+
+
 def rim_loss(output: RIMOutput, source: torch.Tensor, kappa: torch.Tensor) -> torch.Tensor:
     """Training loss (paper eq. 7 / censai_as_run.md section 3), averaged over the batch:
     ``mean_t [ mean_p (s_t - s)^2 + sum_p w_p (eta_t - log10 kappa)^2 ]``,
     ``w_p = sqrt(kappa_p) / sum_q sqrt(kappa_q)``."""
+    kappa = kappa.clamp_min(KAPPA_FLOOR)
     w = torch.sqrt(kappa)
     w = w / w.sum(dim=(-3, -2, -1), keepdim=True)
     src_term = ((output.source - source) ** 2).mean(dim=(-3, -2, -1))  # T x B

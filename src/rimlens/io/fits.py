@@ -52,18 +52,39 @@ def read_image(path: str | Path, name: str = "image", hdu: int | None = None) ->
     return data, header
 
 
+ARCSEC_PER_UNIT = {"deg": 3600.0, "degree": 3600.0, "degrees": 3600.0, "": 3600.0, "arcmin": 60.0,
+                   "arcsec": 1.0, "mas": 1e-3, "rad": 206264.80624709636}
+
+
+def _number(header: dict, key: str) -> float:
+    try:
+        v = float(header[key])
+    except (TypeError, ValueError):
+        raise RimlensInputError(f"FITS header keyword {key} is not a number: {header[key]!r}") from None
+    if not math.isfinite(v):
+        raise RimlensInputError(f"FITS header keyword {key} is not finite")
+    return v
+
+
+def _unit(header: dict) -> float:
+    unit = str(header.get("CUNIT1", "deg")).strip().lower()
+    if unit not in ARCSEC_PER_UNIT:
+        raise RimlensInputError(f"unknown CUNIT1 {unit!r} in the FITS header; pass --pixel-scale")
+    return ARCSEC_PER_UNIT[unit]
+
+
 def pixel_scale_from_header(header: dict) -> float | None:
-    """Pixel scale in arcsec from a FITS header, or None if it does not say."""
+    """Pixel scale in arcsec from a FITS header (CD matrix or CDELT with CUNIT, else PIXSCALE-like
+    keywords in arcsec), or None if it does not say."""
     if "CD1_1" in header:
-        cd11, cd21 = float(header.get("CD1_1", 0.0)), float(header.get("CD2_1", 0.0))
-        return math.hypot(cd11, cd21) * 3600.0
-    if "CDELT1" in header and float(header["CDELT1"]) != 0:
-        unit = str(header.get("CUNIT1", "deg")).strip().lower()
-        scale = abs(float(header["CDELT1"]))
-        return scale * (3600.0 if unit in ("deg", "degree", "") else 1.0 if unit in ("arcsec",) else 3600.0)
+        cd11 = _number(header, "CD1_1")
+        cd21 = _number(header, "CD2_1") if "CD2_1" in header else 0.0
+        return math.hypot(cd11, cd21) * _unit(header)
+    if "CDELT1" in header and _number(header, "CDELT1") != 0:
+        return abs(_number(header, "CDELT1")) * _unit(header)
     for key in ("PIXSCALE", "PIXSCAL1", "PIXELSCL", "PIXSCL"):
         if key in header:
-            return float(header[key])
+            return _number(header, key)
     return None
 
 

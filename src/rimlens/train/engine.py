@@ -27,7 +27,7 @@ from rimlens.config import Preset, from_dict, preset_from_json
 from rimlens.data.lenses import LensBatch, LensGenerator
 from rimlens.data.random import child_rng
 from rimlens.errors import RimlensInputError
-from rimlens.inference.rim import rim_loss
+from rimlens.inference.rim import KAPPA_FLOOR, rim_loss
 from rimlens.io.atomic import atomic_path
 from rimlens.train.checkpoint import build_model, load_checkpoint, save_checkpoint
 
@@ -53,6 +53,16 @@ class TrainConfig:
     data_shards: int = 1  # emulate this many DDP ranks in one process
     channels_last: bool = True
     amp: bool = False  # bfloat16 autocast of the U-net on CUDA
+
+    def __post_init__(self):
+        for name in ("batch_size", "decay_steps", "val_size", "val_every", "checkpoint_every", "data_shards", "max_steps"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise RimlensInputError(f"training setting {name} must be an integer >= 1, got {v!r}")
+        for name in ("learning_rate", "decay_rate", "clip_norm"):
+            v = getattr(self, name)
+            if not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
+                raise RimlensInputError(f"training setting {name} must be a number > 0, got {v!r}")
 
     def lr_at(self, step: int) -> float:
         e = step / self.decay_steps
@@ -186,16 +196,16 @@ class Trainer:
         losses, src_mse, kap_mse = [], [], []
         for i in range(0, len(batch), chunk):
             b = batch.select(np.arange(i, min(i + chunk, len(batch))))
-            with torch.enable_grad():
-                out = self.model(self._to(b.observation), self._to(b.psf), self._to(b.noise_sigma))
+            out = self.model(self._to(b.observation), self._to(b.psf), self._to(b.noise_sigma))
             s, k = self._to(b.source), self._to(b.kappa)
             losses.append(float(rim_loss(out, s, k)) * len(b))
             src_mse.append(((out.source[-1] - s) ** 2).mean(dim=(1, 2, 3)).cpu())
-            kap_mse.append(((out.log10_kappa[-1] - torch.log10(k)) ** 2).mean(dim=(1, 2, 3)).cpu())
+            kap_mse.append(((out.log10_kappa[-1] - torch.log10(k.clamp_min(KAPPA_FLOOR))) ** 2).mean(dim=(1, 2, 3)).cpu())
         src_mse, kap_mse = torch.cat(src_mse), torch.cat(kap_mse)
         # trivial baseline: predict the mean source and mean log10 kappa of the validation set itself
         mean_src = batch.source.mean(0, keepdim=True)
-        mean_eta = torch.log10(batch.kappa).mean(0, keepdim=True)
+        log_kappa = torch.log10(batch.kappa.clamp_min(KAPPA_FLOOR))
+        mean_eta = log_kappa.mean(0, keepdim=True)
         from rimlens.inference.rim import RIMOutput
 
         const = RIMOutput(mean_src.expand_as(batch.source)[None], mean_eta.expand_as(batch.kappa)[None], torch.zeros(0))
@@ -203,7 +213,7 @@ class Trainer:
         return {"val_loss": sum(losses) / len(batch), "baseline_loss": baseline_loss, "val_source_mse": float(src_mse.mean()),
                 "val_log10_kappa_mse": float(kap_mse.mean()),
                 "baseline_source_mse": float(((batch.source - mean_src) ** 2).mean()),
-                "baseline_log10_kappa_mse": float(((torch.log10(batch.kappa) - mean_eta) ** 2).mean())}
+                "baseline_log10_kappa_mse": float(((log_kappa - mean_eta) ** 2).mean())}
 
     # ------------------------------------------------------------------ checkpoints & logs
     def _payload(self) -> dict:
@@ -215,9 +225,9 @@ class Trainer:
         if self.rank != 0:
             return
         payload = self._payload()
-        save_checkpoint(self.out_dir / "latest.pt", payload)
-        if best:
+        if best:  # best first: latest.pt records best_val, so it must never get ahead of best.pt
             save_checkpoint(self.out_dir / "best.pt", {k: v for k, v in payload.items() if k != "optimizer"})
+        save_checkpoint(self.out_dir / "latest.pt", payload)
         self._write_logs()
 
     def _write_logs(self) -> None:
