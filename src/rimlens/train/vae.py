@@ -46,7 +46,12 @@ def default_vae_config(kind: str, preset: Preset) -> VAEConfig:
         raise RimlensInputError(f"VAE kind must be 'source' or 'kappa', got {kind!r}")
     base = SOURCE_VAE if kind == "source" else KAPPA_VAE
     n = preset.grid.source_pixels if kind == "source" else preset.grid.image_pixels
-    return VAEConfig(image_pixels=n, **base)
+    cfg = VAEConfig(image_pixels=n, **base)
+    # The reconstruction term sums over pixels, so on an N-pixel grid it is (N/128)^2 of the paper's;
+    # scale beta alike to keep the paper's balance (at 32 px the unscaled KL weight collapses the
+    # posterior and the VAE returns the mean map).
+    f = (n / 128) ** 2
+    return dataclasses.replace(cfg, beta_start=cfg.beta_start * f, beta_end=cfg.beta_end * f)
 
 
 def draw_vae_batch(gen: LensGenerator, kind: str, rng: np.random.Generator, n: int) -> torch.Tensor:
@@ -93,6 +98,8 @@ class VAETrainer:
         self.gen = LensGenerator(preset, split="train", bank_seed=self.cfg.seed)
         self.val = draw_vae_batch(LensGenerator(preset, split="test", bank_seed=self.cfg.seed), kind,
                                   child_rng(self.cfg.seed, 10**6), self.cfg.val_size)
+        # maps from the training distribution (training galaxies and banks), for the reconstruction check
+        self.train_probe = draw_vae_batch(self.gen, kind, child_rng(self.cfg.seed, 3), self.cfg.val_size)
         self.out_dir.mkdir(parents=True, exist_ok=True)
 
     def _payload(self, with_optimizer=True) -> dict:
@@ -108,11 +115,13 @@ class VAETrainer:
         self.model.eval()
         torch.manual_seed(0)
         loss, terms = self.model.loss(self.val, self.step)
-        mean_map = ((self.val - self.val.mean(0, keepdim=True)) ** 2).sum(dim=(1, 2, 3)).mean()
-        mu, _, _ = self.model.encode(self.val)
-        rec = ((self.model.decode(mu) - self.val) ** 2).sum(dim=(1, 2, 3)).mean()
+        out = {"val_loss": float(loss), **terms}
+        for name, x in (("val", self.val), ("train", self.train_probe)):
+            mu, _, _ = self.model.encode(x)
+            out[f"{name}_reconstruction_error"] = float(((self.model.decode(mu) - x) ** 2).sum(dim=(1, 2, 3)).mean())
+            out[f"{name}_mean_map_error"] = float(((x - x.mean(0, keepdim=True)) ** 2).sum(dim=(1, 2, 3)).mean())
         self.model.train()
-        return {"val_loss": float(loss), "val_reconstruction_of_mean": float(rec), "mean_map_error": float(mean_map), **terms}
+        return out
 
     def train(self) -> dict:
         from tqdm import tqdm
@@ -134,7 +143,7 @@ class VAETrainer:
             bar.update(1)
             timeout = cfg.max_minutes > 0 and time.time() - t0 > 60 * cfg.max_minutes
             if self.step % cfg.val_every == 0 or self.step >= cfg.max_steps or timeout:
-                last = {"step": self.step, "train_loss": float(loss), **self.evaluate()}
+                last = {"step": self.step, "train_loss": float(loss.detach()), **self.evaluate()}
                 self.history.append(last)
                 improved = last["val_loss"] < self.best
                 if improved:
