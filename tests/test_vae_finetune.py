@@ -145,3 +145,21 @@ def test_fisher_uses_the_noise_map_and_mask(tiny_rim, tiny_vaes):
     total_s = sum(float(f.sum()) for f in scalar)
     total_m = sum(float(f.sum()) for f in mapped)
     assert np.isfinite(total_m) and 0.2 < total_m / total_s < 5
+
+
+def test_evaluate_with_finetuning(tmp_path, tiny_vaes):
+    import json
+
+    from rimlens.cli import main
+    from rimlens.data.storage import generate_dataset
+
+    p = get_preset("tiny")
+    Trainer(dataclasses.replace(p, train={**p.train, "max_steps": 2, "val_size": 4}), tmp_path / "run", progress=False).train()
+    data = generate_dataset(tmp_path / "t.h5", p, 4, seed=3, split="test", noise="high", block_size=4, progress=False)
+    assert main(["evaluate", str(tmp_path / "run"), str(data), "--out", str(tmp_path / "ev"), "--finetune", "2",
+                 "--finetune-steps", "3", "--source-vae", str(tiny_vaes["source"][3] / "latest.pt"), "--kappa-vae", str(tiny_vaes["kappa"][3] / "latest.pt")]) == 0
+    m = json.loads((tmp_path / "ev" / "metrics.json").read_text())
+    assert m["finetuned"]["lenses"] == 2 and m["finetuned"]["chi2_nu_median"] > 0
+    assert "fine-tuned RIM" in (tmp_path / "ev" / "report.md").read_text()
+    assert main(["evaluate", str(tmp_path / "run"), str(data), "--out", str(tmp_path / "ev2"), "--finetune", "1",
+                 "--source-vae", str(tmp_path / "missing.pt"), "--kappa-vae", str(tmp_path / "missing.pt")]) == 2

@@ -397,12 +397,22 @@ def train_vae(kind, preset, out_dir, resume, max_steps, max_minutes, settings):
 @click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), required=True)
 @click.option("--map", "n_map", type=click.IntRange(min=0), default=0, show_default=True,
               help="Also fit the classical MAP baseline to the first N lenses.")
+@click.option("--finetune", "n_finetune", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Also fine-tune the RIM on the first N lenses (needs the VAEs).")
+@click.option("--finetune-steps", type=click.IntRange(min=1), default=2000, show_default=True,
+              help="Step limit of each fine-tuning.")
+@click.option("--source-vae", default=None, help="Source VAE checkpoint (default: the shipped one).")
+@click.option("--kappa-vae", default=None, help="log10-kappa VAE checkpoint (default: the shipped one).")
 @click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True)
-def evaluate(model, testset, out_dir, n_map, batch_size):
+def evaluate(model, testset, out_dir, n_map, n_finetune, finetune_steps, source_vae, kappa_vae, batch_size):
     """The paper's evaluation on a test set: chi2 distribution and vs SNR, coherence spectra, loss statistics, gallery."""
     from rimlens.evaluate.report import evaluate_testset
 
-    m = evaluate_testset(model, testset, out_dir, batch_size=batch_size, n_map=n_map)
+    vaes = _load_vaes(source_vae, kappa_vae) if n_finetune else None
+    from rimlens.inference.finetune import FinetuneOptions
+
+    m = evaluate_testset(model, testset, out_dir, batch_size=batch_size, n_map=n_map, n_finetune=n_finetune, vaes=vaes,
+                         finetune_options=FinetuneOptions(max_steps=finetune_steps))
     r = m["rim"]
     click.echo(f"RIM: log10 loss {r['log10_loss_mean']:.2f} +- {r['log10_loss_std']:.2f}, median chi2_nu {r['chi2_nu_median']:.2f}, "
                f"{r['seconds_per_lens'] * 1e3:.0f} ms/lens; report in {out_dir / 'report.md'}")

@@ -14,9 +14,11 @@ from rimlens.evaluate.metrics import chi2_nu_distribution, coherence_spectrum, r
 from rimlens.io.atomic import atomic_path
 
 
-def evaluate_testset(model_path, data_path, out_dir, batch_size: int = 32, n_map: int = 0, progress: bool = True) -> dict:
-    """Reconstruct a test set with the RIM (and the MAP baseline on its first ``n_map`` lenses) and
-    write figures, ``metrics.json`` and ``report.md`` into ``out_dir``."""
+def evaluate_testset(model_path, data_path, out_dir, batch_size: int = 32, n_map: int = 0, progress: bool = True,
+                     n_finetune: int = 0, vaes=None, finetune_options=None) -> dict:
+    """Reconstruct a test set with the RIM (and the MAP baseline on its first ``n_map`` lenses, the
+    fine-tuned RIM on its first ``n_finetune`` with ``vaes = (source_vae, kappa_vae)``) and write
+    figures, ``metrics.json`` and ``report.md`` into ``out_dir``."""
     from tqdm import tqdm
 
     from rimlens.data.storage import read_lenses
@@ -45,6 +47,16 @@ def evaluate_testset(model_path, data_path, out_dir, batch_size: int = 32, n_map
         r = fit_map(model.simulator, obs[:m].double(), psf[:m].double(), sigma[:m].double())
         res["map"] = {"source": r["source"].float(), "kappa": r["kappa"].float(), "chi2_nu": r["chi2_nu"].float(),
                       "seconds_per_lens": r["seconds"] / m}
+    if n_finetune:
+        from rimlens.inference.finetune import finetune
+
+        m = min(n_finetune, n)
+        t1 = time.time()
+        fts = [finetune(model, obs[i:i + 1], psf[i:i + 1], sigma[i:i + 1], *vaes, finetune_options)
+               for i in tqdm(range(m), disable=not progress, desc="fine-tuning", unit="lens")]
+        res["finetuned"] = {"source": torch.cat([f.source for f in fts]), "kappa": torch.cat([f.kappa for f in fts]),
+                            "chi2_nu": torch.tensor([f.chi2_nu for f in fts]), "seconds_per_lens": (time.time() - t1) / m,
+                            "steps": [f.steps for f in fts]}
     dof = obs[0].numel()
     metrics = {"n_lenses": n, "dof_per_lens": dof, "model": str(resolve_model_path(model_path)), "data": str(data_path)}
     for name, r in res.items():
@@ -57,6 +69,8 @@ def evaluate_testset(model_path, data_path, out_dir, batch_size: int = 32, n_map
             "log10_kappa_mse_median": float(((torch.log10(r["kappa"]) - torch.log10(kap[:k])) ** 2).mean(dim=(1, 2, 3)).median()),
             "chi2_nu_median": float(r["chi2_nu"].median()),
         }
+        if "steps" in r:
+            metrics[name]["median_steps"] = float(np.median(r["steps"]))
         r["loss"] = loss
     # trivial baseline for scale: the mean maps of the test set
     mean_loss = rim_style_loss(src.mean(0, keepdim=True).expand_as(src), (10 ** torch.log10(kap).mean(0, keepdim=True)).expand_as(kap), src, kap)
@@ -79,6 +93,8 @@ def _figures(out, res, src, kap, obs, snr, dof, preset, metrics):
     ax[0].set_xlabel(r"$\chi^2_\nu$")
     ax[0].legend()
     ax[1].scatter(snr, chi, s=6, label="RIM")
+    if "finetuned" in res:
+        ax[1].scatter(snr[: len(res["finetuned"]["chi2_nu"])], res["finetuned"]["chi2_nu"].numpy(), s=10, marker="+", label="fine-tuned")
     if "map" in res:
         ax[1].scatter(snr[: len(res["map"]["chi2_nu"])], res["map"]["chi2_nu"].numpy(), s=10, marker="x", label="MAP")
     ax[1].axhline(1, color="k", lw=0.8)
@@ -123,10 +139,11 @@ def _report(out, m):
     lines = [f"# rimlens evaluation\n", f"Model: `{m['model']}`  \nTest set: `{m['data']}` ({m['n_lenses']} lenses)\n",
              "| method | lenses | log10 loss (mean ± std) | median source MSE | median log10 κ MSE | median χ²_ν | seconds / lens |",
              "|---|---|---|---|---|---|---|"]
-    for name in ("rim", "map"):
+    for name in ("rim", "finetuned", "map"):
         if name in m:
             r = m[name]
-            lines.append(f"| {name.upper()} | {r['lenses']} | {r['log10_loss_mean']:.2f} ± {r['log10_loss_std']:.2f} | {r['source_mse_median']:.4f} "
+            label = {"rim": "RIM", "finetuned": "fine-tuned RIM", "map": "MAP"}[name]
+            lines.append(f"| {label} | {r['lenses']} | {r['log10_loss_mean']:.2f} ± {r['log10_loss_std']:.2f} | {r['source_mse_median']:.4f} "
                          f"| {r['log10_kappa_mse_median']:.4f} | {r['chi2_nu_median']:.2f} | {r['seconds_per_lens']:.3f} |")
     b = m["mean_map_baseline"]
     lines.append(f"| mean maps (trivial) | {m['n_lenses']} | {b['log10_loss_mean']:.2f} ± {b['log10_loss_std']:.2f} | | | | |")
