@@ -53,6 +53,7 @@ class TrainConfig:
     data_shards: int = 1  # emulate this many DDP ranks in one process
     channels_last: bool = True
     amp: bool = False  # bfloat16 autocast of the U-net on CUDA
+    dtype: str = "float32"  # or "float64" (exact comparisons in tests)
 
     def __post_init__(self):
         for name in ("batch_size", "decay_steps", "val_size", "val_every", "checkpoint_every", "data_shards", "max_steps"):
@@ -117,7 +118,10 @@ class Trainer:
         self.device = torch.device(device)
         self.progress = progress and self.rank == 0
         torch.manual_seed(self.cfg.seed)  # same initial weights for the same seed (and on every rank)
-        self.model = build_model(preset).to(self.device)
+        if self.cfg.dtype not in ("float32", "float64"):
+            raise RimlensInputError(f"training dtype must be float32 or float64, got {self.cfg.dtype!r}")
+        self.dtype = getattr(torch, self.cfg.dtype)
+        self.model = build_model(preset).to(self.device, self.dtype)
         if self.cfg.channels_last and self.device.type == "cpu":
             self.model = self.model.to(memory_format=torch.channels_last)
         self.model.amp = self.cfg.amp and self.device.type == "cuda"
@@ -168,7 +172,7 @@ class Trainer:
         return self._val
 
     def _to(self, t):
-        return t.to(self.device, non_blocking=True)
+        return t.to(self.device, self.dtype, non_blocking=True)
 
     # ------------------------------------------------------------------ steps
     def train_step(self, batch: LensBatch) -> float:
