@@ -194,7 +194,7 @@ def test_sharded_predict_equals_single_and_resumes(tmp_path):
     Trainer(_tiny(max_steps=2, val_every=1000, val_size=4), tmp_path / "run2", progress=False).train()
     (tmp_path / "other.h5.parts").mkdir()
     (tmp_path / "other.h5.parts" / "settings.json").write_text("{}")
-    with pytest.raises(RimlensInputError, match="interrupted run"):
+    with pytest.raises(RimlensInputError, match="interrupted reconstruction run"):
         predict_file(tmp_path / "run2", data, tmp_path / "other.h5", batch_size=3, progress=False)
     # a data set on another grid is refused
     other_grid = dataclasses.replace(get_preset("tiny"), grid=dataclasses.replace(get_preset("tiny").grid, image_fov_arcsec=6.0))

@@ -101,9 +101,10 @@ class LensGenerator:
         self.preset, self.split = preset, split
         self.grid = preset.grid
         self.data: DataConfig = preset.data
-        self.noise = NOISE_RECIPES[noise or self.data.noise] if (noise or self.data.noise) in NOISE_RECIPES else None
-        if self.noise is None:
-            raise RimlensInputError(f"unknown noise recipe {noise!r}")
+        recipe = noise or self.data.noise
+        if recipe not in NOISE_RECIPES:
+            raise RimlensInputError(f"unknown noise recipe {recipe!r}; choose from {sorted(NOISE_RECIPES)}")
+        self.noise = NOISE_RECIPES[recipe]
         self.image_grid, self.source_grid = self.grid.image_grid, self.grid.source_grid
         self.simulator = LensSimulator(self.image_grid, self.source_grid)
         self.psf_size = psf_kernel_size(self.image_grid, self.data.psf_fwhm_arcsec.high)
@@ -197,7 +198,8 @@ class LensGenerator:
         # the SIE's requested theta_E is its parameter; the estimator's value is stored for all
         return out, theta_e
 
-    def _candidates(self, rng, n: int) -> LensBatch:
+    def _candidates(self, rng, n: int) -> tuple[LensBatch, torch.Tensor]:
+        """``n`` unvalidated lenses and their noiseless images."""
         src_fam = self._families(rng, self.source_weights, n)
         kap_fam = self._families(rng, self.kappa_weights, n)
         source = self._sources(rng, src_fam)
@@ -211,16 +213,15 @@ class LensGenerator:
         noise = torch.as_tensor(rng.standard_normal(noiseless.shape), dtype=torch.float32)
         observation = noiseless + sigma.reshape(-1, 1, 1, 1) * noise
         snr = noiseless.flatten(1).amax(1) / sigma
-        self._last_noiseless = noiseless
-        return LensBatch(observation, source, kappa, psf.kernel, fwhm, sigma, snr, theta_e, src_fam, kap_fam)
+        return LensBatch(observation, source, kappa, psf.kernel, fwhm, sigma, snr, theta_e, src_fam, kap_fam), noiseless
 
     def draw(self, rng: np.random.Generator, batch: int, max_tries: int = 100) -> LensBatch:
         """``batch`` validated lenses. Rejection counts accumulate in ``self.rejections``."""
         kept, n_kept = [], 0
         for _ in range(max_tries):
             need = batch - n_kept
-            cand = self._candidates(rng, max(4, math.ceil(need * 1.15)))
-            fails = validate_lenses(self._last_noiseless, cand.source, cand.kappa, self.grid, self.data.validation)
+            cand, noiseless = self._candidates(rng, max(4, math.ceil(need * 1.15)))
+            fails = validate_lenses(noiseless, cand.source, cand.kappa, self.grid, self.data.validation)
             bad = torch.zeros(len(cand), dtype=torch.bool)
             for reason in REJECTION_REASONS:
                 self.rejections[reason] += int(fails[reason].sum())

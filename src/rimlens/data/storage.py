@@ -27,7 +27,7 @@ from rimlens.config import Preset, preset_from_json
 from rimlens.data.lenses import REJECTION_REASONS, LensBatch, LensGenerator
 from rimlens.data.random import child_rng
 from rimlens.errors import RimlensInputError
-from rimlens.io.atomic import atomic_path
+from rimlens.io.atomic import atomic_path, claim_work_folder
 
 FORMAT = "rimlens-lenses-1"
 ARRAYS = ("observation", "source", "kappa", "psf", "psf_fwhm", "noise_sigma", "snr", "theta_e")
@@ -63,18 +63,7 @@ def generate_dataset(path: str | Path, preset: Preset, count: int, seed: int, *,
                 "bank_seed": seed if bank_seed is None else bank_seed}
     # build the generator first: a configuration error must not leave a parts folder behind
     gen = LensGenerator(preset, split=split, bank_seed=settings["bank_seed"], noise=settings["noise"])
-    meta = parts / "settings.json"
-    if parts.exists():
-        try:
-            old = json.loads(meta.read_text())
-        except (OSError, ValueError):
-            old = None
-        if old != settings:
-            raise RimlensInputError(f"{parts} holds an interrupted run with other settings; delete it or use the same settings")
-    else:
-        parts.mkdir(parents=True)
-        with atomic_path(meta) as tmp:
-            tmp.write_text(json.dumps(settings, sort_keys=True))
+    claim_work_folder(parts, settings, "simulation")
     n_blocks = -(-count // block_size)
     from tqdm import tqdm
 

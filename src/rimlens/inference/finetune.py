@@ -52,7 +52,7 @@ class FinetuneResult:
     weight_change: float = 0.0  # max |phi - phi0| at the end
 
 
-def _estimates(model, obs, psf, sigma, mask=None, differentiable=False):
+def _estimates(model, obs, psf, sigma, mask=None):
     out = model(obs, psf, sigma, mask=mask, differentiable_likelihood=False)
     src, eta = out.source[-1], out.log10_kappa[-1]
     return out, src, eta

@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from rimlens.errors import RimlensInputError
-from rimlens.io.atomic import atomic_path
+from rimlens.io.atomic import atomic_path, claim_work_folder
 
 
 @torch.no_grad()
@@ -63,23 +63,6 @@ def check_grids(attrs, preset, data_path) -> None:
                                     f"differs from the model's ({grid.n_pixels} px of {grid.pixel_scale_arcsec:.5g}\")")
 
 
-def _claim_parts(parts: Path, settings: dict) -> None:
-    """Create (or re-open for resumption) a parts folder; refuse one left by a different run."""
-    meta = parts / "settings.json"
-    if parts.exists():
-        try:
-            old = json.loads(meta.read_text())
-        except (OSError, ValueError):
-            old = None
-        if old != settings:
-            raise RimlensInputError(f"{parts} holds an interrupted run with another model, data set or batch size; "
-                                    "delete it or repeat the same command")
-        return
-    parts.mkdir(parents=True)
-    with atomic_path(meta) as tmp:
-        tmp.write_text(json.dumps(settings, sort_keys=True))
-
-
 def predict_file(model_path, data_path, out_path, batch_size: int = 32, progress: bool = True) -> Path:
     """Reconstruct every lens of a rimlens lens file into one HDF5 file.
 
@@ -106,7 +89,7 @@ def predict_file(model_path, data_path, out_path, batch_size: int = 32, progress
                     "model_mtime_ns": model_file.stat().st_mtime_ns, "data": str(Path(data_path).resolve()),
                     "count": n, "seed": int(h5.attrs["seed"]), "batch_size": batch_size}
         if rank == 0:
-            _claim_parts(parts, settings)
+            claim_work_folder(parts, settings, "reconstruction run")
         if world > 1:
             dist.barrier()
         starts = list(range(0, n, batch_size))

@@ -1,5 +1,5 @@
 """Files in and out: atomic writes, FITS."""
 
-from rimlens.io.atomic import atomic_path
+from rimlens.io.atomic import atomic_path, claim_work_folder
 
-__all__ = ["atomic_path"]
+__all__ = ["atomic_path", "claim_work_folder"]

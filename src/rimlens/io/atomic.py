@@ -38,3 +38,29 @@ def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+def claim_work_folder(folder, settings: dict, what: str = "run") -> None:
+    """Create a folder for resumable work, or re-open it if it holds the same ``settings``.
+
+    The settings are kept in ``folder/settings.json``; a folder left by a run with other settings
+    is refused (resuming it would mix two runs' results).
+    """
+    import json
+
+    from rimlens.errors import RimlensInputError
+
+    folder = Path(folder)
+    meta = folder / "settings.json"
+    if folder.exists():
+        try:
+            old = json.loads(meta.read_text())
+        except (OSError, ValueError):
+            old = None
+        if old != settings:
+            raise RimlensInputError(f"{folder} holds an interrupted {what} with other settings; "
+                                    "delete it or repeat the same command")
+        return
+    folder.mkdir(parents=True)
+    with atomic_path(meta) as tmp:
+        tmp.write_text(json.dumps(settings, sort_keys=True))
