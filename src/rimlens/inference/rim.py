@@ -73,12 +73,12 @@ class RIM(nn.Module):
         self.config, self.grid = config, grid
         self.simulator = LensSimulator(grid.image_grid, grid.source_grid)
         self.unet = GRUUNet(config.unet)
-        self.amp = False  # bfloat16 autocast of the U-net on CUDA (the simulator stays float32)
+        self.amp = False  # bfloat16 autocast of the U-net (the simulator stays float32)
 
     def _unet(self, x, hidden=None):
-        if self.amp and x.device.type == "cuda":
-            with torch.autocast("cuda", dtype=torch.bfloat16):
-                delta, hidden = self._unet(x, hidden)
+        if self.amp:  # bfloat16 autocast on CUDA or CPU; states and outputs are returned in float32
+            with torch.autocast(x.device.type, dtype=torch.bfloat16):
+                delta, hidden = self.unet(x, hidden)
             return delta.float(), [h.float() for h in hidden]
         return self.unet(x, hidden)
 
