@@ -37,21 +37,9 @@ def cli():
 
 
 def _load_vaes(source_vae, kappa_vae):
-    from rimlens.train.checkpoint import resolve_model_path
     from rimlens.train.vae import load_vae
 
-    paths = []
-    for given, name in ((source_vae, "source"), (kappa_vae, "kappa")):
-        if given is None:
-            from importlib import resources
-
-            with resources.as_file(resources.files("rimlens") / "models" / "cpu64" / f"vae_{name}.pt") as p:
-                given = p
-            if not Path(given).exists():
-                raise RimlensInputError(f"no {name} VAE is shipped with this version; pass --{name}-vae (train one with "
-                                        f"`rimlens train-vae {name}`)")
-        paths.append(resolve_model_path(given))
-    return load_vae(paths[0])[0], load_vae(paths[1])[0]
+    return load_vae(source_vae, kind="source")[0], load_vae(kappa_vae, kind="kappa")[0]
 
 
 def _reconstruct_one(model, preset, prep, out_dir, finetune, vaes, summary, truth=None, title=""):

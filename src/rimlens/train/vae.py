@@ -162,11 +162,36 @@ class VAETrainer:
         return last
 
 
-def load_vae(path) -> tuple[VAE, str]:
-    """``(VAE in eval mode, kind)`` from a VAE checkpoint (all-or-nothing)."""
+def shipped_vae_path(kind: str) -> Path:
+    """Path of the VAE (``kind`` 'source' or 'kappa') shipped with the default model."""
+    from importlib import resources
+
+    if kind not in ("source", "kappa"):
+        raise RimlensInputError(f"VAE kind must be 'source' or 'kappa', got {kind!r}")
+    path = Path(str(resources.files("rimlens") / "models" / "cpu64" / f"vae_{kind}.pt"))
+    if not path.exists():
+        raise RimlensInputError(f"no {kind} VAE is shipped with this version; pass one (train it with "
+                                f"`rimlens train-vae {kind}`)")
+    return path
+
+
+def load_vae(path, kind: str | None = None) -> tuple[VAE, str]:
+    """``(VAE in eval mode, kind)`` from a VAE checkpoint (all-or-nothing).
+
+    ``path`` None or ``'default'`` loads the shipped VAE of ``kind``; a given ``kind`` is checked.
+    """
+    if path is None or str(path) == "default":
+        if kind is None:
+            raise RimlensInputError("load_vae('default') needs kind='source' or 'kappa'")
+        path = shipped_vae_path(kind)
+    from rimlens.train.checkpoint import resolve_model_path
+
+    path = resolve_model_path(path)
     ckpt = load_checkpoint(path)
     if "vae" not in ckpt or "kind" not in ckpt:
         raise RimlensInputError(f"{path} is not a VAE checkpoint")
+    if kind is not None and ckpt["kind"] != kind:
+        raise RimlensInputError(f"{path} is a {ckpt['kind']} VAE, but a {kind} VAE is needed")
     model = VAE(from_dict(VAEConfig, json.loads(ckpt["vae"])))
     try:
         model.load_state_dict(ckpt["model"], strict=True)
