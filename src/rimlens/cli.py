@@ -6,6 +6,7 @@ code 2, never a traceback.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import sys
@@ -36,21 +37,54 @@ def cli():
     """rimlens: reconstruct strong gravitational lenses (convergence and source) with a RIM."""
 
 
+def _finetune_options(mode: str, steps: int | None, refine: bool):
+    """Fine-tuning options from the CLI: 'fast' (measured: noise level in under a minute on 2 CPU
+    cores) or 'paper' (the paper's settings), an optional step limit, and the pixel refinement."""
+    import dataclasses
+
+    from rimlens.inference.finetune import FinetuneOptions
+
+    opts = FinetuneOptions.fast() if mode == "fast" else FinetuneOptions.paper()
+    if steps is not None:
+        opts = dataclasses.replace(opts, max_steps=steps)
+    if not refine:
+        opts = dataclasses.replace(opts, refine_steps=0)
+    elif opts.refine_steps == 0:
+        opts = dataclasses.replace(opts, refine_steps=FinetuneOptions.fast().refine_steps)
+    return opts
+
+
+_FINETUNE_OPTIONS = [
+    click.option("--finetune-mode", type=click.Choice(["fast", "paper"]), default="fast", show_default=True,
+                 help="fast: 50 Fisher samples, RMSprop lr 1e-5, <= 200 steps; paper: 100 samples, lr 1e-6, <= 2000 steps."),
+    click.option("--finetune-steps", type=click.IntRange(min=0), default=None, help="Override the fine-tuning step limit."),
+    click.option("--refine/--no-refine", default=True, show_default=True,
+                 help="After fine-tuning, refine the maps in pixel space until chi2_nu < 1 (not in the paper)."),
+]
+
+
+def _with_finetune_options(fn):
+    for option in reversed(_FINETUNE_OPTIONS):
+        fn = option(fn)
+    return fn
+
+
 def _load_vaes(source_vae, kappa_vae):
     from rimlens.train.vae import load_vae
 
     return load_vae(source_vae, kind="source")[0], load_vae(kappa_vae, kind="kappa")[0]
 
 
-def _reconstruct_one(model, preset, prep, out_dir, finetune, vaes, summary, truth=None, title=""):
+def _reconstruct_one(model, preset, prep, out_dir, finetune, ft_setup, summary, truth=None, title=""):
     from rimlens.evaluate.products import write_products
     from rimlens.inference.pipeline import reconstruct_prepared
 
-    r = reconstruct_prepared(model, prep, vaes if finetune else None)
+    r = reconstruct_prepared(model, prep, ft_setup[0] if finetune else None, ft_setup[1] if finetune else None)
     summary = {**summary, "chi2_nu": r["chi2_nu"], "baseline_chi2_nu": r["baseline_chi2_nu"], "seconds": round(r["seconds"], 3),
                "flux_scale": prep.flux_scale, "center_arcsec": list(prep.center_arcsec)}
     if finetune:
-        summary.update(finetune_steps=r["finetune_steps"], chi2_history=r["chi2_history"])
+        summary.update(finetune_steps=r["finetune_steps"], chi2_history=r["chi2_history"], ewc_chi2_nu=r["ewc_chi2_nu"],
+                       refine_steps=r["refine_steps"], finetune_options=dataclasses.asdict(ft_setup[1]))
     if truth is not None:
         import torch
 
@@ -77,9 +111,10 @@ def _reconstruct_one(model, preset, prep, out_dir, finetune, vaes, summary, trut
 @click.option("--finetune", is_flag=True, help="Fine-tune the RIM on this observation (EWC prior, needs the VAEs).")
 @click.option("--source-vae", default=None, help="Source VAE checkpoint (default: the shipped one).")
 @click.option("--kappa-vae", default=None, help="log10-kappa VAE checkpoint (default: the shipped one).")
+@_with_finetune_options
 @click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), required=True)
 def reconstruct(image, psf_path, noise_path, sigma, pixel_scale, mask_path, center, model, finetune, source_vae,
-                kappa_vae, out_dir):
+                kappa_vae, finetune_mode, finetune_steps, refine, out_dir):
     """Reconstruct the convergence and the source of a lens image (FITS) and write FITS/PNG/JSON products.
 
     IMAGE may also be a folder of lenses, one sub-folder each holding image.fits, psf.fits and
@@ -90,24 +125,24 @@ def reconstruct(image, psf_path, noise_path, sigma, pixel_scale, mask_path, cent
     from rimlens.train.checkpoint import load_model, resolve_model_path
 
     rim, preset, _ = load_model(model)
-    vaes = _load_vaes(source_vae, kappa_vae) if finetune else None
+    ft_setup = (_load_vaes(source_vae, kappa_vae), _finetune_options(finetune_mode, finetune_steps, refine)) if finetune else None
     if image.is_dir():
         given = [n for n, v in (("--psf", psf_path), ("--noise", noise_path), ("--mask", mask_path), ("--center", center)) if v]
         if given:
             raise RimlensInputError(f"{', '.join(given)} cannot be used with a folder of lenses (each sub-folder holds its own files)")
-        _reconstruct_folder(image, out_dir, rim, preset, model, sigma, pixel_scale, finetune, vaes)
+        _reconstruct_folder(image, out_dir, rim, preset, model, sigma, pixel_scale, finetune, ft_setup)
         return
     if psf_path is None:
         raise RimlensInputError("--psf is required")
     obs = load_observation(image, psf_path, noise_path, sigma, pixel_scale, mask_path)
     prep = prepare_observation(obs, preset.grid.image_grid, tuple(center) if center else None)
-    _, summary = _reconstruct_one(rim, preset, prep, out_dir, finetune, vaes,
+    _, summary = _reconstruct_one(rim, preset, prep, out_dir, finetune, ft_setup,
                                   {"image": str(image), "model": str(resolve_model_path(model)), "preset": preset.name},
                                   title=obs.name)
     click.echo(f"chi2_nu {summary['chi2_nu']:.3f} (baseline {summary['baseline_chi2_nu']:.3f}); products in {out_dir}")
 
 
-def _reconstruct_folder(folder, out_dir, rim, preset, model, sigma, pixel_scale, finetune, vaes):
+def _reconstruct_folder(folder, out_dir, rim, preset, model, sigma, pixel_scale, finetune, ft_setup):
     import csv
 
     import torch.distributed as dist
@@ -133,7 +168,7 @@ def _reconstruct_folder(folder, out_dir, rim, preset, model, sigma, pixel_scale,
             try:
                 obs = load_observation(lens / "image.fits", lens / "psf.fits", noise, sigma, pixel_scale)
                 prep = prepare_observation(obs, preset.grid.image_grid)
-                _reconstruct_one(rim, preset, prep, target, finetune, vaes,
+                _reconstruct_one(rim, preset, prep, target, finetune, ft_setup,
                                  {"image": str(lens), "model": str(resolve_model_path(model)), "preset": preset.name}, title=lens.name)
             except RimlensInputError as exc:  # one bad lens must not stop a survey-sized run
                 click.echo(f"error: {lens.name}: {exc}", err=True)
@@ -387,20 +422,18 @@ def train_vae(kind, preset, out_dir, resume, max_steps, max_minutes, settings):
               help="Also fit the classical MAP baseline to the first N lenses.")
 @click.option("--finetune", "n_finetune", type=click.IntRange(min=0), default=0, show_default=True,
               help="Also fine-tune the RIM on the first N lenses (needs the VAEs).")
-@click.option("--finetune-steps", type=click.IntRange(min=1), default=2000, show_default=True,
-              help="Step limit of each fine-tuning.")
+@_with_finetune_options
 @click.option("--source-vae", default=None, help="Source VAE checkpoint (default: the shipped one).")
 @click.option("--kappa-vae", default=None, help="log10-kappa VAE checkpoint (default: the shipped one).")
 @click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True)
-def evaluate(model, testset, out_dir, n_map, n_finetune, finetune_steps, source_vae, kappa_vae, batch_size):
+def evaluate(model, testset, out_dir, n_map, n_finetune, finetune_mode, finetune_steps, refine, source_vae, kappa_vae,
+             batch_size):
     """The paper's evaluation on a test set: chi2 distribution and vs SNR, coherence spectra, loss statistics, gallery."""
     from rimlens.evaluate.report import evaluate_testset
 
     vaes = _load_vaes(source_vae, kappa_vae) if n_finetune else None
-    from rimlens.inference.finetune import FinetuneOptions
-
     m = evaluate_testset(model, testset, out_dir, batch_size=batch_size, n_map=n_map, n_finetune=n_finetune, vaes=vaes,
-                         finetune_options=FinetuneOptions(max_steps=finetune_steps))
+                         finetune_options=_finetune_options(finetune_mode, finetune_steps, refine))
     r = m["rim"]
     click.echo(f"RIM: log10 loss {r['log10_loss_mean']:.2f} +- {r['log10_loss_std']:.2f}, median chi2_nu {r['chi2_nu_median']:.2f}, "
                f"{r['seconds_per_lens'] * 1e3:.0f} ms/lens; report in {out_dir / 'report.md'}")

@@ -17,6 +17,7 @@ def reconstruct_prepared(model, prep: PreparedObservation, finetune_with=None, f
     Args:
         model: trained RIM (its grid must be ``prep.grid``).
         finetune_with: optional ``(source_vae, kappa_vae)`` to fine-tune after the baseline.
+        finetune_options: :class:`rimlens.inference.finetune.FinetuneOptions` (default: the paper's).
 
     Returns:
         dict with ``source``, ``kappa``, ``model_image``, ``alpha`` (tensors), ``chi2_nu``,
@@ -38,7 +39,8 @@ def reconstruct_prepared(model, prep: PreparedObservation, finetune_with=None, f
         source, kappa = ft.source, ft.kappa
         with torch.no_grad():
             image = sim.forward(source, kappa, psf, check=False)
-        result.update(chi2_nu=ft.chi2_nu, finetune_steps=ft.steps, chi2_history=ft.chi2_history)
+        result.update(chi2_nu=ft.chi2_nu, finetune_steps=ft.steps, chi2_history=ft.chi2_history, ewc_chi2_nu=ft.ewc_chi2_nu,
+                      refine_steps=ft.refine_steps)
     with torch.no_grad():
         alpha = sim.deflection(kappa, check=False)
     result.update(source=source, kappa=kappa, model_image=image, alpha=alpha, seconds=time.time() - t0)
