@@ -160,7 +160,12 @@ def test_evaluate_with_finetuning(tmp_path, tiny_vaes):
                  "--finetune-steps", "3", "--source-vae", str(tiny_vaes["source"][3] / "latest.pt"), "--kappa-vae", str(tiny_vaes["kappa"][3] / "latest.pt")]) == 0
     m = json.loads((tmp_path / "ev" / "metrics.json").read_text())
     assert m["finetuned"]["lenses"] == 2 and m["finetuned"]["chi2_nu_median"] > 0
-    assert "fine-tuned RIM" in (tmp_path / "ev" / "report.md").read_text()
+    # like-for-like: the RIM on the same two lenses, and fine-tuning is never worse than it
+    assert m["finetuned"]["rim_same_lenses"]["lenses"] == 2
+    assert m["finetuned"]["chi2_nu_median"] <= m["finetuned"]["rim_same_lenses"]["chi2_nu_median"] + 1e-6
+    assert m["finetuned"]["options"]["max_steps"] == 3 and m["finetuned"]["options"]["refine_steps"] > 0
+    report = (tmp_path / "ev" / "report.md").read_text()
+    assert "fine-tuned RIM + pixel refinement" in report and "RIM on the same 2" in report
     assert main(["evaluate", str(tmp_path / "run"), str(data), "--out", str(tmp_path / "ev2"), "--finetune", "1",
                  "--source-vae", str(tmp_path / "missing.pt"), "--kappa-vae", str(tmp_path / "missing.pt")]) == 2
 

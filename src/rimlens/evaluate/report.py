@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -56,22 +57,35 @@ def evaluate_testset(model_path, data_path, out_dir, batch_size: int = 32, n_map
                for i in tqdm(range(m), disable=not progress, desc="fine-tuning", unit="lens")]
         res["finetuned"] = {"source": torch.cat([f.source for f in fts]), "kappa": torch.cat([f.kappa for f in fts]),
                             "chi2_nu": torch.tensor([f.chi2_nu for f in fts]), "seconds_per_lens": (time.time() - t1) / m,
-                            "steps": [f.steps for f in fts]}
+                            "steps": [f.steps for f in fts], "refine_steps": [f.refine_steps for f in fts],
+                            "ewc_chi2_nu": [f.ewc_chi2_nu if f.ewc_chi2_nu is not None else f.chi2_nu for f in fts]}
+        if finetune_options is not None:
+            import dataclasses
+
+            metrics_options = dataclasses.asdict(finetune_options)
+            res["finetuned"]["options"] = metrics_options
     dof = obs[0].numel()
     metrics = {"n_lenses": n, "dof_per_lens": dof, "model": str(resolve_model_path(model_path)), "data": str(data_path)}
+    def quality(source, kappa, chi2_nu, k):
+        loss = rim_style_loss(source, kappa, src[:k], kap[:k])
+        return loss, {
+            "lenses": k, "log10_loss_mean": float(np.log10(loss).mean()), "log10_loss_std": float(np.log10(loss).std()),
+            "source_mse_median": float(((source - src[:k]) ** 2).mean(dim=(1, 2, 3)).median()),
+            "log10_kappa_mse_median": float(((torch.log10(kappa) - torch.log10(kap[:k])) ** 2).mean(dim=(1, 2, 3)).median()),
+            "chi2_nu_median": float(chi2_nu.median())}
+
     for name, r in res.items():
         k = r["source"].shape[0]
-        loss = rim_style_loss(r["source"], r["kappa"], src[:k], kap[:k])
-        metrics[name] = {
-            "lenses": k, "seconds_per_lens": r["seconds_per_lens"],
-            "log10_loss_mean": float(np.log10(loss).mean()), "log10_loss_std": float(np.log10(loss).std()),
-            "source_mse_median": float(((r["source"] - src[:k]) ** 2).mean(dim=(1, 2, 3)).median()),
-            "log10_kappa_mse_median": float(((torch.log10(r["kappa"]) - torch.log10(kap[:k])) ** 2).mean(dim=(1, 2, 3)).median()),
-            "chi2_nu_median": float(r["chi2_nu"].median()),
-        }
+        r["loss"], metrics[name] = quality(r["source"], r["kappa"], r["chi2_nu"], k)
+        metrics[name]["seconds_per_lens"] = r["seconds_per_lens"]
+        if name != "rim":  # the RIM on exactly the same lenses, for a like-for-like comparison
+            metrics[name]["rim_same_lenses"] = quality(rim["source"][:k], rim["kappa"][:k], rim["chi2_nu"][:k], k)[1]
         if "steps" in r:
             metrics[name]["median_steps"] = float(np.median(r["steps"]))
-        r["loss"] = loss
+            metrics[name]["median_refine_steps"] = float(np.median(r["refine_steps"]))
+            metrics[name]["ewc_chi2_nu_median"] = float(np.median(r["ewc_chi2_nu"]))
+        if "options" in r:
+            metrics[name]["options"] = r["options"]
     # trivial baseline for scale: the mean maps of the test set
     mean_loss = rim_style_loss(src.mean(0, keepdim=True).expand_as(src), (10 ** torch.log10(kap).mean(0, keepdim=True)).expand_as(kap), src, kap)
     metrics["mean_map_baseline"] = {"log10_loss_mean": float(np.log10(mean_loss).mean()), "log10_loss_std": float(np.log10(mean_loss).std())}
@@ -105,13 +119,21 @@ def _figures(out, res, src, kap, obs, snr, dof, preset, metrics):
     ax[1].legend()
     fig.tight_layout()
     save_figure(fig, out / "chi2.png")
+    ft_est = None
+    if "finetuned" in res:
+        ft = res["finetuned"]
+        ft_est = {"source": ft["source"], r"$\log_{10}\kappa$": torch.log10(ft["kappa"])}
     fig, ax = plt.subplots(1, 2, figsize=(11, 4))
     for a, (name, truth, est) in zip(ax, [("source", src, rim["source"]), (r"$\log_{10}\kappa$", torch.log10(kap), torch.log10(rim["kappa"]))]):
-        f, g = coherence_spectrum(est, truth)
-        f = f / preset.grid.image_grid.pixel_scale_arcsec if "kappa" in name else f / preset.grid.source_grid.pixel_scale_arcsec
-        mean, lo, hi = np.nanmean(g, 0), np.nanpercentile(g, 16, 0), np.nanpercentile(g, 84, 0)
-        a.plot(f, mean, label="RIM (mean)")
-        a.fill_between(f, lo, hi, alpha=0.3, label="68%")
+        for label, estimate in [("RIM", est)] + ([("fine-tuned", ft_est[name])] if ft_est else []):
+            k = estimate.shape[0]
+            f, g = coherence_spectrum(estimate, truth[:k])
+            f = f / preset.grid.image_grid.pixel_scale_arcsec if "kappa" in name else f / preset.grid.source_grid.pixel_scale_arcsec
+            with warnings.catch_warnings():  # a frequency bin without power in any map has no coherence (NaN)
+                warnings.simplefilter("ignore", RuntimeWarning)
+                mean, lo, hi = np.nanmean(g, 0), np.nanpercentile(g, 16, 0), np.nanpercentile(g, 84, 0)
+            a.plot(f, mean, label=f"{label} (mean{'' if k == truth.shape[0] else f', {k} lenses'})")
+            a.fill_between(f, lo, hi, alpha=0.3, label="68%")
         a.set_xlabel(r"frequency [arcsec$^{-1}$]")
         a.set_ylabel("coherence")
         a.set_title(name)
@@ -143,8 +165,14 @@ def _report(out, m):
         if name in m:
             r = m[name]
             label = {"rim": "RIM", "finetuned": "fine-tuned RIM", "map": "MAP"}[name]
+            if name == "finetuned" and r.get("options", {}).get("refine_steps"):
+                label += " + pixel refinement"
             lines.append(f"| {label} | {r['lenses']} | {r['log10_loss_mean']:.2f} ± {r['log10_loss_std']:.2f} | {r['source_mse_median']:.4f} "
                          f"| {r['log10_kappa_mse_median']:.4f} | {r['chi2_nu_median']:.2f} | {r['seconds_per_lens']:.3f} |")
+            if "rim_same_lenses" in r:
+                q = r["rim_same_lenses"]
+                lines.append(f"| (RIM on the same {q['lenses']}) | {q['lenses']} | {q['log10_loss_mean']:.2f} ± {q['log10_loss_std']:.2f} "
+                             f"| {q['source_mse_median']:.4f} | {q['log10_kappa_mse_median']:.4f} | {q['chi2_nu_median']:.2f} | |")
     b = m["mean_map_baseline"]
     lines.append(f"| mean maps (trivial) | {m['n_lenses']} | {b['log10_loss_mean']:.2f} ± {b['log10_loss_std']:.2f} | | | | |")
     lines += ["", "![chi2](chi2.png)", "", "![coherence](coherence.png)", "", "![gallery](gallery.png)", ""]
