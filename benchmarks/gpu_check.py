@@ -90,6 +90,8 @@ def main():
     ap.add_argument("--train-batch", type=int, default=32)
     ap.add_argument("--learning-rate", type=float, default=1e-3)
     ap.add_argument("--work", default="/tmp/rimlens_gpu_check")
+    ap.add_argument("--data-workers", type=int, default=0, help="DataLoader workers drawing training batches")
+    ap.add_argument("--skip-step-timing", action="store_true")
     args = ap.parse_args()
     out, work = Path(args.out), Path(args.work)
     out.mkdir(parents=True, exist_ok=True)
@@ -114,11 +116,13 @@ def main():
     res["paper_preset"] = paper.name
     res["paper_parameters"] = count_parameters(build_model(paper))
     record()
-    stage("paper_step_batch1", lambda: time_steps(paper, dev, 1))
-    stage(f"paper_step_batch{args.paper_batch}", lambda: time_steps(paper, dev, args.paper_batch))
+    if not args.skip_step_timing:
+        stage("paper_step_batch1", lambda: time_steps(paper, dev, 1))
+        stage(f"paper_step_batch{args.paper_batch}", lambda: time_steps(paper, dev, args.paper_batch))
 
     def train(preset, name, minutes, batch, lr=None, init_from=None, val_size=None, val_every=None):
-        train_cfg = {**preset.train, "batch_size": batch, "max_minutes": minutes, "patience": 0}
+        train_cfg = {**preset.train, "batch_size": batch, "max_minutes": minutes, "patience": 0,
+                     "data_workers": args.data_workers}
         if lr is not None:
             train_cfg.update(learning_rate=lr, decay_steps=2000, staircase=False)
         if val_size:
@@ -138,13 +142,14 @@ def main():
         summary = {k: r[k] for k in ("step", "val_loss", "baseline_loss", "val_source_mse", "val_log10_kappa_mse",
                                      "stop_reason") if k in r}
         summary.update(batch_size=batch, steps_per_s=r["step"] / wall, lenses_per_s=r["step"] * batch / wall,
-                       best_val_loss=t.best_val)
+                       best_val_loss=t.best_val, data_workers=args.data_workers)
         if start is not None:
             summary["start_val_loss"] = start["val_loss"]
         return summary
 
-    stage("paper_training", lambda: train(paper, "paper", args.paper_train_minutes, args.paper_batch,
-                                          val_size=16, val_every=50))
+    if args.paper_train_minutes > 0:
+        stage("paper_training", lambda: train(paper, "paper", args.paper_train_minutes, args.paper_batch,
+                                              val_size=16, val_every=50))
 
     def cpu64():
         s = train(get_preset("cpu64"), "cpu64_gpu", args.train_minutes, args.train_batch, lr=args.learning_rate,

@@ -85,6 +85,26 @@ def test_resume_is_exact(tmp_path):
         assert torch.allclose(a[k], b[k], atol=1e-6, rtol=0), k
 
 
+def test_data_workers_draw_the_same_batches(tmp_path):
+    """DataLoader workers drawing ahead give the very batches (and so weights) of in-process drawing,
+    also when resuming mid-run."""
+    cfg = _tiny(max_steps=3, val_every=1000, checkpoint_every=1000, val_size=4)
+    plain = Trainer(cfg, tmp_path / "plain", progress=False)
+    workers = Trainer(_tiny(max_steps=3, val_every=1000, checkpoint_every=1000, val_size=4, data_workers=2),
+                      tmp_path / "workers", progress=False)
+    for step, batch in enumerate(workers.batches_from(1), start=1):
+        ref = plain.batch_for_step(step)
+        assert torch.equal(batch.observation, ref.observation) and torch.equal(batch.kappa, ref.kappa)
+    assert step == 2
+    plain.train()
+    workers.train()
+    a, b = _weights(tmp_path / "plain" / "latest.pt"), _weights(tmp_path / "workers" / "latest.pt")
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    with pytest.raises(RimlensInputError, match="data_workers"):
+        _tiny(data_workers=-1) and Trainer(_tiny(data_workers=-1), tmp_path / "bad", progress=False)
+
+
 def test_two_process_ddp_equals_one_process(tmp_path):
     # float64: in float32, Adamax's sign-like first steps turn the rounding differences between one
     # all-reduced and one local gradient sum (near-zero components) into +-lr weight changes

@@ -152,6 +152,15 @@ class LensGenerator:
             self._particle_bank = torch.stack(maps)[:, None].float()
         return self._particle_bank
 
+    def prepare(self) -> "LensGenerator":
+        """Build now the banks the configured mix draws from (otherwise built on first use): call it
+        before forking DataLoader workers so they share one bank instead of each building its own."""
+        if self.source_weights.get("cosmos", 0) > 0:
+            _ = self.source_bank
+        if self.kappa_weights.get("particles", 0) > 0:
+            _ = self.particle_bank
+        return self
+
     # ------------------------------------------------------------------ draws
     def _families(self, rng, weights: dict, n: int) -> np.ndarray:
         names = sorted(weights)  # independent of the dict's order (configurations round-trip through JSON)

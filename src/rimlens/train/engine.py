@@ -54,12 +54,15 @@ class TrainConfig:
     channels_last: bool = True
     amp: bool = False  # bfloat16 autocast of the U-net on CUDA
     dtype: str = "float32"  # or "float64" (exact comparisons in tests)
+    data_workers: int = 0  # DataLoader worker processes drawing batches ahead of the model (0: in the main process)
 
     def __post_init__(self):
         for name in ("batch_size", "decay_steps", "val_size", "val_every", "checkpoint_every", "data_shards", "max_steps"):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise RimlensInputError(f"training setting {name} must be an integer >= 1, got {v!r}")
+        if not isinstance(self.data_workers, int) or isinstance(self.data_workers, bool) or self.data_workers < 0:
+            raise RimlensInputError(f"training setting data_workers must be an integer >= 0, got {self.data_workers!r}")
         for name in ("learning_rate", "decay_rate", "clip_norm"):
             v = getattr(self, name)
             if not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
@@ -68,6 +71,37 @@ class TrainConfig:
     def lr_at(self, step: int) -> float:
         e = step / self.decay_steps
         return self.learning_rate * self.decay_rate ** (math.floor(e) if self.staircase else e)
+
+
+def draw_step_batch(generator: LensGenerator, seed: int, shards, shard_batch: int, step: int) -> LensBatch:
+    """The training batch of ``step``: ``shard_batch`` lenses from each shard in ``shards``, each
+    drawn from its own ``(seed, shard, 0, step)`` stream, so a batch depends on the step alone."""
+    parts = [generator.draw(child_rng(seed, k, 0, step), shard_batch) for k in shards]
+    return LensBatch.concat(parts) if len(parts) > 1 else parts[0]
+
+
+class StepBatches(torch.utils.data.Dataset):
+    """Map-style dataset whose item ``i`` is the batch of step ``start + i``: DataLoader workers can
+    then draw batches ahead of the model while every batch stays a pure function of its step (exact
+    resume and DDP equivalence are kept)."""
+
+    def __init__(self, generator: LensGenerator, seed: int, shards, shard_batch: int, start: int, stop: int):
+        self.generator, self.seed, self.shards, self.shard_batch = generator, seed, list(shards), shard_batch
+        self.start, self.stop = start, stop
+
+    def __len__(self) -> int:
+        return max(self.stop - self.start, 0)
+
+    def __getitem__(self, i: int) -> LensBatch:
+        return draw_step_batch(self.generator, self.seed, self.shards, self.shard_batch, self.start + i)
+
+
+def _keep_batch(batch):  # DataLoader collate for ready-made batches (module level: picklable)
+    return batch
+
+
+def _one_thread_worker(_):  # each worker draws with one thread: no oversubscription of the cores
+    torch.set_num_threads(1)
 
 
 def _distributed() -> tuple[int, int]:
@@ -160,9 +194,21 @@ class Trainer:
     # ------------------------------------------------------------------ data
     def batch_for_step(self, step: int, shards=None) -> LensBatch:
         """The (local) training batch of ``step``: this rank's shard(s)."""
-        shards = [self.rank] if self.world > 1 else range(self.shards) if shards is None else shards
-        parts = [self.generator.draw(child_rng(self.cfg.seed, k, 0, step), self.shard_batch) for k in shards]
-        return LensBatch.concat(parts) if len(parts) > 1 else parts[0]
+        return draw_step_batch(self.generator, self.cfg.seed, self._shards(shards), self.shard_batch, step)
+
+    def _shards(self, shards=None):
+        return [self.rank] if self.world > 1 else range(self.shards) if shards is None else shards
+
+    def batches_from(self, step: int):
+        """Iterator over the training batches of ``step``, ``step + 1``, ... ``max_steps - 1``; drawn by
+        ``data_workers`` DataLoader processes ahead of the model when configured."""
+        if self.cfg.data_workers == 0:
+            return (self.batch_for_step(s) for s in range(step, self.cfg.max_steps))
+        self.generator.prepare()  # built once here, shared by the forked workers
+        data = StepBatches(self.generator, self.cfg.seed, self._shards(), self.shard_batch, step, self.cfg.max_steps)
+        return iter(torch.utils.data.DataLoader(data, batch_size=None, shuffle=False, num_workers=self.cfg.data_workers,
+                                                collate_fn=_keep_batch, worker_init_fn=_one_thread_worker,
+                                                prefetch_factor=4, persistent_workers=False))
 
     def validation_set(self) -> LensBatch:
         """Fixed validation lenses: held-out (test-split) galaxies, their own seed stream."""
@@ -262,8 +308,9 @@ class Trainer:
         running, n_running = 0.0, 0
         last = {}
         stop_reason = "max_steps"
+        batches = self.batches_from(self.step)
         while self.step < cfg.max_steps:
-            loss = self.train_step(self.batch_for_step(self.step))
+            loss = self.train_step(next(batches))
             running += loss
             n_running += 1
             bar.update(1)
