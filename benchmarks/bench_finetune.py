@@ -28,6 +28,7 @@ from common import machine, set_threads
 
 from rimlens.data.storage import generate_dataset, read_lenses
 from rimlens.evaluate.figures import plt, save_figure
+from rimlens.io.atomic import atomic_path
 from rimlens.inference.finetune import FinetuneOptions, FinetuneResult, finetune, refine
 from rimlens.physics import PSF
 from rimlens.train.checkpoint import load_model
@@ -55,9 +56,9 @@ def main(argv=None):
     model, preset, _ = load_model(args.model)
     sv, kv = load_vae(args.source_vae, kind="source")[0], load_vae(args.kappa_vae, kind="kappa")[0]
     opts = FinetuneOptions.paper() if args.paper else FinetuneOptions.fast(refine_steps=0)
-    if args.max_steps:
+    if args.max_steps is not None:
         opts = dataclasses.replace(opts, max_steps=args.max_steps)
-    if args.lr:
+    if args.lr is not None:
         opts = dataclasses.replace(opts, learning_rate=args.lr)
     refine_opts = FinetuneOptions.fast()
     with tempfile.TemporaryDirectory() as tmp:
@@ -101,7 +102,8 @@ def main(argv=None):
     def med_err(key, j, mask=slice(None)):
         return float(np.median(np.array([r[key][j] for r in rows])[mask]))
 
-    summary = {"machine": machine(), "options": dataclasses.asdict(opts), "count": args.count, "seed": args.seed}
+    summary = {"machine": machine(), "options": dataclasses.asdict(opts), "refine_options": dataclasses.asdict(refine_opts),
+               "count": args.count, "seed": args.seed}
     for name, m in (("all", snr > 0), ("snr_below_50", snr < 50), ("snr_50_100", (snr >= 50) & (snr < 100)),
                     ("snr_above_100", snr >= 100)):
         if m.sum():
@@ -109,7 +111,8 @@ def main(argv=None):
                 "chi2_baseline", "chi2_ewc", "chi2_ewc_refine", "chi2_refine", "s_ewc", "s_ewc_refine", "s_refine", "ewc_steps")},
                 **{f"median_{w}_{k}": med_err(k, j, m) for k in ("err_baseline", "err_ewc", "err_ewc_refine", "err_refine")
                    for j, w in enumerate(("source_mse", "log10_kappa_mse"))}}
-    (out / "summary.json").write_text(json.dumps({"summary": summary, "lenses": rows}, indent=1))
+    with atomic_path(out / "summary.json") as tmp:
+        tmp.write_text(json.dumps({"summary": summary, "lenses": rows}, indent=1))
     a = summary["all"]
     print(f"# fine-tuning, {machine()}, {args.count} held-out high-SNR lenses: median chi2_nu {a['median_chi2_baseline']:.2f} "
           f"-> EWC {a['median_chi2_ewc']:.2f} -> +refine {a['median_chi2_ewc_refine']:.2f} (refine alone "

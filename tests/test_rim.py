@@ -105,6 +105,19 @@ def test_data_workers_draw_the_same_batches(tmp_path):
         _tiny(data_workers=-1) and Trainer(_tiny(data_workers=-1), tmp_path / "bad", progress=False)
 
 
+def test_worker_input_errors_reach_the_user_as_one_line(tmp_path, monkeypatch):
+    from rimlens.train import engine
+
+    def bad_draw(*args, **kwargs):
+        raise RimlensInputError("validation rejected almost every lens")
+
+    monkeypatch.setattr(engine, "draw_step_batch", bad_draw)  # forked workers inherit the patch
+    t = Trainer(_tiny(max_steps=3, val_every=1000, val_size=4, data_workers=1), tmp_path / "run", progress=False)
+    with pytest.raises(RimlensInputError) as err:
+        t.train()
+    assert str(err.value) == "validation rejected almost every lens"  # not a worker traceback
+
+
 def test_two_process_ddp_equals_one_process(tmp_path):
     # float64: in float32, Adamax's sign-like first steps turn the rounding differences between one
     # all-reduced and one local gradient sum (near-zero components) into +-lr weight changes

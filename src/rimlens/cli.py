@@ -37,9 +37,10 @@ def cli():
     """rimlens: reconstruct strong gravitational lenses (convergence and source) with a RIM."""
 
 
-def _finetune_options(mode: str, steps: int | None, refine: bool):
+def _finetune_options(mode: str, steps: int | None, refine: bool | None):
     """Fine-tuning options from the CLI: 'fast' (measured: noise level in under a minute on 2 CPU
-    cores) or 'paper' (the paper's settings), an optional step limit, and the pixel refinement."""
+    cores) or 'paper' (the paper's settings), an optional step limit, and the pixel refinement
+    (``None``: on for 'fast', off for 'paper')."""
     import dataclasses
 
     from rimlens.inference.finetune import FinetuneOptions
@@ -47,6 +48,8 @@ def _finetune_options(mode: str, steps: int | None, refine: bool):
     opts = FinetuneOptions.fast() if mode == "fast" else FinetuneOptions.paper()
     if steps is not None:
         opts = dataclasses.replace(opts, max_steps=steps)
+    if refine is None:
+        return opts
     if not refine:
         opts = dataclasses.replace(opts, refine_steps=0)
     elif opts.refine_steps == 0:
@@ -58,8 +61,9 @@ _FINETUNE_OPTIONS = [
     click.option("--finetune-mode", type=click.Choice(["fast", "paper"]), default="fast", show_default=True,
                  help="fast: 50 Fisher samples, RMSprop lr 1e-5, <= 200 steps; paper: 100 samples, lr 1e-6, <= 2000 steps."),
     click.option("--finetune-steps", type=click.IntRange(min=0), default=None, help="Override the fine-tuning step limit."),
-    click.option("--refine/--no-refine", default=True, show_default=True,
-                 help="After fine-tuning, refine the maps in pixel space until chi2_nu < 1 (not in the paper)."),
+    click.option("--refine/--no-refine", default=None,
+                 help="After fine-tuning, refine the maps in pixel space until chi2_nu < 1 (not in the paper; "
+                      "default: on with --finetune-mode fast, off with paper)."),
 ]
 
 
@@ -69,10 +73,17 @@ def _with_finetune_options(fn):
     return fn
 
 
-def _load_vaes(source_vae, kappa_vae):
+def _load_vaes(source_vae, kappa_vae, preset=None):
+    """The two VAEs of the fine-tuning prior (shipped ones by default), checked against the model's grids."""
     from rimlens.train.vae import load_vae
 
-    return load_vae(source_vae, kind="source")[0], load_vae(kappa_vae, kind="kappa")[0]
+    vaes = load_vae(source_vae, kind="source")[0], load_vae(kappa_vae, kind="kappa")[0]
+    if preset is not None:
+        for vae, name, n in ((vaes[0], "source", preset.grid.source_pixels), (vaes[1], "kappa", preset.grid.image_pixels)):
+            if vae.config.image_pixels != n:
+                raise RimlensInputError(f"the {name} VAE works on {vae.config.image_pixels} px maps but the model's {name} grid "
+                                        f"has {n} px; pass a matching --{name}-vae")
+    return vaes
 
 
 def _reconstruct_one(model, preset, prep, out_dir, finetune, ft_setup, summary, truth=None, title=""):
@@ -125,7 +136,7 @@ def reconstruct(image, psf_path, noise_path, sigma, pixel_scale, mask_path, cent
     from rimlens.train.checkpoint import load_model, resolve_model_path
 
     rim, preset, _ = load_model(model)
-    ft_setup = (_load_vaes(source_vae, kappa_vae), _finetune_options(finetune_mode, finetune_steps, refine)) if finetune else None
+    ft_setup = (_load_vaes(source_vae, kappa_vae, preset), _finetune_options(finetune_mode, finetune_steps, refine)) if finetune else None
     if image.is_dir():
         given = [n for n, v in (("--psf", psf_path), ("--noise", noise_path), ("--mask", mask_path), ("--center", center)) if v]
         if given:
@@ -339,8 +350,8 @@ def train(preset, out_dir, resume, max_steps, max_minutes, batch_size, lr, seed,
         started = True
     try:
         trainer = Trainer(cfg, out_dir, resume=resume, device=device, init_from=init_from)
-        if resume and overrides:  # the checkpoint's configuration wins, except for the limits asked for now
-            trainer.cfg = dataclasses.replace(trainer.cfg, **{k: v for k, v in overrides.items() if k in ("max_steps", "max_minutes")})
+        if resume and overrides:  # the checkpoint's configuration wins, except for the limits and workers asked for now
+            trainer.cfg = dataclasses.replace(trainer.cfg, **{k: v for k, v in overrides.items() if k in ("max_steps", "max_minutes", "data_workers")})
         result = trainer.train()
     finally:
         if started:
@@ -409,7 +420,7 @@ def train_vae(kind, preset, out_dir, resume, max_steps, max_minutes, settings):
     if resume and train:
         import dataclasses
 
-        trainer.cfg = dataclasses.replace(trainer.cfg, **{k: v for k, v in train.items() if k in ("max_steps", "max_minutes")})
+        trainer.cfg = dataclasses.replace(trainer.cfg, **{k: v for k, v in train.items() if k in ("max_steps", "max_minutes", "data_workers")})
     last = trainer.train()
     click.echo(f"{kind} VAE: step {trainer.step}, validation loss {last.get('val_loss', float('nan')):.4g}; checkpoints in {out_dir}")
 
@@ -431,7 +442,11 @@ def evaluate(model, testset, out_dir, n_map, n_finetune, finetune_mode, finetune
     """The paper's evaluation on a test set: chi2 distribution and vs SNR, coherence spectra, loss statistics, gallery."""
     from rimlens.evaluate.report import evaluate_testset
 
-    vaes = _load_vaes(source_vae, kappa_vae) if n_finetune else None
+    vaes = None
+    if n_finetune:
+        from rimlens.train.checkpoint import load_model
+
+        vaes = _load_vaes(source_vae, kappa_vae, load_model(model)[1])
     m = evaluate_testset(model, testset, out_dir, batch_size=batch_size, n_map=n_map, n_finetune=n_finetune, vaes=vaes,
                          finetune_options=_finetune_options(finetune_mode, finetune_steps, refine))
     r = m["rim"]

@@ -48,6 +48,22 @@ class FinetuneOptions:
     refine_steps: int = 0  # pixel-space refinement after the weight fine-tuning (0: the paper's method only)
     refine_weight: float = 1.0  # weight w of the proximity prior of the refinement
 
+    def __post_init__(self):
+        checks = {"ewc_lambda": self.ewc_lambda >= 0, "learning_rate": self.learning_rate >= 0,
+                  "n_samples": isinstance(self.n_samples, int) and self.n_samples >= 1,
+                  "max_steps": isinstance(self.max_steps, int) and self.max_steps >= 0,
+                  "latent_sigma": self.latent_sigma > 0, "sample_chunk": isinstance(self.sample_chunk, int) and self.sample_chunk >= 1,
+                  "refine_steps": isinstance(self.refine_steps, int) and self.refine_steps >= 0,
+                  "refine_weight": self.refine_weight >= 0, "target_chi2_nu": self.target_chi2_nu >= 0}
+        for name, ok in checks.items():
+            value = getattr(self, name)
+            if not ok or (isinstance(value, float) and not math.isfinite(value)):
+                raise RimlensInputError(f"fine-tuning option {name} is out of range: {value!r}")
+        if self.optimizer not in ("rmsprop", "adam"):
+            raise RimlensInputError(f"fine-tuning optimizer must be 'rmsprop' or 'adam', got {self.optimizer!r}")
+        if self.per_sample not in ("vmap", "loop"):
+            raise RimlensInputError(f"fine-tuning per_sample must be 'vmap' or 'loop', got {self.per_sample!r}")
+
     @classmethod
     def fast(cls, **changes) -> "FinetuneOptions":
         """Settings measured to reach the noise level in under a minute on 2 CPU cores (see
@@ -168,6 +184,7 @@ def finetune(model, observation: torch.Tensor, psf, noise_sigma, source_vae, kap
         base_chi2 = float(reduced_chi_squared(sim.forward(base_src, 10**base_eta, psf, check=False), observation, sigma_b, mask)[0])
     result = FinetuneResult(base_src, 10**base_eta, base_chi2, base_src, 10**base_eta, base_chi2, [base_chi2])
     if base_chi2 < options.target_chi2_nu:
+        result.ewc_chi2_nu = base_chi2
         result.seconds = time.time() - t0
         return result
     t1 = time.time()

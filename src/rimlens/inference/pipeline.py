@@ -21,7 +21,8 @@ def reconstruct_prepared(model, prep: PreparedObservation, finetune_with=None, f
 
     Returns:
         dict with ``source``, ``kappa``, ``model_image``, ``alpha`` (tensors), ``chi2_nu``,
-        ``baseline_chi2_nu``, ``seconds`` and, if fine-tuned, ``finetune_steps`` and ``chi2_history``.
+        ``baseline_chi2_nu``, ``seconds`` and, if fine-tuned, ``finetune_steps``, ``chi2_history``,
+        ``ewc_chi2_nu`` (after the weight fine-tuning) and ``refine_steps`` (pixel refinement).
     """
     t0 = time.time()
     sim = model.simulator

@@ -92,8 +92,16 @@ class StepBatches(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return max(self.stop - self.start, 0)
 
-    def __getitem__(self, i: int) -> LensBatch:
-        return draw_step_batch(self.generator, self.seed, self.shards, self.shard_batch, self.start + i)
+    def __getitem__(self, i: int):
+        try:
+            return draw_step_batch(self.generator, self.seed, self.shards, self.shard_batch, self.start + i)
+        except RimlensInputError as exc:  # re-raised by the main process as the same one-line error
+            return _WorkerInputError(str(exc))
+
+
+@dataclass
+class _WorkerInputError:
+    message: str
 
 
 def _keep_batch(batch):  # DataLoader collate for ready-made batches (module level: picklable)
@@ -204,7 +212,7 @@ class Trainer:
         ``data_workers`` DataLoader processes ahead of the model when configured."""
         if self.cfg.data_workers == 0:
             return (self.batch_for_step(s) for s in range(step, self.cfg.max_steps))
-        self.generator.prepare()  # built once here, shared by the forked workers
+        self.generator.prepare()  # built once here, shared by the forked workers (a bad mix fails here, in-process)
         data = StepBatches(self.generator, self.cfg.seed, self._shards(), self.shard_batch, step, self.cfg.max_steps)
         return iter(torch.utils.data.DataLoader(data, batch_size=None, shuffle=False, num_workers=self.cfg.data_workers,
                                                 collate_fn=_keep_batch, worker_init_fn=_one_thread_worker,
@@ -305,12 +313,27 @@ class Trainer:
         cfg = self.cfg
         t_start = time.time() - self.elapsed
         bar = tqdm(total=cfg.max_steps, initial=self.step, disable=not self.progress, unit="step", desc="training")
+        batches = self.batches_from(self.step)
+        try:
+            stop_reason, last = self._loop(batches, bar, t_start)
+        finally:  # DataLoader workers end now, also on errors and early stops (not at garbage collection)
+            shutdown = getattr(batches, "_shutdown_workers", None)
+            if shutdown is not None:
+                shutdown()
+        bar.close()
+        self.save()
+        return {**last, "stop_reason": stop_reason, "step": self.step}
+
+    def _loop(self, batches, bar, t_start) -> tuple[str, dict]:
+        cfg = self.cfg
         running, n_running = 0.0, 0
         last = {}
         stop_reason = "max_steps"
-        batches = self.batches_from(self.step)
         while self.step < cfg.max_steps:
-            loss = self.train_step(next(batches))
+            batch = next(batches)
+            if isinstance(batch, _WorkerInputError):
+                raise RimlensInputError(batch.message)
+            loss = self.train_step(batch)
             running += loss
             n_running += 1
             bar.update(1)
@@ -339,6 +362,4 @@ class Trainer:
             if out_of_time:
                 stop_reason = "max_minutes"
                 break
-        bar.close()
-        self.save()
-        return {**last, "stop_reason": stop_reason, "step": self.step}
+        return stop_reason, last

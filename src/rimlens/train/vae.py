@@ -209,8 +209,8 @@ class VAESampler:
     """
 
     def __init__(self, source_vae_path=None, kappa_vae_path=None):
-        self.source_vae = load_vae(source_vae_path)[0] if source_vae_path else None
-        self.kappa_vae = load_vae(kappa_vae_path)[0] if kappa_vae_path else None
+        self.source_vae = load_vae(source_vae_path, kind="source")[0] if source_vae_path else None
+        self.kappa_vae = load_vae(kappa_vae_path, kind="kappa")[0] if kappa_vae_path else None
 
     @torch.no_grad()
     def sources(self, rng: np.random.Generator, n: int) -> torch.Tensor:
