@@ -215,6 +215,7 @@ def test_finetune_options_and_adam(tiny_rim, tiny_vaes):
     assert FinetuneOptions.paper() == FinetuneOptions()
     fast = FinetuneOptions.fast()
     assert fast.refine_steps > 0 and fast.max_steps < FinetuneOptions().max_steps
+    assert FinetuneOptions.refine_only().max_steps == 0 and FinetuneOptions.refine_only().refine_steps > 0
 
 
 def test_shipped_vaes_load_by_kind():

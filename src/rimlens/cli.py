@@ -45,7 +45,7 @@ def _finetune_options(mode: str, steps: int | None, refine: bool | None):
 
     from rimlens.inference.finetune import FinetuneOptions
 
-    opts = FinetuneOptions.fast() if mode == "fast" else FinetuneOptions.paper()
+    opts = {"fast": FinetuneOptions.fast, "paper": FinetuneOptions.paper, "refine": FinetuneOptions.refine_only}[mode]()
     if steps is not None:
         opts = dataclasses.replace(opts, max_steps=steps)
     if refine is None:
@@ -58,8 +58,9 @@ def _finetune_options(mode: str, steps: int | None, refine: bool | None):
 
 
 _FINETUNE_OPTIONS = [
-    click.option("--finetune-mode", type=click.Choice(["fast", "paper"]), default="fast", show_default=True,
-                 help="fast: 50 Fisher samples, RMSprop lr 1e-5, <= 200 steps; paper: 100 samples, lr 1e-6, <= 2000 steps."),
+    click.option("--finetune-mode", type=click.Choice(["fast", "paper", "refine"]), default="fast", show_default=True,
+                 help="fast: EWC with 50 Fisher samples, RMSprop lr 1e-5, <= 200 steps, then pixel refinement; "
+                      "paper: 100 samples, lr 1e-6, <= 2000 steps; refine: pixel refinement of the RIM estimate only."),
     click.option("--finetune-steps", type=click.IntRange(min=0), default=None, help="Override the fine-tuning step limit."),
     click.option("--refine/--no-refine", default=None,
                  help="After fine-tuning, refine the maps in pixel space until chi2_nu < 1 (not in the paper; "
