@@ -227,3 +227,66 @@ def test_shipped_vaes_load_by_kind():
         load_vae(shipped_vae_path("source"), kind="kappa")
     with pytest.raises(RimlensInputError, match="needs kind"):
         load_vae("default")
+
+
+def test_evaluate_sharded_equals_single_and_resumes(tmp_path, tiny_vaes, monkeypatch):
+    """`evaluate` under torchrun (two CPU processes) gives the single-process metrics, and a killed
+    evaluation resumes without redoing the lenses it finished."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    import rimlens.inference.finetune as ft_module
+    from rimlens.cli import main
+    from rimlens.data.storage import generate_dataset
+
+    p = get_preset("tiny")
+    Trainer(dataclasses.replace(p, train={**p.train, "max_steps": 2, "val_size": 4}), tmp_path / "run", progress=False).train()
+    data = generate_dataset(tmp_path / "t.h5", p, 5, seed=5, split="test", noise="high", block_size=5, progress=False)
+    vae_args = ["--source-vae", str(tiny_vaes["source"][3] / "latest.pt"), "--kappa-vae", str(tiny_vaes["kappa"][3] / "latest.pt")]
+    args = [str(tmp_path / "run"), str(data), "--finetune", "3", "--finetune-mode", "refine", "--map", "3",
+            "--batch-size", "2", *vae_args]
+    assert main(["evaluate", *args, "--out", str(tmp_path / "single")]) == 0
+    single = json.loads((tmp_path / "single" / "metrics.json").read_text())
+    assert not (tmp_path / "single" / "work").exists()  # per-chunk results removed once the report is written
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29531",
+           "-m", "rimlens.cli", "evaluate", *args, "--out", str(tmp_path / "ddp")]
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    ddp = json.loads((tmp_path / "ddp" / "metrics.json").read_text())
+    for name in ("rim", "finetuned", "map"):
+        assert ddp[name]["lenses"] == single[name]["lenses"]
+        for key in ("log10_loss_mean", "source_mse_median", "log10_kappa_mse_median", "chi2_nu_median"):
+            assert ddp[name][key] == pytest.approx(single[name][key], rel=1e-4), (name, key)
+
+    # a run killed during fine-tuning keeps its finished lenses ...
+    real, calls = ft_module.finetune, []
+
+    def dies_on_second(*a, **k):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("killed")
+        return real(*a, **k)
+
+    monkeypatch.setattr(ft_module, "finetune", dies_on_second)
+    with pytest.raises(RuntimeError, match="killed"):
+        main(["evaluate", *args, "--out", str(tmp_path / "resumed")])
+    assert len(list((tmp_path / "resumed" / "work" / "finetune").glob("chunk_*.h5"))) == 1
+    # ... and the rerun does only the two lenses left, with the same result
+    calls.clear()
+    monkeypatch.setattr(ft_module, "finetune", lambda *a, **k: (calls.append(1), real(*a, **k))[1])
+    assert main(["evaluate", *args, "--out", str(tmp_path / "resumed")]) == 0
+    assert len(calls) == 2
+    resumed = json.loads((tmp_path / "resumed" / "metrics.json").read_text())
+    assert resumed["finetuned"]["chi2_nu_median"] == pytest.approx(single["finetuned"]["chi2_nu_median"], rel=1e-5)
+    # other settings on the same folder are refused instead of mixing two runs' results
+    with pytest.raises(RuntimeError, match="killed"):
+        monkeypatch.setattr(ft_module, "finetune", dies_on_second)
+        calls.clear()
+        main(["evaluate", *args, "--out", str(tmp_path / "mixed")])
+    other = [str(tmp_path / "run"), str(data), "--finetune", "3", "--finetune-mode", "fast", "--finetune-steps", "1", "--map", "3",
+             "--batch-size", "2", *vae_args]
+    assert main(["evaluate", *other, "--out", str(tmp_path / "mixed")]) == 2

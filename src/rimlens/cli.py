@@ -448,8 +448,20 @@ def evaluate(model, testset, out_dir, n_map, n_finetune, finetune_mode, finetune
         from rimlens.train.checkpoint import load_model
 
         vaes = _load_vaes(source_vae, kappa_vae, load_model(model)[1])
-    m = evaluate_testset(model, testset, out_dir, batch_size=batch_size, n_map=n_map, n_finetune=n_finetune, vaes=vaes,
-                         finetune_options=_finetune_options(finetune_mode, finetune_steps, refine))
+    import torch.distributed as dist
+
+    started = False
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():  # under torchrun: share the lenses
+        dist.init_process_group("gloo")
+        started = True
+    try:
+        m = evaluate_testset(model, testset, out_dir, batch_size=batch_size, n_map=n_map, n_finetune=n_finetune, vaes=vaes,
+                             finetune_options=_finetune_options(finetune_mode, finetune_steps, refine))
+    finally:
+        if started:
+            dist.destroy_process_group()
+    if m is None:  # not rank 0: rank 0 writes the report
+        return
     r = m["rim"]
     click.echo(f"RIM: log10 loss {r['log10_loss_mean']:.2f} +- {r['log10_loss_std']:.2f}, median chi2_nu {r['chi2_nu_median']:.2f}, "
                f"{r['seconds_per_lens'] * 1e3:.0f} ms/lens; report in {out_dir / 'report.md'}")

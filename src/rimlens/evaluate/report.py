@@ -15,57 +15,92 @@ from rimlens.evaluate.metrics import chi2_nu_distribution, coherence_spectrum, r
 from rimlens.io.atomic import atomic_path
 
 
+def _fingerprint(module) -> list:
+    """A cheap identity of a network's weights (for the settings of a resumable run)."""
+    return [int(sum(p.numel() for p in module.parameters())), float(sum(float(p.double().sum()) for p in module.parameters()))]
+
+
 def evaluate_testset(model_path, data_path, out_dir, batch_size: int = 32, n_map: int = 0, progress: bool = True,
-                     n_finetune: int = 0, vaes=None, finetune_options=None) -> dict:
+                     n_finetune: int = 0, vaes=None, finetune_options=None) -> dict | None:
     """Reconstruct a test set with the RIM (and the MAP baseline on its first ``n_map`` lenses, the
     fine-tuned RIM on its first ``n_finetune`` with ``vaes = (source_vae, kappa_vae)``) and write
-    figures, ``metrics.json`` and ``report.md`` into ``out_dir``."""
-    from tqdm import tqdm
+    figures, ``metrics.json`` and ``report.md`` into ``out_dir``.
+
+    Resumable and sharded (:func:`rimlens.inference.sharding.run_chunks`): results are kept per chunk
+    in ``out_dir/work/`` until the report is written, so a killed evaluation resumes where it
+    stopped; under ``torchrun`` the ranks share the lenses and rank 0 writes the report (other
+    ranks return ``None``). Times per lens are compute times summed over the chunks.
+    """
+    import dataclasses
+    import shutil
 
     from rimlens.data.storage import read_lenses
-    from rimlens.inference.map_fit import fit_map
-    from rimlens.inference.predict import reconstruct
+    from rimlens.inference.finetune import FinetuneOptions, finetune
+    from rimlens.inference.map_fit import MAPOptions, fit_map
+    from rimlens.inference.predict import check_grids, reconstruct
+    from rimlens.inference.sharding import rank_and_world, run_chunks
     from rimlens.train.checkpoint import load_model, resolve_model_path
 
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    rank, _ = rank_and_world()
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
     model, preset, _ = load_model(model_path)
     d = read_lenses(data_path)
-    from rimlens.inference.predict import check_grids
-
     check_grids(d["attrs"], preset, data_path)
     obs, psf, sigma = (torch.as_tensor(d[k]) for k in ("observation", "psf", "noise_sigma"))
     src, kap, snr = torch.as_tensor(d["source"]), torch.as_tensor(d["kappa"]), d["snr"]
     n = obs.shape[0]
-    t0 = time.time()
-    parts = [reconstruct(model, obs[i:i + batch_size], psf[i:i + batch_size], sigma[i:i + batch_size], batch_size=batch_size)
-             for i in tqdm(range(0, n, batch_size), disable=not progress, desc="RIM", unit="batch")]
-    rim_time = (time.time() - t0) / n
-    rim = {k: torch.cat([p[k] for p in parts], dim=1 if k == "chi2_nu_steps" else 0) for k in parts[0]}
-    res = {"rim": {"source": rim["source"], "kappa": rim["kappa"], "chi2_nu": rim["chi2_nu"], "seconds_per_lens": rim_time}}
+    model_file = resolve_model_path(model_path)
+    base = {"model": str(model_file.resolve()), "model_bytes": model_file.stat().st_size,
+            "model_mtime_ns": model_file.stat().st_mtime_ns, "data": str(Path(data_path).resolve()), "count": n}
+    work = out / "work"
+
+    def rim_chunk(a, b):
+        t = time.perf_counter()
+        r = reconstruct(model, obs[a:b], psf[a:b], sigma[a:b], batch_size=batch_size)
+        return {"source": r["source"].numpy(), "kappa": r["kappa"].numpy(), "chi2_nu": r["chi2_nu"].numpy(),
+                "seconds": [time.perf_counter() - t]}
+
+    chunks = {"rim": run_chunks(n, batch_size, work / "rim", {**base, "batch_size": batch_size}, rim_chunk,
+                                "evaluation", progress, "RIM")}
     if n_map:
         m = min(n_map, n)
-        r = fit_map(model.simulator, obs[:m].double(), psf[:m].double(), sigma[:m].double())
-        res["map"] = {"source": r["source"].float(), "kappa": r["kappa"].float(), "chi2_nu": r["chi2_nu"].float(),
-                      "seconds_per_lens": r["seconds"] / m}
+        map_options = MAPOptions()
+
+        def map_chunk(a, b):
+            r = fit_map(model.simulator, obs[a:b].double(), psf[a:b].double(), sigma[a:b].double(), options=map_options)
+            return {"source": r["source"].float().numpy(), "kappa": r["kappa"].float().numpy(),
+                    "chi2_nu": r["chi2_nu"].float().numpy(), "seconds": [r["seconds"]]}
+
+        chunks["map"] = run_chunks(m, batch_size, work / "map", {**base, "lenses": m, "batch_size": batch_size,
+                                   "options": dataclasses.asdict(map_options)}, map_chunk, "evaluation", progress, "MAP")
     if n_finetune:
-        from rimlens.inference.finetune import finetune
-
         m = min(n_finetune, n)
-        t1 = time.time()
-        fts = [finetune(model, obs[i:i + 1], psf[i:i + 1], sigma[i:i + 1], *vaes, finetune_options)
-               for i in tqdm(range(m), disable=not progress, desc="fine-tuning", unit="lens")]
-        res["finetuned"] = {"source": torch.cat([f.source for f in fts]), "kappa": torch.cat([f.kappa for f in fts]),
-                            "chi2_nu": torch.tensor([f.chi2_nu for f in fts]), "seconds_per_lens": (time.time() - t1) / m,
-                            "steps": [f.steps for f in fts], "refine_steps": [f.refine_steps for f in fts],
-                            "ewc_chi2_nu": [f.ewc_chi2_nu if f.ewc_chi2_nu is not None else f.chi2_nu for f in fts]}
-        if finetune_options is not None:
-            import dataclasses
+        options = finetune_options or FinetuneOptions()
 
-            metrics_options = dataclasses.asdict(finetune_options)
-            res["finetuned"]["options"] = metrics_options
+        def ft_chunk(a, b):
+            f = finetune(model, obs[a:b], psf[a:b], sigma[a:b], *vaes, options)
+            return {"source": f.source.numpy(), "kappa": f.kappa.numpy(), "chi2_nu": [f.chi2_nu], "seconds": [f.seconds],
+                    "steps": [f.steps], "refine_steps": [f.refine_steps], "ewc_chi2_nu": [f.ewc_chi2_nu]}
+
+        chunks["finetuned"] = run_chunks(m, 1, work / "finetune", {**base, "lenses": m, "options": dataclasses.asdict(options),
+                                         "vaes": [_fingerprint(v) for v in vaes]}, ft_chunk, "evaluation", progress, "fine-tuning")
+    if rank != 0:
+        return None
+    res = {}
+    for name, parts in chunks.items():
+        r = {k: np.concatenate([np.atleast_1d(p[k]) for p in parts]) for k in parts[0]}
+        k = len(r["chi2_nu"])
+        res[name] = {"source": torch.as_tensor(r["source"]), "kappa": torch.as_tensor(r["kappa"]),
+                     "chi2_nu": torch.as_tensor(r["chi2_nu"]), "seconds_per_lens": float(r["seconds"].sum()) / k}
+        if name == "finetuned":
+            res[name].update(steps=r["steps"].tolist(), refine_steps=r["refine_steps"].tolist(),
+                             ewc_chi2_nu=r["ewc_chi2_nu"].tolist(), options=dataclasses.asdict(options))
+    rim = res["rim"]
     dof = obs[0].numel()
     metrics = {"n_lenses": n, "dof_per_lens": dof, "model": str(resolve_model_path(model_path)), "data": str(data_path)}
+
     def quality(source, kappa, chi2_nu, k):
         loss = rim_style_loss(source, kappa, src[:k], kap[:k])
         return loss, {
@@ -93,6 +128,7 @@ def evaluate_testset(model_path, data_path, out_dir, batch_size: int = 32, n_map
     with atomic_path(out / "metrics.json") as tmp:
         tmp.write_text(json.dumps(metrics, indent=2))
     _report(out, metrics)
+    shutil.rmtree(work, ignore_errors=True)  # the report is written: the per-chunk results are no longer needed
     return metrics
 
 

@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from rimlens.errors import RimlensInputError
-from rimlens.io.atomic import atomic_path, claim_work_folder
+from rimlens.io.atomic import atomic_path
 
 
 @torch.no_grad()
@@ -69,15 +69,15 @@ def predict_file(model_path, data_path, out_path, batch_size: int = 32, progress
     Work is split in chunks of ``batch_size`` lenses, each written atomically to ``OUT.parts/`` as
     soon as it is done, so a killed run resumes without redoing finished chunks. Under
     ``torchrun`` (torch.distributed initialised) rank ``r`` of ``W`` takes chunks ``c = r mod W``;
-    rank 0 gathers the chunks into ``OUT`` (atomically) once every rank is done.
+    rank 0 gathers the chunks into ``OUT`` (atomically) once every rank is done
+    (:func:`rimlens.inference.sharding.run_chunks`).
     """
-    import torch.distributed as dist
-    from tqdm import tqdm
+    import shutil
 
     from rimlens.data.storage import open_lens_file
+    from rimlens.inference.sharding import barrier, run_chunks
     from rimlens.train.checkpoint import load_model, resolve_model_path
 
-    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_available() and dist.is_initialized() else (0, 1)
     model, preset, _ = load_model(model_path)
     out_path = Path(out_path)
     parts = out_path.with_name(out_path.name + ".parts")
@@ -88,30 +88,15 @@ def predict_file(model_path, data_path, out_path, batch_size: int = 32, progress
         settings = {"model": str(model_file.resolve()), "model_bytes": model_file.stat().st_size,
                     "model_mtime_ns": model_file.stat().st_mtime_ns, "data": str(Path(data_path).resolve()),
                     "count": n, "seed": int(h5.attrs["seed"]), "batch_size": batch_size}
-        if rank == 0:
-            claim_work_folder(parts, settings, "reconstruction run")
-        if world > 1:
-            dist.barrier()
-        starts = list(range(0, n, batch_size))
-        mine = [s for c, s in enumerate(starts) if c % world == rank]
-        for i in tqdm(mine, disable=not progress or rank != 0, desc="reconstructing", unit="chunk"):
-            chunk = parts / f"chunk_{i:09d}_{batch_size}.h5"
-            if chunk.exists():
-                continue
-            sl = slice(i, min(i + batch_size, n))
+
+        def compute(start, stop):
+            sl = slice(start, stop)
             r = reconstruct(model, torch.as_tensor(h5["observation"][sl]), torch.as_tensor(h5["psf"][sl]),
                             torch.as_tensor(h5["noise_sigma"][sl]), batch_size=batch_size)
-            with atomic_path(chunk) as tmp:
-                with h5py.File(tmp, "w") as f:
-                    for k, v in r.items():
-                        f.create_dataset(k, data=v.cpu().numpy().astype(np.float32))
-    if world > 1:
-        dist.barrier()
-    if rank == 0:
-        results = []
-        for i in starts:
-            with h5py.File(parts / f"chunk_{i:09d}_{batch_size}.h5", "r") as f:
-                results.append({k: f[k][:] for k in f})
+            return {k: v.cpu().numpy().astype(np.float32) for k, v in r.items()}
+
+        results = run_chunks(n, batch_size, parts, settings, compute, "reconstruction run", progress, "reconstructing")
+    if results is not None:  # rank 0
         with atomic_path(out_path) as tmp:
             with h5py.File(tmp, "w") as f:
                 for k in results[0]:
@@ -121,9 +106,6 @@ def predict_file(model_path, data_path, out_path, batch_size: int = 32, progress
                                 "data": str(data_path), "preset": preset.to_json(), "count": n,
                                 "image_grid": json.dumps(preset.grid.image_grid.as_dict()),
                                 "source_grid": json.dumps(preset.grid.source_grid.as_dict())})
-        import shutil
-
         shutil.rmtree(parts)
-    if world > 1:
-        dist.barrier()
+    barrier()
     return out_path
