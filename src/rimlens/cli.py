@@ -132,6 +132,7 @@ def reconstruct(image, psf_path, noise_path, sigma, pixel_scale, mask_path, cent
     IMAGE may also be a folder of lenses, one sub-folder each holding image.fits, psf.fits and
     noise_map.fits (or use --sigma): they are reconstructed into OUT/<name>/, resumably (finished
     lenses are skipped), sharded over processes under torchrun, with a table OUT/summary.csv.
+    An HDF5 lens set (from `rimlens simulate`) is reconstructed into OUT/reconstructions.h5, as `predict`.
     """
     from rimlens.io.observation import load_observation, prepare_observation
     from rimlens.train.checkpoint import load_model, resolve_model_path
@@ -143,6 +144,14 @@ def reconstruct(image, psf_path, noise_path, sigma, pixel_scale, mask_path, cent
         if given:
             raise RimlensInputError(f"{', '.join(given)} cannot be used with a folder of lenses (each sub-folder holds its own files)")
         _reconstruct_folder(image, out_dir, rim, preset, model, sigma, pixel_scale, finetune, ft_setup)
+        return
+    if image.suffix.lower() in (".h5", ".hdf5"):  # a simulated set: batched, resumable, sharded (as `predict`)
+        given = [n for n, v in (("--psf", psf_path), ("--noise", noise_path), ("--mask", mask_path), ("--center", center),
+                                ("--sigma", sigma), ("--pixel-scale", pixel_scale), ("--finetune", finetune)) if v]
+        if given:
+            raise RimlensInputError(f"{', '.join(given)} cannot be used with an HDF5 lens set (it holds its own PSFs and noise; "
+                                    "fine-tune a set with `rimlens evaluate --finetune N`)")
+        _predict_distributed(model, image, out_dir / "reconstructions.h5", 32)
         return
     if psf_path is None:
         raise RimlensInputError("--psf is required")
@@ -373,6 +382,10 @@ def predict(model, data, out_path, batch_size):
 
     Resumable (finished chunks are kept in OUT.parts/); under torchrun the chunks are sharded over
     the processes and gathered into one file."""
+    _predict_distributed(model, data, out_path, batch_size)
+
+
+def _predict_distributed(model, data, out_path, batch_size):
     import torch.distributed as dist
 
     from rimlens.inference.predict import predict_file
