@@ -43,7 +43,11 @@ def _penalty(x: torch.Tensor, kind: str) -> torch.Tensor:
 
 
 def fit_map(simulator, observation: torch.Tensor, psf, noise_sigma, mask=None, options: MAPOptions = MAPOptions()) -> dict:
-    """MAP estimates for a batch of lenses.
+    """MAP estimates for a batch of lenses, each lens its own L-BFGS problem (from every start).
+
+    One L-BFGS over the summed objectives of a batch would share one line search: lenses with a
+    large chi2 then stall the others (measured on 20 held-out lenses: median chi2_nu 9 jointly,
+    1.2-1.3 per lens), so lenses are fitted one at a time.
 
     Returns:
         dict: ``source``, ``kappa`` (``B x 1 x N x N``), ``chi2_nu`` ``(B,)``, ``objective`` ``(B,)``,
@@ -51,22 +55,35 @@ def fit_map(simulator, observation: torch.Tensor, psf, noise_sigma, mask=None, o
     """
     t0 = time.time()
     psf = psf if isinstance(psf, PSF) else PSF.from_kernel(psf)
+    kernel = psf.kernel
     b = observation.shape[0]
     sigma = torch.as_tensor(noise_sigma, dtype=observation.dtype)
     sigma = sigma.reshape(-1, 1, 1, 1) if sigma.ndim <= 1 else sigma
-    x, y = simulator.image_grid.coordinates(observation.dtype)
+
+    def pick(t, i):
+        return t[i:i + 1] if t.shape[0] > 1 else t
+
+    fits = [_fit_one(simulator, observation[i:i + 1], PSF.from_kernel(pick(kernel, i)), pick(sigma, i),
+                     None if mask is None else pick(mask, i), options) for i in range(b)]
+    best = {k: torch.cat([f[k] for f in fits]) for k in fits[0]}
+    best["seconds"] = time.time() - t0
+    return best
+
+
+def _fit_one(simulator, observation, psf, sigma, mask, options: MAPOptions) -> dict:
+    """Multi-start MAP of one lens (``1 x 1 x N x N``): the start with the lowest objective wins."""
     m = simulator.source_grid.n_pixels
     best = None
     for theta_e in options.starts_theta_e:
         eta = torch.log10(profiles.pixelate(profiles.sis_kappa, simulator.image_grid, 2, observation.dtype,
-                                            theta_e_arcsec=theta_e, center_x=1e-3, center_y=1e-3)).expand(b, 1, -1, -1).clone()
-        u = torch.full((b, 1, m, m), -4.0, dtype=observation.dtype)
+                                            theta_e_arcsec=theta_e, center_x=1e-3, center_y=1e-3)).clone()
+        u = torch.full((1, 1, m, m), -4.0, dtype=observation.dtype)
         eta.requires_grad_(True)
         u.requires_grad_(True)
         opt = torch.optim.LBFGS([u, eta], lr=1, max_iter=options.max_iterations, line_search_fn="strong_wolfe",
                                 tolerance_grad=1e-9, tolerance_change=1e-12, history_size=20)
 
-        def objective_per_lens():
+        def objective():
             s = F.softplus(u)
             model = simulator.forward(s, 10**eta, psf, check=False)
             return (0.5 * chi_squared(model, observation, sigma, mask) + options.source_weight * _penalty(s, options.regularization)
@@ -74,24 +91,16 @@ def fit_map(simulator, observation: torch.Tensor, psf, noise_sigma, mask=None, o
 
         def closure():
             opt.zero_grad()
-            loss = objective_per_lens().sum()
+            loss = objective().sum()
             loss.backward()
             return loss
 
         opt.step(closure)
         with torch.no_grad():
-            obj = objective_per_lens()
-            s = F.softplus(u)
-            k = 10**eta
-        if best is None:
-            best = {"objective": obj, "source": s.clone(), "kappa": k.clone()}
-        else:
-            better = obj < best["objective"]
-            best["objective"] = torch.where(better, obj, best["objective"])
-            best["source"][better] = s[better]
-            best["kappa"][better] = k[better]
+            obj = objective()
+            if best is None or bool(obj < best["objective"]):
+                best = {"objective": obj, "source": F.softplus(u).clone(), "kappa": (10**eta).clone()}
     with torch.no_grad():
         model = simulator.forward(best["source"], best["kappa"], psf, check=False)
         best["chi2_nu"] = reduced_chi_squared(model, observation, sigma, mask)
-    best["seconds"] = time.time() - t0
     return best
