@@ -52,6 +52,7 @@ def claim_work_folder(folder, settings: dict, what: str = "run") -> None:
 
     folder = Path(folder)
     meta = folder / "settings.json"
+    settings = json.loads(json.dumps(settings, sort_keys=True))  # as stored: tuples become lists
     if folder.exists():
         try:
             old = json.loads(meta.read_text())
