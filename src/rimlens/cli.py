@@ -434,7 +434,7 @@ def train_vae(kind, preset, out_dir, resume, max_steps, max_minutes, settings):
     if resume and train:
         import dataclasses
 
-        trainer.cfg = dataclasses.replace(trainer.cfg, **{k: v for k, v in train.items() if k in ("max_steps", "max_minutes", "data_workers")})
+        trainer.cfg = dataclasses.replace(trainer.cfg, **{k: v for k, v in train.items() if k in ("max_steps", "max_minutes")})
     last = trainer.train()
     click.echo(f"{kind} VAE: step {trainer.step}, validation loss {last.get('val_loss', float('nan')):.4g}; checkpoints in {out_dir}")
 
