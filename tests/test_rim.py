@@ -118,6 +118,27 @@ def test_worker_input_errors_reach_the_user_as_one_line(tmp_path, monkeypatch):
     assert str(err.value) == "validation rejected almost every lens"  # not a worker traceback
 
 
+def test_training_stops_at_a_non_finite_loss_keeping_good_checkpoints(tmp_path, monkeypatch):
+    from rimlens.train import engine
+
+    real, calls = engine.rim_loss, []
+
+    def diverges(*a, **k):
+        calls.append(1)
+        loss = real(*a, **k)
+        return loss * float("nan") if len(calls) > 3 else loss
+
+    t = Trainer(_tiny(max_steps=10, val_every=2, checkpoint_every=2, val_size=4), tmp_path / "run", progress=False)
+    monkeypatch.setattr(engine, "rim_loss", diverges)
+    with pytest.raises(RimlensInputError, match="non-finite at step"):
+        t.train()
+    monkeypatch.setattr(engine, "rim_loss", real)
+    weights = _weights(tmp_path / "run" / "latest.pt")
+    assert all(torch.isfinite(w).all() for w in weights.values())
+    resumed = Trainer(_tiny(), tmp_path / "run", resume=True, progress=False)
+    assert resumed.step >= 2
+
+
 def test_two_process_ddp_equals_one_process(tmp_path):
     # float64: in float32, Adamax's sign-like first steps turn the rounding differences between one
     # all-reduced and one local gradient sum (near-zero components) into +-lr weight changes

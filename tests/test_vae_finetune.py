@@ -290,3 +290,20 @@ def test_evaluate_sharded_equals_single_and_resumes(tmp_path, tiny_vaes, monkeyp
     other = [str(tmp_path / "run"), str(data), "--finetune", "3", "--finetune-mode", "fast", "--finetune-steps", "1", "--map", "3",
              "--batch-size", "2", *vae_args]
     assert main(["evaluate", *other, "--out", str(tmp_path / "mixed")]) == 2
+
+
+def test_vae_training_stops_at_a_non_finite_loss(tmp_path, monkeypatch):
+    t = VAETrainer("kappa", get_preset("tiny"), tmp_path / "v", train={"max_steps": 10, "val_every": 2, "batch_size": 4,
+                                                                         "val_size": 4}, progress=False)
+    real, calls = t.model.loss, []
+
+    def diverges(*a, **k):
+        calls.append(1)
+        loss, terms = real(*a, **k)
+        return (loss * float("nan") if len(calls) > 4 else loss), terms
+
+    monkeypatch.setattr(t.model, "loss", diverges)
+    with pytest.raises(RimlensInputError, match="non-finite at step"):
+        t.train()
+    vae, kind = load_vae(tmp_path / "v" / "latest.pt")
+    assert kind == "kappa" and all(torch.isfinite(p).all() for p in vae.parameters())

@@ -361,7 +361,7 @@ def train(preset, out_dir, resume, max_steps, max_minutes, batch_size, lr, seed,
     try:
         trainer = Trainer(cfg, out_dir, resume=resume, device=device, init_from=init_from)
         if resume and overrides:  # the checkpoint's configuration wins, except for the limits and workers asked for now
-            trainer.cfg = dataclasses.replace(trainer.cfg, **{k: v for k, v in overrides.items() if k in ("max_steps", "max_minutes", "data_workers")})
+            trainer.cfg = dataclasses.replace(trainer.cfg, **{k: v for k, v in overrides.items() if k in ("max_steps", "max_minutes", "data_workers", "learning_rate")})
         result = trainer.train()
     finally:
         if started:
@@ -434,7 +434,7 @@ def train_vae(kind, preset, out_dir, resume, max_steps, max_minutes, settings):
     if resume and train:
         import dataclasses
 
-        trainer.cfg = dataclasses.replace(trainer.cfg, **{k: v for k, v in train.items() if k in ("max_steps", "max_minutes")})
+        trainer.cfg = dataclasses.replace(trainer.cfg, **{k: v for k, v in train.items() if k in ("max_steps", "max_minutes", "learning_rate")})
     last = trainer.train()
     click.echo(f"{kind} VAE: step {trainer.step}, validation loss {last.get('val_loss', float('nan')):.4g}; checkpoints in {out_dir}")
 

@@ -235,6 +235,11 @@ class Trainer:
             g["lr"] = self.cfg.lr_at(self.step)
         out = self.ddp_model(self._to(batch.observation), self._to(batch.psf), self._to(batch.noise_sigma))
         loss = rim_loss(out, self._to(batch.source), self._to(batch.kappa))
+        if not torch.isfinite(loss):  # stop before the weights are poisoned; the last checkpoints stay good
+            raise RimlensInputError(
+                f"the training loss became non-finite at step {self.step}; nothing from this step on was saved "
+                f"(best.pt keeps the best weights). Resume from {self.out_dir / 'latest.pt'} with a lower learning "
+                f"rate: --resume --set learning_rate=...")
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         for p in self.model.parameters():  # per-tensor clip_by_norm, as the paper (TF clip_by_norm)

@@ -135,6 +135,12 @@ class VAETrainer:
             x = draw_vae_batch(self.gen, self.kind, child_rng(cfg.seed, 2, self.step), cfg.batch_size)
             torch.manual_seed(cfg.seed * 1_000_003 + self.step)  # reparametrisation noise, exact on resume
             loss, _ = self.model.loss(x, self.step)
+            if not torch.isfinite(loss):  # stop before the weights are poisoned; the last checkpoints stay good
+                bar.close()
+                raise RimlensInputError(
+                    f"{self.kind} VAE: the training loss became non-finite at step {self.step}; nothing from this step "
+                    f"on was saved (best.pt keeps the best weights). Resume from {self.out_dir / 'latest.pt'} with a "
+                    f"lower learning rate: --resume --set learning_rate=...")
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_value_(self.model.parameters(), cfg.clip_value)
