@@ -102,7 +102,7 @@ def test_data_workers_draw_the_same_batches(tmp_path):
     for k in a:
         assert torch.equal(a[k], b[k]), k
     with pytest.raises(RimlensInputError, match="data_workers"):
-        _tiny(data_workers=-1) and Trainer(_tiny(data_workers=-1), tmp_path / "bad", progress=False)
+        Trainer(_tiny(data_workers=-1), tmp_path / "bad", progress=False)
 
 
 def test_worker_input_errors_reach_the_user_as_one_line(tmp_path, monkeypatch):

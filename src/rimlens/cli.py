@@ -41,8 +41,6 @@ def _finetune_options(mode: str, steps: int | None, refine: bool | None):
     """Fine-tuning options from the CLI: 'fast' (measured: noise level in under a minute on 2 CPU
     cores) or 'paper' (the paper's settings), an optional step limit, and the pixel refinement
     (``None``: on for 'fast', off for 'paper')."""
-    import dataclasses
-
     from rimlens.inference.finetune import FinetuneOptions
 
     opts = {"fast": FinetuneOptions.fast, "paper": FinetuneOptions.paper, "refine": FinetuneOptions.refine_only}[mode]()
@@ -74,16 +72,14 @@ def _with_finetune_options(fn):
     return fn
 
 
-def _load_vaes(source_vae, kappa_vae, preset=None):
-    """The two VAEs of the fine-tuning prior (shipped ones by default), checked against the model's grids."""
+def _load_vaes(source_vae, kappa_vae, model=None):
+    """The two VAEs of the fine-tuning prior (shipped ones by default), checked against ``model``'s grids."""
+    from rimlens.inference.finetune import check_vae_grids
     from rimlens.train.vae import load_vae
 
     vaes = load_vae(source_vae, kind="source")[0], load_vae(kappa_vae, kind="kappa")[0]
-    if preset is not None:
-        for vae, name, n in ((vaes[0], "source", preset.grid.source_pixels), (vaes[1], "kappa", preset.grid.image_pixels)):
-            if vae.config.image_pixels != n:
-                raise RimlensInputError(f"the {name} VAE works on {vae.config.image_pixels} px maps but the model's {name} grid "
-                                        f"has {n} px; pass a matching --{name}-vae")
+    if model is not None:
+        check_vae_grids(model, *vaes)
     return vaes
 
 
@@ -138,7 +134,7 @@ def reconstruct(image, psf_path, noise_path, sigma, pixel_scale, mask_path, cent
     from rimlens.train.checkpoint import load_model, resolve_model_path
 
     rim, preset, _ = load_model(model)
-    ft_setup = (_load_vaes(source_vae, kappa_vae, preset), _finetune_options(finetune_mode, finetune_steps, refine)) if finetune else None
+    ft_setup = (_load_vaes(source_vae, kappa_vae, rim), _finetune_options(finetune_mode, finetune_steps, refine)) if finetune else None
     if image.is_dir():
         given = [n for n, v in (("--psf", psf_path), ("--noise", noise_path), ("--mask", mask_path), ("--center", center)) if v]
         if given:
@@ -166,8 +162,7 @@ def reconstruct(image, psf_path, noise_path, sigma, pixel_scale, mask_path, cent
 def _reconstruct_folder(folder, out_dir, rim, preset, model, sigma, pixel_scale, finetune, ft_setup):
     import csv
 
-    import torch.distributed as dist
-
+    from rimlens.inference.sharding import barrier, process_group
     from rimlens.io.atomic import atomic_path
     from rimlens.io.observation import load_observation, prepare_observation
     from rimlens.train.checkpoint import resolve_model_path
@@ -175,12 +170,7 @@ def _reconstruct_folder(folder, out_dir, rim, preset, model, sigma, pixel_scale,
     lenses = sorted(d for d in folder.iterdir() if (d / "image.fits").exists())
     if not lenses:
         raise RimlensInputError(f"{folder} holds no lens sub-folders with an image.fits")
-    started = False
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
-        dist.init_process_group("gloo")
-        started = True
-    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
-    try:
+    with process_group() as (rank, world):
         for i, lens in enumerate(lenses):
             target = out_dir / lens.name
             if i % world != rank or (target / "summary.json").exists():
@@ -193,8 +183,7 @@ def _reconstruct_folder(folder, out_dir, rim, preset, model, sigma, pixel_scale,
                                  {"image": str(lens), "model": str(resolve_model_path(model)), "preset": preset.name}, title=lens.name)
             except RimlensInputError as exc:  # one bad lens must not stop a survey-sized run
                 click.echo(f"error: {lens.name}: {exc}", err=True)
-        if world > 1:
-            dist.barrier()
+        barrier()
         if rank == 0:
             rows = []
             for lens in lenses:
@@ -212,9 +201,6 @@ def _reconstruct_folder(folder, out_dir, rim, preset, model, sigma, pixel_scale,
                     w.writerows(rows)
             done = sum(1 for r in rows if r["chi2_nu"] != "")
             click.echo(f"reconstructed {done}/{len(lenses)} lenses; table in {out_dir / 'summary.csv'}")
-    finally:
-        if started:
-            dist.destroy_process_group()
 
 
 @cli.command()
@@ -339,12 +325,12 @@ def show(path, out_png, count, start):
 @click.option("--init-from", default=None, help="Start from these weights (e.g. 'default' to keep training the shipped model).")
 def train(preset, out_dir, resume, max_steps, max_minutes, batch_size, lr, seed, device, settings, init_from):
     """Train a RIM (single process, or multi-GPU / multi-node under torchrun)."""
-    import dataclasses
-
-    import torch.distributed as dist
+    import torch
 
     from rimlens.config import get_preset
+    from rimlens.inference.sharding import process_group
     from rimlens.train import Trainer
+    from rimlens.train.engine import TrainConfig
 
     cfg = get_preset(preset)
     overrides = {k: v for k, v in {"max_steps": max_steps, "max_minutes": max_minutes, "batch_size": batch_size,
@@ -352,20 +338,11 @@ def train(preset, out_dir, resume, max_steps, max_minutes, batch_size, lr, seed,
     overrides.update(_parse_settings(settings))
     if overrides:
         cfg = dataclasses.replace(cfg, train={**cfg.train, **overrides})
-    started = False
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
-        import torch
-
-        dist.init_process_group("nccl" if torch.cuda.is_available() and device != "cpu" else "gloo")
-        started = True
-    try:
+    with process_group("nccl" if torch.cuda.is_available() and device != "cpu" else "gloo"):
         trainer = Trainer(cfg, out_dir, resume=resume, device=device, init_from=init_from)
-        if resume and overrides:  # the checkpoint's configuration wins, except for the limits and workers asked for now
-            trainer.cfg = dataclasses.replace(trainer.cfg, **{k: v for k, v in overrides.items() if k in ("max_steps", "max_minutes", "data_workers", "learning_rate")})
+        if resume and overrides:  # the checkpoint's configuration wins, except for what may change on resume
+            trainer.cfg = dataclasses.replace(trainer.cfg, **{k: v for k, v in overrides.items() if k in TrainConfig.RESUME_OVERRIDES})
         result = trainer.train()
-    finally:
-        if started:
-            dist.destroy_process_group()
     if trainer.rank == 0:
         click.echo(f"stopped at step {result['step']} ({result['stop_reason']}); "
                    f"validation loss {result.get('val_loss', float('nan')):.4g}; checkpoints in {out_dir}")
@@ -386,20 +363,11 @@ def predict(model, data, out_path, batch_size):
 
 
 def _predict_distributed(model, data, out_path, batch_size):
-    import torch.distributed as dist
-
     from rimlens.inference.predict import predict_file
+    from rimlens.inference.sharding import process_group
 
-    started = False
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
-        dist.init_process_group("gloo")  # shards are independent: a CPU process group is enough to coordinate
-        started = True
-    rank = dist.get_rank() if dist.is_initialized() else 0
-    try:
+    with process_group() as (rank, _):  # shards are independent: a CPU (gloo) group is enough to coordinate
         predict_file(model, data, out_path, batch_size=batch_size)
-    finally:
-        if started:
-            dist.destroy_process_group()
     if rank == 0:
         click.echo(f"wrote {out_path}")
 
@@ -426,15 +394,13 @@ def export_model_cmd(run_dir, out_dir, checkpoint):
 def train_vae(kind, preset, out_dir, resume, max_steps, max_minutes, settings):
     """Train the source or log10-kappa VAE (priors for fine-tuning and a training-data family)."""
     from rimlens.config import get_preset
-    from rimlens.train.vae import VAETrainer
+    from rimlens.train.vae import VAETrainConfig, VAETrainer
 
     train = {k: v for k, v in {"max_steps": max_steps, "max_minutes": max_minutes}.items() if v is not None}
     train.update(_parse_settings(settings))
     trainer = VAETrainer(kind, get_preset(preset), out_dir, resume=resume, train=None if resume else train)
-    if resume and train:
-        import dataclasses
-
-        trainer.cfg = dataclasses.replace(trainer.cfg, **{k: v for k, v in train.items() if k in ("max_steps", "max_minutes", "learning_rate")})
+    if resume and train:  # the checkpoint's configuration wins, except for what may change on resume
+        trainer.cfg = dataclasses.replace(trainer.cfg, **{k: v for k, v in train.items() if k in VAETrainConfig.RESUME_OVERRIDES})
     last = trainer.train()
     click.echo(f"{kind} VAE: step {trainer.step}, validation loss {last.get('val_loss', float('nan')):.4g}; checkpoints in {out_dir}")
 
@@ -456,23 +422,12 @@ def evaluate(model, testset, out_dir, n_map, n_finetune, finetune_mode, finetune
     """The paper's evaluation on a test set: chi2 distribution and vs SNR, coherence spectra, loss statistics, gallery."""
     from rimlens.evaluate.report import evaluate_testset
 
-    vaes = None
-    if n_finetune:
-        from rimlens.train.checkpoint import load_model
+    from rimlens.inference.sharding import process_group
 
-        vaes = _load_vaes(source_vae, kappa_vae, load_model(model)[1])
-    import torch.distributed as dist
-
-    started = False
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():  # under torchrun: share the lenses
-        dist.init_process_group("gloo")
-        started = True
-    try:
+    vaes = _load_vaes(source_vae, kappa_vae) if n_finetune else None  # grids are checked by fine-tuning itself
+    with process_group():  # under torchrun the ranks share the lenses
         m = evaluate_testset(model, testset, out_dir, batch_size=batch_size, n_map=n_map, n_finetune=n_finetune, vaes=vaes,
                              finetune_options=_finetune_options(finetune_mode, finetune_steps, refine))
-    finally:
-        if started:
-            dist.destroy_process_group()
     if m is None:  # not rank 0: rank 0 writes the report
         return
     r = m["rim"]

@@ -1,5 +1,5 @@
-"""Resumable work split over processes: the one pattern behind ``predict``, ``evaluate`` and
-folder reconstructions.
+"""Resumable work split over processes: the pattern behind ``predict`` and ``evaluate``, and the
+process-group set-up every ``torchrun``-aware command shares.
 
 Work on ``n`` items is cut into chunks; each chunk's result (a dict of numpy arrays) is written
 atomically to ``parts/chunk_<start>_<size>.h5`` as soon as it is done, so a killed run resumes
@@ -9,6 +9,8 @@ without redoing finished chunks. Under ``torchrun`` (torch.distributed initialis
 
 from __future__ import annotations
 
+import contextlib
+import os
 from pathlib import Path
 from typing import Callable
 
@@ -25,6 +27,22 @@ def rank_and_world() -> tuple[int, int]:
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
+
+
+@contextlib.contextmanager
+def process_group(backend: str = "gloo"):
+    """Join the ``torchrun`` process group for the duration of a command (a no-op in a plain run or
+    when a group already exists); the group is destroyed on exit, also on errors."""
+    import torch.distributed as dist
+
+    started = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized()
+    if started:
+        dist.init_process_group(backend)
+    try:
+        yield rank_and_world()
+    finally:
+        if started:
+            dist.destroy_process_group()
 
 
 def barrier() -> None:

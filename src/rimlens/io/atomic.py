@@ -52,7 +52,8 @@ def claim_work_folder(folder, settings: dict, what: str = "run") -> None:
 
     folder = Path(folder)
     meta = folder / "settings.json"
-    settings = json.loads(json.dumps(settings, sort_keys=True))  # as stored: tuples become lists
+    text = json.dumps(settings, sort_keys=True)
+    settings = json.loads(text)  # compared as stored: tuples become lists
     if folder.exists():
         try:
             old = json.loads(meta.read_text())
@@ -64,4 +65,4 @@ def claim_work_folder(folder, settings: dict, what: str = "run") -> None:
         return
     folder.mkdir(parents=True)
     with atomic_path(meta) as tmp:
-        tmp.write_text(json.dumps(settings, sort_keys=True))
+        tmp.write_text(text)

@@ -28,6 +28,7 @@ from rimlens.data.lenses import LensBatch, LensGenerator
 from rimlens.data.random import child_rng
 from rimlens.errors import RimlensInputError
 from rimlens.inference.rim import KAPPA_FLOOR, rim_loss
+from rimlens.inference.sharding import rank_and_world
 from rimlens.io.atomic import atomic_path
 from rimlens.train.checkpoint import build_model, load_checkpoint, save_checkpoint
 
@@ -55,6 +56,9 @@ class TrainConfig:
     amp: bool = False  # bfloat16 autocast of the U-net on CUDA
     dtype: str = "float32"  # or "float64" (exact comparisons in tests)
     data_workers: int = 0  # DataLoader worker processes drawing batches ahead of the model (0: in the main process)
+
+    # settings a resumed run may change (limits, workers, and the learning rate after a divergence)
+    RESUME_OVERRIDES = ("max_steps", "max_minutes", "data_workers", "learning_rate")
 
     def __post_init__(self):
         for name in ("batch_size", "decay_steps", "val_size", "val_every", "checkpoint_every", "data_shards", "max_steps"):
@@ -112,12 +116,6 @@ def _one_thread_worker(_):  # each worker draws with one thread: no oversubscrip
     torch.set_num_threads(1)
 
 
-def _distributed() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
 class Trainer:
     """Train a RIM for ``preset`` into ``out_dir``.
 
@@ -135,7 +133,7 @@ class Trainer:
     def __init__(self, preset: Preset, out_dir: str | Path, resume: bool = False, device=None, progress: bool = True,
                  init_from: str | Path | None = None):
         self.out_dir = Path(out_dir)
-        self.rank, self.world = _distributed()
+        self.rank, self.world = rank_and_world()
         latest = self.out_dir / "latest.pt"
         ckpt = None
         if resume:

@@ -40,6 +40,8 @@ class VAETrainConfig:
     val_every: int = 500
     seed: int = 0
 
+    RESUME_OVERRIDES = ("max_steps", "max_minutes", "learning_rate")  # what a resumed run may change
+
 
 def default_vae_config(kind: str, preset: Preset) -> VAEConfig:
     if kind not in ("source", "kappa"):
@@ -170,11 +172,11 @@ class VAETrainer:
 
 def shipped_vae_path(kind: str) -> Path:
     """Path of the VAE (``kind`` 'source' or 'kappa') shipped with the default model."""
-    from importlib import resources
+    from rimlens.train.checkpoint import default_model_path
 
     if kind not in ("source", "kappa"):
         raise RimlensInputError(f"VAE kind must be 'source' or 'kappa', got {kind!r}")
-    path = Path(str(resources.files("rimlens") / "models" / "cpu64" / f"vae_{kind}.pt"))
+    path = default_model_path().parent / f"vae_{kind}.pt"  # shipped beside the default RIM
     if not path.exists():
         raise RimlensInputError(f"no {kind} VAE is shipped with this version; pass one (train it with "
                                 f"`rimlens train-vae {kind}`)")
