@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.rimlens-installed
 
-.PHONY: demo test bench install clean
+.PHONY: demo test lint bench install clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -17,7 +17,12 @@ install: $(STAMP)
 demo: $(STAMP)
 	OMP_NUM_THREADS=2 $(VENV)/bin/rimlens demo --out demo_output
 
+# Static checks: ruff (lint + formatting) everywhere, mypy on the files named in pyproject.toml.
+lint: $(STAMP)
+	$(VENV)/bin/ruff check src tests benchmarks && $(VENV)/bin/ruff format --check src tests benchmarks && $(VENV)/bin/mypy
+
 test: $(STAMP)
+	$(MAKE) lint
 	OMP_NUM_THREADS=1 $(PY) -m pytest -n 2 -q
 
 bench: $(STAMP)

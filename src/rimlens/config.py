@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import tomllib
 import typing
 from dataclasses import dataclass, field
@@ -103,15 +104,187 @@ class DataConfig:
                 raise RimlensInputError(f"{name} must map {sorted(allowed)} to non-negative weights, got {mix}")
 
 
+# ---------------------------------------------------------------- models
+
+@dataclass(frozen=True)
+class UNetConfig:
+    """Sizes of the U-net.
+
+    Attributes:
+        filters: channels of each level (the number of levels is ``len(filters)``); spatial size
+            halves at each level, so the grid must be divisible by ``2 ** len(filters)``.
+        bottleneck_filters: channels of the bottleneck (and its GRU).
+        convs_per_level: convolutions per encoder/decoder level (paper: 2).
+        kernel_size, input_kernel_size, gru_kernel_size: convolution kernel sizes (paper: 3, 11, 3).
+        activation: ``tanh`` (paper), ``relu``, ``leaky_relu`` or ``silu``.
+        in_channels: observation, source, log10 kappa and their two likelihood gradients = 5.
+        out_channels: source and log10 kappa updates = 2.
+    """
+
+    filters: tuple = (16, 32, 64, 128)
+    bottleneck_filters: int = 128
+    convs_per_level: int = 2
+    kernel_size: int = 3
+    input_kernel_size: int = 11
+    gru_kernel_size: int = 3
+    activation: str = "tanh"
+    in_channels: int = 5
+    out_channels: int = 2
+
+    @property
+    def levels(self) -> int:
+        return len(self.filters)
+
+
+@dataclass(frozen=True)
+class RIMConfig:
+    """Configuration of a RIM: its U-net, number of steps and gradient normalisation."""
+
+    unet: UNetConfig = field(default_factory=UNetConfig)
+    steps: int = 8
+    rmsprop_decay: float = 0.9
+    epsilon: float = 1e-8
+
+
+@dataclass(frozen=True)
+class VAEConfig:
+    """VAE sizes and loss schedule (defaults: the paper's source VAE; kappa VAE in ``KAPPA_VAE``)."""
+
+    image_pixels: int = 64
+    levels: int = 3
+    convs_per_level: int = 2
+    filters: int = 16
+    filter_scaling: int = 2
+    latent: int = 32
+    output: str = "linear"  # or "sigmoid" (the paper's source VAE; see SOURCE_VAE)
+    sample_range: tuple | None = None  # clamp decoded samples to this range
+    beta_start: float = 0.1
+    beta_end: float = 0.1
+    beta_warmup_steps: int = 1
+    gamma_start: float = 1e-2
+    gamma_steps: int = 10_000
+    gamma_power: float = 0.5
+
+    def beta(self, step: int) -> float:
+        f = min(step, self.beta_warmup_steps) / max(self.beta_warmup_steps, 1)
+        return self.beta_start + (self.beta_end - self.beta_start) * f
+
+    def gamma(self, step: int) -> float:
+        return self.gamma_start * (1 - min(step, self.gamma_steps) / self.gamma_steps) ** self.gamma_power
+
+
+# The paper's source VAE ends with a sigmoid. On our data a sigmoid output collapses to all-zero
+# images within ~50 steps (the initial 0.5 everywhere is pushed into saturation and its gradient
+# vanishes; seen at learning rates 1e-3 and 1e-4), while a linear output learns at once. We train
+# with a linear output and clamp samples to [0, 1].
+SOURCE_VAE = dict(levels=3, convs_per_level=2, filters=16, latent=32, output="linear", sample_range=(0.0, 1.0))
+KAPPA_VAE = dict(levels=4, convs_per_level=1, filters=16, latent=16, output="linear", beta_start=0.1, beta_end=0.2,
+                 beta_warmup_steps=5000)
+
+
+# ---------------------------------------------------------------- training
+
+def _check_int(owner: str, name: str, value, minimum: int) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+        raise RimlensInputError(f"{owner} setting {name} must be an integer >= {minimum}, got {value!r}")
+
+
+def _check_positive(owner: str, name: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+        raise RimlensInputError(f"{owner} setting {name} must be a number > 0, got {value!r}")
+
+
+@dataclass(frozen=True)
+class LoopConfig:
+    """What every training loop shares (rimlens.train.loop): batch, learning-rate schedule, limits,
+    evaluation and checkpoint cadence, early stopping and the seed."""
+
+    batch_size: int = 8  # global batch
+    learning_rate: float = 1e-4
+    decay_rate: float = 0.95
+    decay_steps: int = 100_000
+    staircase: bool = True
+    max_steps: int = 1_000_000
+    max_minutes: float = 0.0  # 0 = no limit
+    val_size: int = 64
+    val_every: int = 200
+    checkpoint_every: int = 100
+    patience: int = 20  # evaluations without improvement before stopping (0 = never)
+    seed: int = 0
+
+    # settings a resumed run may change (limits, and the learning rate after a divergence)
+    RESUME_OVERRIDES: typing.ClassVar[tuple[str, ...]] = ("max_steps", "max_minutes", "learning_rate")
+
+    def __post_init__(self) -> None:
+        owner = "training"
+        for name in ("batch_size", "decay_steps", "val_size", "val_every", "checkpoint_every", "max_steps"):
+            _check_int(owner, name, getattr(self, name), 1)
+        _check_int(owner, "patience", self.patience, 0)
+        for name in ("learning_rate", "decay_rate"):
+            _check_positive(owner, name, getattr(self, name))
+        if isinstance(self.max_minutes, bool) or not isinstance(self.max_minutes, (int, float)) or not self.max_minutes >= 0:
+            raise RimlensInputError(f"training setting max_minutes must be a number >= 0, got {self.max_minutes!r}")
+
+    def lr_at(self, step: int) -> float:
+        """Learning rate at ``step``: ``learning_rate * decay_rate ** (step / decay_steps)`` (floored
+        exponent when ``staircase``)."""
+        e = step / self.decay_steps
+        return self.learning_rate * self.decay_rate ** (math.floor(e) if self.staircase else e)
+
+
+@dataclass(frozen=True)
+class TrainConfig(LoopConfig):
+    """RIM training settings (paper values in censai_as_run.md section 5; CPU presets use a larger
+    learning rate and faster decay because they train for hours, not days)."""
+
+    clip_norm: float = 5.0  # per-tensor gradient norm clip
+    data_shards: int = 1  # emulate this many DDP ranks in one process
+    channels_last: bool = True
+    amp: bool = False  # bfloat16 autocast of the U-net on CUDA
+    dtype: str = "float32"  # or "float64" (exact comparisons in tests)
+    data_workers: int = 0  # DataLoader worker processes drawing batches ahead of the model (0: in the main process)
+
+    RESUME_OVERRIDES: typing.ClassVar[tuple[str, ...]] = (*LoopConfig.RESUME_OVERRIDES, "data_workers")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _check_int("training", "data_shards", self.data_shards, 1)
+        _check_int("training", "data_workers", self.data_workers, 0)
+        _check_positive("training", "clip_norm", self.clip_norm)
+        if self.dtype not in ("float32", "float64"):
+            raise RimlensInputError(f"training dtype must be float32 or float64, got {self.dtype!r}")
+
+
+@dataclass(frozen=True)
+class VAETrainConfig(LoopConfig):
+    """VAE training settings (Adam, staircase decay, gradient clipping by value; censai_as_run.md
+    section 6). Checkpoints are written at each evaluation; no early stopping by default."""
+
+    batch_size: int = 20
+    learning_rate: float = 1e-4
+    decay_rate: float = 0.5
+    decay_steps: int = 30_000
+    max_steps: int = 20_000
+    val_every: int = 500
+    checkpoint_every: int = 500
+    patience: int = 0
+    clip_value: float = 10.0
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _check_positive("training", "clip_value", self.clip_value)
+
+
 @dataclass(frozen=True)
 class Preset:
-    """A named configuration: grids and data (model and training added by later sections)."""
+    """A named configuration: grids, data, the RIM and its training. Saved (JSON) with every data
+    set and checkpoint."""
 
     name: str
     grid: GridConfig = GridConfig()
     data: DataConfig = DataConfig()
-    model: dict = field(default_factory=dict)
-    train: dict = field(default_factory=dict)
+    model: RIMConfig = RIMConfig()
+    train: TrainConfig = TrainConfig()
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -144,6 +317,13 @@ def from_dict(cls, data):
             raise RimlensInputError(f"{cls.__name__}.{k} must be {t.__name__}, got {v!r}")
         kwargs[k] = v
     return cls(**kwargs)
+
+
+def with_train_settings(preset: Preset, settings: dict) -> Preset:
+    """``preset`` with some training settings replaced (unknown names and bad values refused)."""
+    if not settings:
+        return preset
+    return dataclasses.replace(preset, train=from_dict(TrainConfig, {**dataclasses.asdict(preset.train), **settings}))
 
 
 def preset_names() -> list[str]:

@@ -3,8 +3,18 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
+
+__all__ = [
+    "RimlensInputError",
+    "TrainingDivergedError",
+    "check_batch",
+    "check_map",
+    "check_noise_sigma",
+    "check_positive_scalar",
+]
 
 
 class RimlensInputError(ValueError):
@@ -60,20 +70,29 @@ def check_batch(batch_sizes: dict[str, int]) -> int:
     return distinct.pop() if distinct else 1
 
 
-def check_noise_sigma(noise_sigma, batch: int, shape: tuple[int, int], *, like: torch.Tensor) -> torch.Tensor:
+def check_noise_sigma(
+    noise_sigma: float | torch.Tensor, batch: int, shape: Sequence[int], *, like: torch.Tensor
+) -> torch.Tensor:
     """Return the noise standard deviation as a tensor broadcastable to ``B x 1 x N x N``.
 
     ``noise_sigma`` may be a float, a tensor of shape ``(B,)`` (one sigma per example) or a
     noise map of shape ``B x 1 x N x N`` (per pixel). All values must be finite and > 0.
+
+    Args:
+        noise_sigma: noise standard deviation, in the units of the images.
+        batch: batch size ``B`` of the images.
+        shape: spatial shape ``(N, N)`` of the images, in pixels.
+        like: tensor whose dtype and device the result takes.
+
+    Returns:
+        ``1 x 1 x 1 x 1``, ``B x 1 x 1 x 1`` or ``B x 1 x N x N`` tensor (``B`` may be 1).
     """
     sigma = torch.as_tensor(noise_sigma, dtype=like.dtype, device=like.device)
     if sigma.ndim == 0:
         sigma = sigma.reshape(1, 1, 1, 1)
     elif sigma.ndim == 1:
         if sigma.shape[0] not in (1, batch):
-            raise RimlensInputError(
-                f"noise_sigma has {sigma.shape[0]} values but the batch has {batch} examples"
-            )
+            raise RimlensInputError(f"noise_sigma has {sigma.shape[0]} values but the batch has {batch} examples")
         sigma = sigma.reshape(-1, 1, 1, 1)
     elif sigma.ndim == 4:
         spatial_ok = tuple(sigma.shape[-2:]) in (tuple(shape), (1, 1))
@@ -90,3 +109,8 @@ def check_noise_sigma(noise_sigma, batch: int, shape: tuple[int, int], *, like: 
     if not bool((sigma > 0).all()):
         raise RimlensInputError("noise_sigma must be > 0 everywhere")
     return sigma
+
+
+class TrainingDivergedError(RuntimeError):
+    """Raised when training meets a non-finite loss or gradient. Not an input error: the data and
+    settings were valid, the optimisation diverged (resume with a lower learning rate)."""

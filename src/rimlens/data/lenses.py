@@ -14,6 +14,7 @@ from rimlens.config import NOISE_RECIPES, DataConfig, GridConfig, Preset, Valida
 from rimlens.data.kappa import AnalyticKappaConfig, analytic_kappa, random_dihedral, rescale_to_einstein_radius
 from rimlens.data.random import child_rng, truncated_normal
 from rimlens.data.sources import ParametricSourceConfig, SourceBank, parametric_sources
+from rimlens.data.vae_family import VAESampler
 from rimlens.errors import RimlensInputError
 from rimlens.physics import PSF, LensSimulator, PixelGrid
 from rimlens.physics.psf import FWHM_TO_SIGMA
@@ -110,8 +111,6 @@ class LensGenerator:
         self.psf_size = psf_kernel_size(self.image_grid, self.data.psf_fwhm_arcsec.high)
         if vae_sampler is None and ("vae" in self.data.source_mix or "vae" in self.data.kappa_mix):
             if self.data.source_vae or self.data.kappa_vae:
-                from rimlens.train.vae import VAESampler
-
                 vae_sampler = VAESampler(self.data.source_vae or None, self.data.kappa_vae or None)
         self.vae_sampler = vae_sampler
         self.source_weights = self._weights(self.data.source_mix)

@@ -13,21 +13,28 @@ killed run resumes where it stopped and produces exactly the file an uninterrupt
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import h5py
 import numpy as np
 import torch
-from torch.utils.data import Dataset, IterableDataset, get_worker_info
+from torch.utils.data import Dataset
+from tqdm import tqdm
 
 from rimlens import __version__
-from rimlens.config import Preset, preset_from_json
+from rimlens.config import Preset, get_preset, preset_from_json
 from rimlens.data.lenses import REJECTION_REASONS, LensBatch, LensGenerator
 from rimlens.data.random import child_rng
 from rimlens.errors import RimlensInputError
 from rimlens.io.atomic import atomic_path, claim_work_folder
+from rimlens.io.figures import lens_panels
+
+__all__ = ["LensDataset", "SimulationSummary", "generate_dataset", "open_lens_file", "read_lenses", "show_lenses",
+           "simulate_lenses"]
 
 FORMAT = "rimlens-lenses-1"
 ARRAYS = ("observation", "source", "kappa", "psf", "psf_fwhm", "noise_sigma", "snr", "theta_e")
@@ -65,8 +72,6 @@ def generate_dataset(path: str | Path, preset: Preset, count: int, seed: int, *,
     gen = LensGenerator(preset, split=split, bank_seed=settings["bank_seed"], noise=settings["noise"])
     claim_work_folder(parts, settings, "simulation")
     n_blocks = -(-count // block_size)
-    from tqdm import tqdm
-
     bar = tqdm(total=count, unit="lens", disable=not progress, desc=f"simulating {path.name}")
     for b in range(n_blocks):
         size = min(block_size, count - b * block_size)
@@ -87,6 +92,63 @@ def generate_dataset(path: str | Path, preset: Preset, count: int, seed: int, *,
     _assemble(path, parts, n_blocks, settings, preset)
     shutil.rmtree(parts)
     return path
+
+
+@dataclass
+class SimulationSummary:
+    """What :func:`simulate_lenses` wrote: lenses kept, candidates drawn and rejections by reason."""
+
+    path: Path
+    count: int
+    drawn: int
+    rejected: dict[str, int] = field(default_factory=dict)
+
+
+def _mix(name: str, weights: dict | None) -> dict | None:
+    if not weights:
+        return None
+    bad = {k: v for k, v in weights.items()
+           if isinstance(v, bool) or not isinstance(v, (int, float)) or not v >= 0 or v == float("inf")}
+    if bad:
+        raise RimlensInputError(f"--{name.replace('_', '-')} weights must be finite numbers >= 0, got {bad}")
+    return {k: float(v) for k, v in weights.items()}
+
+
+def simulate_lenses(path: str | Path, preset_name: str, count: int, seed: int, *, split: str = "train",
+                    noise: str | None = None, block_size: int = 64, kappa_mix: dict | None = None,
+                    source_mix: dict | None = None, overwrite: bool = False, progress: bool = True) -> SimulationSummary:
+    """``rimlens simulate``: :func:`generate_dataset` for a named preset, with optional family mixes
+    (``{family: weight}``), refusing to replace a finished file unless ``overwrite``."""
+    path = Path(path)
+    if path.exists() and not overwrite:
+        raise RimlensInputError(f"{path} exists; pass --overwrite to replace it")
+    preset = get_preset(preset_name)
+    mixes = {k: v for k, v in (("kappa_mix", _mix("kappa_mix", kappa_mix)), ("source_mix", _mix("source_mix", source_mix)))
+             if v is not None}
+    if mixes:
+        preset = dataclasses.replace(preset, data=dataclasses.replace(preset.data, **mixes))
+    generate_dataset(path, preset, count, seed, split=split, noise=noise, block_size=block_size, progress=progress)
+    with open_lens_file(path) as h5:
+        attrs = dict(h5.attrs)
+    rejected = {k[len("stats_rejected_"):]: int(v) for k, v in attrs.items() if k.startswith("stats_rejected_")}
+    return SimulationSummary(path, count, int(attrs["stats_drawn"]), rejected)
+
+
+def show_lenses(path: str | Path, out_png: str | Path | None = None, start: int = 0, count: int = 4) -> Path:
+    """``rimlens show``: a PNG of lenses ``start .. start + count - 1`` of a lens file (observation,
+    source, log10 kappa, with SNR, Einstein radius and families). Returns the PNG's path."""
+    path = Path(path)
+    d = read_lenses(path, slice(start, start + count))
+    grid = d["preset"].grid
+    rows = [{"observation": d["observation"][i, 0], "source": d["source"][i, 0], "kappa": d["kappa"][i, 0],
+             "image_scale": grid.image_grid.pixel_scale_arcsec, "source_scale": grid.source_grid.pixel_scale_arcsec,
+             "title": f"#{start + i}  SNR {d['snr'][i]:.0f}  $\\theta_E$ {d['theta_e'][i]:.2f}\"  "
+                      f"({d['kappa_family'][i].decode()}, {d['source_family'][i].decode()})"}
+            for i in range(len(d["snr"]))]
+    if not rows:
+        raise RimlensInputError(f"{path} has no lens at index {start}")
+    out_png = Path(out_png) if out_png is not None else path.with_suffix(".png")
+    return lens_panels(rows, out_png)
 
 
 def _assemble(path: Path, parts: Path, n_blocks: int, settings: dict, preset: Preset) -> None:
@@ -168,35 +230,3 @@ class LensDataset(Dataset):
         state = self.__dict__.copy()
         state["_h5"] = None
         return state
-
-
-class OnTheFlyLenses(IterableDataset):
-    """Endless stream of freshly simulated, validated lens batches (dicts of ``B x ...`` tensors).
-
-    Each (rank, worker) pair draws from its own seeded stream ``child_rng(seed, rank, worker, i)``,
-    so training never waits on disk and multi-process runs never repeat each other.
-    """
-
-    def __init__(self, preset: Preset, batch_size: int, seed: int = 0, rank: int = 0, split: str = "train",
-                 vae_sampler=None):
-        self.preset, self.batch_size, self.seed, self.rank, self.split = preset, batch_size, seed, rank, split
-        self.vae_sampler = vae_sampler
-        self._gen = None
-
-    def generator(self) -> LensGenerator:
-        if self._gen is None:
-            self._gen = LensGenerator(self.preset, split=self.split, bank_seed=self.seed, vae_sampler=self.vae_sampler)
-        return self._gen
-
-    def batches(self, start: int = 0):
-        """Yield batch ``start``, ``start + 1``, ... (resumable by index)."""
-        info = get_worker_info()
-        worker = info.id if info is not None else 0
-        i = start
-        while True:
-            b = self.generator().draw(child_rng(self.seed, self.rank, worker, i), self.batch_size)
-            yield {k: getattr(b, k) for k in LensBatch.FIELDS}
-            i += 1
-
-    def __iter__(self):
-        return self.batches()

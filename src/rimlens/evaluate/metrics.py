@@ -6,6 +6,10 @@ import numpy as np
 import torch
 from scipy import stats
 
+from rimlens.nn.rim import RIMOutput, rim_loss
+
+__all__ = ["chi2_nu_distribution", "coherence_spectrum", "lens_losses"]
+
 
 def coherence_spectrum(x: torch.Tensor, y: torch.Tensor, n_bins: int = 40) -> tuple[np.ndarray, np.ndarray]:
     """Phase-sensitive coherence ``|<X* Y>| / sqrt(<|X|^2> <|Y|^2>)`` in radial frequency annuli.
@@ -37,14 +41,10 @@ def coherence_spectrum(x: torch.Tensor, y: torch.Tensor, n_bins: int = 40) -> tu
     return ((edges[1:] + edges[:-1]) / 2).numpy(), out
 
 
-def rim_style_loss(source_hat, kappa_hat, source, kappa) -> np.ndarray:
-    """Per-lens loss of the final estimate (paper Table 4): source pixel MSE + sqrt(kappa)-weighted
-    log10 kappa squared error."""
-    w = torch.sqrt(kappa)
-    w = w / w.sum(dim=(1, 2, 3), keepdim=True)
-    src = ((source_hat - source) ** 2).mean(dim=(1, 2, 3))
-    kap = (w * (torch.log10(kappa_hat) - torch.log10(kappa)) ** 2).sum(dim=(1, 2, 3))
-    return (src + kap).double().numpy()
+def lens_losses(source_hat: torch.Tensor, kappa_hat: torch.Tensor, source: torch.Tensor, kappa: torch.Tensor) -> np.ndarray:
+    """Per-lens loss of final estimates (paper Table 4): :func:`rimlens.nn.rim.rim_loss` of the maps
+    ``B x 1 x N x N`` (source pixel MSE + sqrt(kappa)-weighted log10 kappa squared error), ``(B,)``."""
+    return rim_loss(RIMOutput.single_step(source_hat, kappa_hat), source, kappa, reduction="none").double().numpy()
 
 
 def chi2_nu_distribution(dof: int, x: np.ndarray) -> np.ndarray:

@@ -1,5 +1,13 @@
-"""Inference: the RIM loop, fine-tuning and classical MAP fits."""
+"""Inference: batched reconstruction, the observation-to-products pipeline, test-time fine-tuning,
+the classical MAP baseline, and resumable work sharded over processes."""
 
-from rimlens.inference.rim import RIM, RIMConfig, RIMOutput
+from rimlens.inference.finetune import FinetuneOptions, FinetuneResult, finetune
+from rimlens.inference.map_fit import MAPOptions, MAPResult, fit_map
+from rimlens.inference.pipeline import FinetuneSetup, Reconstruction, reconstruct_observation, reconstruct_prepared
+from rimlens.inference.predict import BatchReconstruction, predict_file, reconstruct
 
-__all__ = ["RIM", "RIMConfig", "RIMOutput"]
+__all__ = [
+    "BatchReconstruction", "FinetuneOptions", "FinetuneResult", "FinetuneSetup", "MAPOptions", "MAPResult",
+    "Reconstruction", "finetune", "fit_map", "predict_file", "reconstruct", "reconstruct_observation",
+    "reconstruct_prepared",
+]

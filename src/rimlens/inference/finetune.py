@@ -25,9 +25,23 @@ from dataclasses import dataclass, field
 
 import torch
 
+from torch.func import functional_call, grad, vmap
+
 from rimlens.errors import RimlensInputError, check_noise_sigma
+from rimlens.nn.rim import RIM, RIMOutput, rim_loss
+from rimlens.nn.vae import VAE
 from rimlens.physics import PSF
 from rimlens.physics.likelihood import chi_squared, reduced_chi_squared, used_pixels
+
+__all__ = ["FinetuneOptions", "FinetuneResult", "check_vae_grids", "finetune", "fisher_diagonal", "refine"]
+
+
+def _fisher_loss(out: RIMOutput, source: torch.Tensor, eta: torch.Tensor) -> torch.Tensor:
+    """The per-sample loss whose squared weight gradients make the Fisher information: the RIM loss
+    (:func:`rimlens.nn.rim.rim_loss`) summed over the lenses and scaled by ``T N^2`` (the paper's
+    summed, not averaged, reconstruction error)."""
+    scale = out.source.shape[0] * source.shape[-1] ** 2
+    return scale * rim_loss(out, source, 10**eta, reduction="none").sum()
 
 
 @dataclass
@@ -129,35 +143,28 @@ def fisher_diagonal(model, observation, psf: PSF, noise_sigma, source_vae, kappa
         sig = check_noise_sigma(noise_sigma, 1, tuple(observation.shape[-2:]), like=observation)[:1]
         used = used_pixels(sig, observation.shape, mask)
         y_tilde = y_clean + sig * used * torch.randn(y_clean.shape, generator=gen)
-    n2 = observation.shape[-1] ** 2
     if options.per_sample == "vmap":
-        return _fisher_vmap(model, y_tilde, kernel, sig, s_tilde, eta_tilde, n2, options, mask)
+        return _fisher_vmap(model, y_tilde, kernel, sig, s_tilde, eta_tilde, options, mask)
     params = [p for p in model.parameters() if p.requires_grad]
     fisher = [torch.zeros_like(p) for p in params]
     for i in range(options.n_samples):
         out = model(y_tilde[i:i + 1], PSF.from_kernel(kernel[i:i + 1]), sig, mask=mask)
-        w = torch.sqrt(10 ** eta_tilde[i:i + 1])
-        w = w / w.sum()
-        loss = n2 * (w * (out.log10_kappa - eta_tilde[i:i + 1]) ** 2).sum() + ((out.source - s_tilde[i:i + 1]) ** 2).sum()
+        loss = _fisher_loss(out, s_tilde[i:i + 1], eta_tilde[i:i + 1])
         grads = torch.autograd.grad(loss, params)
         for f, g in zip(fisher, grads):
             f += g.detach() ** 2 / options.n_samples
     return fisher
 
 
-def _fisher_vmap(model, y_tilde, kernel, sig, s_tilde, eta_tilde, n2, options, mask=None) -> list[torch.Tensor]:
+def _fisher_vmap(model, y_tilde, kernel, sig, s_tilde, eta_tilde, options, mask=None) -> list[torch.Tensor]:
     """Per-sample gradients with ``torch.func`` (vmap of grad), in chunks of ``sample_chunk``."""
-    from torch.func import functional_call, grad, vmap
-
     names = [n for n, p in model.named_parameters() if p.requires_grad]
     params = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
     buffers = {n: b for n, b in model.named_buffers()}
 
     def loss_one(params, y, k, s_true, eta_true):
         out = functional_call(model, (params, buffers), (y[None], PSF(k[None]), sig), {"functional": True, "mask": mask})
-        w = torch.sqrt(10 ** eta_true[None])
-        w = w / w.sum()
-        return n2 * (w * (out.log10_kappa - eta_true[None]) ** 2).sum() + ((out.source - s_true[None]) ** 2).sum()
+        return _fisher_loss(out, s_true[None], eta_true[None])
 
     per_sample = vmap(grad(loss_one), in_dims=(None, 0, 0, 0, 0))
     fisher = {n: torch.zeros_like(p) for n, p in params.items()}
@@ -181,11 +188,16 @@ def finetune(model, observation: torch.Tensor, psf, noise_sigma, source_vae, kap
              options: FinetuneOptions | None = None, mask: torch.Tensor | None = None,
              fisher: list[torch.Tensor] | None = None) -> FinetuneResult:
     """Fine-tune a copy of ``model`` on one observation (``1 x 1 x N x N``); the model is not modified.
+    A batch of several observations is refused (fine-tune each lens on its own).
 
     ``fisher`` (one tensor per trainable weight, as returned by :func:`fisher_diagonal`) skips the
     Fisher estimate, e.g. to compare optimiser settings on the same observation.
     """
     options = options or FinetuneOptions()
+    if not isinstance(observation, torch.Tensor) or observation.ndim != 4 or observation.shape[0] != 1:
+        shape = tuple(observation.shape) if isinstance(observation, torch.Tensor) else type(observation).__name__
+        raise RimlensInputError(f"finetune works on one observation (1 x 1 x N x N), got {shape}; "
+                                "fine-tune each lens of a batch on its own")
     check_vae_grids(model, source_vae, kappa_vae)
     t0 = time.time()
     psf = psf if isinstance(psf, PSF) else PSF.from_kernel(psf)

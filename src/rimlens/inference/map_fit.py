@@ -12,20 +12,30 @@ Starts: eta = log10 of singular isothermal spheres with Einstein radii ``starts_
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
+import h5py
 import torch
 import torch.nn.functional as F
 
-from rimlens.physics import PSF, profiles
+from rimlens.data.storage import read_lenses
+from rimlens.io.atomic import atomic_path
+from rimlens.physics import PSF, LensSimulator, profiles
 from rimlens.physics.likelihood import chi_squared, reduced_chi_squared
+
+__all__ = ["MAPOptions", "MAPResult", "fit_map", "fit_map_file"]
 
 _LAPLACE = torch.tensor([[0.0, 1.0, 0.0], [1.0, -4.0, 1.0], [0.0, 1.0, 0.0]])
 
 
 @dataclass(frozen=True)
 class MAPOptions:
+    """Prior weights, regulariser, starting Einstein radii (arcsec) and L-BFGS iterations per start."""
+
     source_weight: float = 3.0
     kappa_weight: float = 300.0
     regularization: str = "curvature"  # or "gradient"
@@ -42,7 +52,19 @@ def _penalty(x: torch.Tensor, kind: str) -> torch.Tensor:
     return (dx**2).sum(dim=(1, 2, 3)) + (dy**2).sum(dim=(1, 2, 3))
 
 
-def fit_map(simulator, observation: torch.Tensor, psf, noise_sigma, mask=None, options: MAPOptions = MAPOptions()) -> dict:
+@dataclass
+class MAPResult:
+    """MAP estimates of a batch: ``source``, ``kappa`` ``B x 1 x N x N``; ``chi2_nu``, ``objective``
+    ``(B,)``; ``seconds``: total wall time."""
+
+    source: torch.Tensor
+    kappa: torch.Tensor
+    chi2_nu: torch.Tensor
+    objective: torch.Tensor
+    seconds: float
+
+
+def fit_map(simulator, observation: torch.Tensor, psf, noise_sigma, mask=None, options: MAPOptions = MAPOptions()) -> MAPResult:
     """MAP estimates for a batch of lenses, each lens its own L-BFGS problem (from every start).
 
     One L-BFGS over the summed objectives of a batch would share one line search: lenses with a
@@ -50,8 +72,7 @@ def fit_map(simulator, observation: torch.Tensor, psf, noise_sigma, mask=None, o
     1.2-1.3 per lens), so lenses are fitted one at a time.
 
     Returns:
-        dict: ``source``, ``kappa`` (``B x 1 x N x N``), ``chi2_nu`` ``(B,)``, ``objective`` ``(B,)``,
-        ``seconds`` (total wall time).
+        the estimates, their chi2_nu and objectives (:class:`MAPResult`).
     """
     t0 = time.time()
     psf = psf if isinstance(psf, PSF) else PSF.from_kernel(psf)
@@ -65,9 +86,26 @@ def fit_map(simulator, observation: torch.Tensor, psf, noise_sigma, mask=None, o
 
     fits = [_fit_one(simulator, observation[i:i + 1], PSF.from_kernel(pick(kernel, i)), pick(sigma, i),
                      None if mask is None else pick(mask, i), options) for i in range(b)]
-    best = {k: torch.cat([f[k] for f in fits]) for k in fits[0]}
-    best["seconds"] = time.time() - t0
-    return best
+    return MAPResult(**{k: torch.cat([f[k] for f in fits]) for k in ("source", "kappa", "chi2_nu", "objective")},
+                     seconds=time.time() - t0)
+
+
+def fit_map_file(data: str | Path, out: str | Path, count: int | None = None,
+                 options: MAPOptions = MAPOptions()) -> MAPResult:
+    """``rimlens fit-map``: MAP fits of the first ``count`` lenses (all if ``None``) of a lens file,
+    in float64, written atomically to the HDF5 file ``out`` (``source``, ``kappa``, ``chi2_nu``,
+    ``objective``; attributes: data, seconds, options)."""
+    d = read_lenses(data, slice(0, count))
+    grid = d["preset"].grid
+    sim = LensSimulator(grid.image_grid, grid.source_grid)
+    r = fit_map(sim, torch.as_tensor(d["observation"]).double(), torch.as_tensor(d["psf"]).double(),
+                torch.as_tensor(d["noise_sigma"]).double(), options=options)
+    with atomic_path(out) as tmp, h5py.File(tmp, "w") as f:
+        for k in ("source", "kappa", "chi2_nu", "objective"):
+            f[k] = getattr(r, k).float().numpy()
+        f.attrs.update({"format": "rimlens-map-fits-1", "data": str(data), "seconds": r.seconds,
+                        "options": json.dumps(dataclasses.asdict(options))})
+    return r
 
 
 def _fit_one(simulator, observation, psf, sigma, mask, options: MAPOptions) -> dict:

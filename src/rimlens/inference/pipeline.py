@@ -1,28 +1,86 @@
-"""From a prepared observation to a reconstruction (RIM, optionally fine-tuned) and its products."""
+"""From observations to reconstructions and their products: one FITS observation, a folder of
+lenses (resumable, sharded over torchrun ranks), and the demo. The CLI's ``reconstruct`` and
+``demo`` commands call these functions and only print."""
 
 from __future__ import annotations
 
+import csv
+import dataclasses
+import json
 import time
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
 
 import torch
 
-from rimlens.io.observation import PreparedObservation
+from rimlens.data.lenses import LensGenerator
+from rimlens.data.random import child_rng
+from rimlens.distributed import barrier, rank_and_world
+from rimlens.errors import RimlensInputError
+from rimlens.inference.finetune import FinetuneOptions, finetune
+from rimlens.io.atomic import atomic_path
+from rimlens.io.observation import PreparedObservation, load_observation, prepare_observation
+from rimlens.io.products import write_products
+from rimlens.nn.rim import RIM
+from rimlens.nn.vae import VAE
 from rimlens.physics import PSF
+from rimlens.physics.convergence import log10_kappa
 from rimlens.physics.likelihood import reduced_chi_squared
 
+__all__ = [
+    "FinetuneSetup", "FolderSummary", "Reconstruction", "reconstruct_folder", "reconstruct_observation",
+    "reconstruct_prepared", "run_demo",
+]
 
-def reconstruct_prepared(model, prep: PreparedObservation, finetune_with=None, finetune_options=None) -> dict:
-    """Reconstruct one prepared observation.
+
+@dataclass
+class FinetuneSetup:
+    """What fine-tuning needs besides the model: the two VAEs of its prior and its options."""
+
+    source_vae: VAE
+    kappa_vae: VAE
+    options: FinetuneOptions = field(default_factory=FinetuneOptions.fast)
+
+
+@dataclass
+class Reconstruction:
+    """One reconstruction on the model grid (maps ``1 x 1 x N x N``; ``alpha`` ``1 x 2 x N x N`` arcsec).
+
+    ``baseline_chi2_nu`` is the RIM's; ``chi2_nu`` that of the returned maps (equal unless fine-tuned).
+    The fine-tuning fields are ``None`` without fine-tuning.
+    """
+
+    source: torch.Tensor
+    kappa: torch.Tensor
+    model_image: torch.Tensor
+    alpha: torch.Tensor
+    chi2_nu: float
+    baseline_chi2_nu: float
+    seconds: float
+    finetune_steps: int | None = None
+    chi2_history: list[float] | None = None
+    ewc_chi2_nu: float | None = None
+    refine_steps: int | None = None
+
+    def summary(self, finetune_options: FinetuneOptions | None = None) -> dict:
+        """The JSON-ready figures of this reconstruction (``summary.json``)."""
+        out: dict = {"chi2_nu": self.chi2_nu, "baseline_chi2_nu": self.baseline_chi2_nu, "seconds": round(self.seconds, 3)}
+        if self.finetune_steps is not None:
+            out.update(finetune_steps=self.finetune_steps, chi2_history=self.chi2_history, ewc_chi2_nu=self.ewc_chi2_nu,
+                       refine_steps=self.refine_steps)
+            if finetune_options is not None:
+                out["finetune_options"] = dataclasses.asdict(finetune_options)
+        return out
+
+
+def reconstruct_prepared(model: RIM, prep: PreparedObservation, finetune_with: FinetuneSetup | None = None) -> Reconstruction:
+    """Reconstruct one prepared observation with the RIM, then fine-tune if ``finetune_with`` is given.
 
     Args:
         model: trained RIM (its grid must be ``prep.grid``).
-        finetune_with: optional ``(source_vae, kappa_vae)`` to fine-tune after the baseline.
-        finetune_options: :class:`rimlens.inference.finetune.FinetuneOptions` (default: the paper's).
-
-    Returns:
-        dict with ``source``, ``kappa``, ``model_image``, ``alpha`` (tensors), ``chi2_nu``,
-        ``baseline_chi2_nu``, ``seconds`` and, if fine-tuned, ``finetune_steps``, ``chi2_history``,
-        ``ewc_chi2_nu`` (after the weight fine-tuning) and ``refine_steps`` (pixel refinement).
+        prep: the observation on the model grid (:func:`rimlens.io.observation.prepare_observation`).
+        finetune_with: the VAEs and options of the fine-tuning, or ``None``.
     """
     t0 = time.time()
     sim = model.simulator
@@ -32,17 +90,143 @@ def reconstruct_prepared(model, prep: PreparedObservation, finetune_with=None, f
         source, kappa = out.final_source, out.final_kappa
         image = sim.forward(source, kappa, psf, check=False)
         chi2 = float(reduced_chi_squared(image, prep.observation, prep.noise_sigma, prep.mask)[0])
-    result = {"baseline_chi2_nu": chi2, "chi2_nu": chi2}
+    extra: dict = {}
     if finetune_with is not None:
-        from rimlens.inference.finetune import finetune
-
-        ft = finetune(model, prep.observation, psf, prep.noise_sigma, *finetune_with, finetune_options, mask=prep.mask)
+        ft = finetune(model, prep.observation, psf, prep.noise_sigma, finetune_with.source_vae, finetune_with.kappa_vae,
+                      finetune_with.options, mask=prep.mask)
         source, kappa = ft.source, ft.kappa
         with torch.no_grad():
             image = sim.forward(source, kappa, psf, check=False)
-        result.update(chi2_nu=ft.chi2_nu, finetune_steps=ft.steps, chi2_history=ft.chi2_history, ewc_chi2_nu=ft.ewc_chi2_nu,
-                      refine_steps=ft.refine_steps)
+        extra = {"chi2_nu": ft.chi2_nu, "finetune_steps": ft.steps, "chi2_history": ft.chi2_history,
+                 "ewc_chi2_nu": ft.ewc_chi2_nu, "refine_steps": ft.refine_steps}
     with torch.no_grad():
         alpha = sim.deflection(kappa, check=False)
-    result.update(source=source, kappa=kappa, model_image=image, alpha=alpha, seconds=time.time() - t0)
-    return result
+    return Reconstruction(**{"source": source, "kappa": kappa, "model_image": image, "alpha": alpha, "chi2_nu": chi2,
+                             "baseline_chi2_nu": chi2, "seconds": time.time() - t0, **extra})
+
+
+def _model_name(model: RIM) -> str:
+    return str(model.checkpoint_path) if model.checkpoint_path is not None else "(in memory)"
+
+
+def _write(model: RIM, prep: PreparedObservation, rec: Reconstruction, out_dir: Path, summary: dict,
+           finetune_with: FinetuneSetup | None, truth: dict | None = None, title: str = "") -> dict:
+    grid = model.grid
+    summary = {**summary, "model": _model_name(model), "preset": model.preset.name if model.preset else "",
+               **rec.summary(finetune_with.options if finetune_with else None),
+               "flux_scale": prep.flux_scale, "center_arcsec": list(prep.center_arcsec)}
+    if truth is not None:
+        summary["source_mse"] = float(((rec.source - truth["source"]) ** 2).mean())
+        summary["log10_kappa_mse"] = float(((log10_kappa(rec.kappa) - log10_kappa(truth["kappa"])) ** 2).mean())
+    write_products(out_dir, observation=prep.observation, noise_sigma=prep.noise_sigma, mask=prep.mask, source=rec.source,
+                   kappa=rec.kappa, model_image=rec.model_image, alpha=rec.alpha, image_grid=grid.image_grid,
+                   source_grid=grid.source_grid, chi2_nu=rec.chi2_nu, summary=summary, truth=truth, title=title)
+    return summary
+
+
+def reconstruct_observation(model: RIM, image: str | Path, psf: str | Path, out_dir: str | Path, *,
+                            noise: str | Path | None = None, sigma: float | None = None,
+                            pixel_scale_arcsec: float | None = None, mask: str | Path | None = None,
+                            center_arcsec: tuple[float, float] | None = None,
+                            finetune_with: FinetuneSetup | None = None) -> dict:
+    """Reconstruct one FITS observation and write its products (FITS maps, PNG, ``summary.json``)
+    into ``out_dir``. Returns the summary (``chi2_nu``, ``baseline_chi2_nu``, ``seconds``, ...)."""
+    obs = load_observation(image, psf, noise, sigma, pixel_scale_arcsec, mask)
+    prep = prepare_observation(obs, model.grid.image_grid, center_arcsec)
+    rec = reconstruct_prepared(model, prep, finetune_with)
+    return _write(model, prep, rec, Path(out_dir), {"image": str(image)}, finetune_with, title=obs.name)
+
+
+@dataclass
+class FolderSummary:
+    """Outcome of :func:`reconstruct_folder` (on rank 0): lenses found and done, the table written."""
+
+    lenses: int
+    done: int
+    table: Path
+    errors: dict[str, str] = field(default_factory=dict)
+
+
+SUMMARY_COLUMNS = ("chi2_nu", "baseline_chi2_nu", "seconds", "used_pixels")
+
+
+def reconstruct_folder(model: RIM, folder: str | Path, out_dir: str | Path, *, sigma: float | None = None,
+                       pixel_scale_arcsec: float | None = None, finetune_with: FinetuneSetup | None = None,
+                       on_error=None) -> FolderSummary | None:
+    """Reconstruct every lens sub-folder of ``folder`` (``image.fits``, ``psf.fits`` and
+    ``noise_map.fits`` unless ``sigma``) into ``out_dir/<name>/``, then write ``out_dir/summary.csv``.
+
+    Resumable (lenses with a ``summary.json`` are skipped) and sharded over the ranks of an
+    initialised process group (lens ``i`` on rank ``i mod W``). A lens with bad input is reported
+    through ``on_error(name, message)`` and skipped, so one bad lens does not stop a survey-sized
+    run. Returns the summary on rank 0, ``None`` on other ranks.
+    """
+    folder, out_dir = Path(folder), Path(out_dir)
+    lenses = sorted(d for d in folder.iterdir() if (d / "image.fits").exists()) if folder.is_dir() else []
+    if not lenses:
+        raise RimlensInputError(f"{folder} holds no lens sub-folders with an image.fits")
+    rank, world = rank_and_world()
+    errors = {}
+    for i, lens in enumerate(lenses):
+        target = out_dir / lens.name
+        if i % world != rank or (target / "summary.json").exists():
+            continue
+        try:
+            reconstruct_observation(model, lens / "image.fits", lens / "psf.fits", target,
+                                    noise=lens / "noise_map.fits" if sigma is None else None, sigma=sigma,
+                                    pixel_scale_arcsec=pixel_scale_arcsec, finetune_with=finetune_with)
+        except RimlensInputError as exc:
+            errors[lens.name] = str(exc)
+            if on_error is not None:
+                on_error(lens.name, str(exc))
+    barrier()
+    if rank != 0:
+        return None
+    rows = []
+    for lens in lenses:
+        f = out_dir / lens.name / "summary.json"
+        summary = json.loads(f.read_text()) if f.exists() else {}
+        rows.append({"lens": lens.name, **{k: summary.get(k, "") for k in SUMMARY_COLUMNS}})
+    table = out_dir / "summary.csv"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with atomic_path(table) as tmp, open(tmp, "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=["lens", *SUMMARY_COLUMNS])
+        writer.writeheader()
+        writer.writerows(rows)
+    return FolderSummary(len(lenses), sum(1 for r in rows if r["chi2_nu"] != ""), table, errors)
+
+
+@dataclass
+class DemoResult:
+    """Summaries of the two demo reconstructions and the wall time."""
+
+    slacs: dict
+    simulated: dict
+    seconds: float
+
+
+def run_demo(model: RIM, out_dir: str | Path, seed: int = 7) -> DemoResult:
+    """Reconstruct the real HST lens SLACS J2303+1422 (shipped, lens light subtracted) and a held-out
+    simulated lens (test-split galaxies, high-SNR recipe, ``seed``) into ``out_dir/slacs2303`` and
+    ``out_dir/simulated``."""
+    t0 = time.time()
+    out_dir = Path(out_dir)
+    grid = model.grid.image_grid
+    with resources.as_file(resources.files("rimlens") / "data" / "slacs") as d:
+        obs = load_observation(d / "image.fits", d / "psf.fits", d / "noise_map.fits", pixel_scale_arcsec=0.05)
+    obs.name = "SLACS J2303+1422 (HST F814W, lens light subtracted)"
+    prep = prepare_observation(obs, grid)
+    slacs = _write(model, prep, reconstruct_prepared(model, prep), out_dir / "slacs2303",
+                   {"image": "SLACS J2303+1422 (shipped)"}, None, title=obs.name)
+    if model.preset is None:
+        raise RimlensInputError("the demo needs a model loaded from a checkpoint (it carries the data configuration)")
+    lens = LensGenerator(model.preset, split="test", bank_seed=seed, noise="high").draw(child_rng(seed, 99), 1)
+    n = grid.n_pixels
+    prep = PreparedObservation(lens.observation, lens.noise_sigma.reshape(1, 1, 1, 1).expand(1, 1, n, n).clone(), lens.psf,
+                               torch.ones(1, 1, n, n, dtype=torch.bool), 1.0, (0.0, 0.0), grid)
+    snr = float(lens.snr[0])
+    simulated = _write(model, prep, reconstruct_prepared(model, prep), out_dir / "simulated",
+                       {"image": f"simulated held-out lens (seed {seed}, {lens.kappa_family[0]} lens, "
+                                 f"{lens.source_family[0]} source)", "snr": snr},
+                       None, truth={"source": lens.source, "kappa": lens.kappa}, title=f"simulated lens, SNR {snr:.0f}")
+    return DemoResult(slacs, simulated, time.time() - t0)

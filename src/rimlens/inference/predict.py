@@ -2,19 +2,49 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
 import h5py
 import numpy as np
 import torch
 
-from rimlens.errors import RimlensInputError
+from rimlens.config import Preset
+from rimlens.data.storage import open_lens_file
+from rimlens.distributed import collective_failure
+from rimlens.errors import RimlensInputError, check_noise_sigma
+from rimlens.inference.sharding import run_chunks
 from rimlens.io.atomic import atomic_path
+from rimlens.io.checkpoint import load_model
+from rimlens.nn.rim import RIM
+from rimlens.physics import PSF
+from rimlens.physics.likelihood import degrees_of_freedom, reduced_chi_squared
+
+__all__ = ["BatchReconstruction", "check_grids", "predict_file", "reconstruct"]
+
+
+@dataclass
+class BatchReconstruction:
+    """Reconstructions of a batch: maps ``B x 1 x N x N`` (``source`` >= 0), ``chi2_nu`` ``(B,)`` of
+    the reported maps and ``chi2_nu_steps`` ``T-1 x B`` along the RIM's steps."""
+
+    source: torch.Tensor
+    kappa: torch.Tensor
+    log10_kappa: torch.Tensor
+    model_image: torch.Tensor
+    chi2_nu: torch.Tensor
+    chi2_nu_steps: torch.Tensor
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        """The fields as float32 numpy arrays, by name."""
+        return {f.name: getattr(self, f.name).detach().cpu().numpy().astype(np.float32) for f in dataclasses.fields(self)}
 
 
 @torch.no_grad()
-def reconstruct(model, observation: torch.Tensor, psf, noise_sigma, mask=None, batch_size: int = 32) -> dict:
+def reconstruct(model: RIM, observation: torch.Tensor, psf, noise_sigma, mask=None, batch_size: int = 32) -> BatchReconstruction:
     """Reconstruct a batch of lenses.
 
     Args:
@@ -23,13 +53,8 @@ def reconstruct(model, observation: torch.Tensor, psf, noise_sigma, mask=None, b
         noise_sigma: ``(B,)`` or noise maps ``B x 1 x N x N``.
 
     Returns:
-        dict of tensors: ``source`` (>= 0), ``kappa``, ``log10_kappa`` (``B x 1 x N x N``), ``model_image``,
-        ``chi2_nu`` (``(B,)``, of the reported estimates) and ``chi2_nu_steps`` (``T-1 x B``).
+        the maps, their chi2_nu and the chi2_nu along the steps (:class:`BatchReconstruction`).
     """
-    from rimlens.errors import check_noise_sigma
-    from rimlens.physics import PSF
-    from rimlens.physics.likelihood import degrees_of_freedom, reduced_chi_squared
-
     sim = model.simulator
     sim._check_image(observation, "observation")
     out = {k: [] for k in ("source", "kappa", "log10_kappa", "model_image", "chi2_nu", "chi2_nu_steps")}
@@ -51,10 +76,10 @@ def reconstruct(model, observation: torch.Tensor, psf, noise_sigma, mask=None, b
         out["model_image"].append(img)
         out["chi2_nu"].append(reduced_chi_squared(img, obs, sig, m))
         out["chi2_nu_steps"].append(r.chi2 / degrees_of_freedom(sig, obs.shape, m).clamp_min(1))
-    return {k: torch.cat(v, dim=1 if k == "chi2_nu_steps" else 0) for k, v in out.items()}
+    return BatchReconstruction(**{k: torch.cat(v, dim=1 if k == "chi2_nu_steps" else 0) for k, v in out.items()})
 
 
-def check_grids(attrs, preset, data_path) -> None:
+def check_grids(attrs, preset: Preset, data_path) -> None:
     """Refuse a data file whose image or source grid differs from the model's."""
     for key, grid in (("image_grid", preset.grid.image_grid), ("source_grid", preset.grid.source_grid)):
         g = json.loads(attrs[key])
@@ -72,19 +97,14 @@ def predict_file(model_path, data_path, out_path, batch_size: int = 32, progress
     rank 0 gathers the chunks into ``OUT`` (atomically) once every rank is done
     (:func:`rimlens.inference.sharding.run_chunks`).
     """
-    import shutil
-
-    from rimlens.data.storage import open_lens_file
-    from rimlens.inference.sharding import barrier, run_chunks
-    from rimlens.train.checkpoint import load_model, resolve_model_path
-
-    model, preset, _ = load_model(model_path)
+    model = load_model(model_path)
+    preset, model_file = model.preset, model.checkpoint_path
+    assert preset is not None and model_file is not None  # set by load_model
     out_path = Path(out_path)
     parts = out_path.with_name(out_path.name + ".parts")
     with open_lens_file(data_path) as h5:
         n = int(h5.attrs["count"])
         check_grids(h5.attrs, preset, data_path)
-        model_file = resolve_model_path(model_path)
         settings = {"model": str(model_file.resolve()), "model_bytes": model_file.stat().st_size,
                     "model_mtime_ns": model_file.stat().st_mtime_ns, "data": str(Path(data_path).resolve()),
                     "count": n, "seed": int(h5.attrs["seed"]), "batch_size": batch_size}
@@ -93,19 +113,23 @@ def predict_file(model_path, data_path, out_path, batch_size: int = 32, progress
             sl = slice(start, stop)
             r = reconstruct(model, torch.as_tensor(h5["observation"][sl]), torch.as_tensor(h5["psf"][sl]),
                             torch.as_tensor(h5["noise_sigma"][sl]), batch_size=batch_size)
-            return {k: v.cpu().numpy().astype(np.float32) for k, v in r.items()}
+            return r.arrays()
 
         results = run_chunks(n, batch_size, parts, settings, compute, "reconstruction run", progress, "reconstructing")
-    if results is not None:  # rank 0
-        with atomic_path(out_path) as tmp:
+    with collective_failure("prediction"):  # a failure while rank 0 writes must not leave the others waiting
+        if results is not None:  # rank 0
+            _write_reconstructions(out_path, results, model_file, data_path, preset, n)
+            shutil.rmtree(parts)
+    return out_path
+
+
+def _write_reconstructions(out_path: Path, results: list[dict], model_file: Path, data_path, preset: Preset, n: int) -> None:
+    with atomic_path(out_path) as tmp:
             with h5py.File(tmp, "w") as f:
                 for k in results[0]:
                     a = np.concatenate([r[k] for r in results], axis=1 if k == "chi2_nu_steps" else 0)
                     f.create_dataset(k, data=a, compression="gzip" if a.ndim > 2 else None)
-                f.attrs.update({"format": "rimlens-reconstructions-1", "model": str(resolve_model_path(model_path)),
+                f.attrs.update({"format": "rimlens-reconstructions-1", "model": str(model_file),
                                 "data": str(data_path), "preset": preset.to_json(), "count": n,
                                 "image_grid": json.dumps(preset.grid.image_grid.as_dict()),
                                 "source_grid": json.dumps(preset.grid.source_grid.as_dict())})
-        shutil.rmtree(parts)
-    barrier()
-    return out_path

@@ -5,42 +5,14 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 from torch import nn
 
+from rimlens.config import UNetConfig
+
+__all__ = ["ConvGRU", "GRUUNet"]
+
 ACTIVATIONS = {"tanh": nn.Tanh, "relu": nn.ReLU, "leaky_relu": lambda: nn.LeakyReLU(0.3), "silu": nn.SiLU}
-
-
-@dataclass(frozen=True)
-class UNetConfig:
-    """Sizes of the U-net.
-
-    Attributes:
-        filters: channels of each level (the number of levels is ``len(filters)``); spatial size
-            halves at each level, so the grid must be divisible by ``2 ** len(filters)``.
-        bottleneck_filters: channels of the bottleneck (and its GRU).
-        convs_per_level: convolutions per encoder/decoder level (paper: 2).
-        kernel_size, input_kernel_size, gru_kernel_size: convolution kernel sizes (paper: 3, 11, 3).
-        activation: ``tanh`` (paper), ``relu``, ``leaky_relu`` or ``silu``.
-        in_channels: observation, source, log10 kappa and their two likelihood gradients = 5.
-        out_channels: source and log10 kappa updates = 2.
-    """
-
-    filters: tuple = (16, 32, 64, 128)
-    bottleneck_filters: int = 128
-    convs_per_level: int = 2
-    kernel_size: int = 3
-    input_kernel_size: int = 11
-    gru_kernel_size: int = 3
-    activation: str = "tanh"
-    in_channels: int = 5
-    out_channels: int = 2
-
-    @property
-    def levels(self) -> int:
-        return len(self.filters)
 
 
 class ConvGRU(nn.Module):

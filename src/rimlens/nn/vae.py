@@ -10,46 +10,15 @@ LeakyReLU(0.3), flatten, two dense heads (mean, log-variance). Decoder: dense ->
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import dataclasses
 
 import torch
 from torch import nn
 
+from rimlens.config import KAPPA_VAE, SOURCE_VAE, Preset, VAEConfig
+from rimlens.errors import RimlensInputError
 
-@dataclass(frozen=True)
-class VAEConfig:
-    """VAE sizes and loss schedule (defaults: the paper's source VAE; kappa VAE in ``KAPPA_VAE``)."""
-
-    image_pixels: int = 64
-    levels: int = 3
-    convs_per_level: int = 2
-    filters: int = 16
-    filter_scaling: int = 2
-    latent: int = 32
-    output: str = "linear"  # or "sigmoid" (the paper's source VAE; see SOURCE_VAE)
-    sample_range: tuple | None = None  # clamp decoded samples to this range
-    beta_start: float = 0.1
-    beta_end: float = 0.1
-    beta_warmup_steps: int = 1
-    gamma_start: float = 1e-2
-    gamma_steps: int = 10_000
-    gamma_power: float = 0.5
-
-    def beta(self, step: int) -> float:
-        f = min(step, self.beta_warmup_steps) / max(self.beta_warmup_steps, 1)
-        return self.beta_start + (self.beta_end - self.beta_start) * f
-
-    def gamma(self, step: int) -> float:
-        return self.gamma_start * (1 - min(step, self.gamma_steps) / self.gamma_steps) ** self.gamma_power
-
-
-# The paper's source VAE ends with a sigmoid. On our data a sigmoid output collapses to all-zero
-# images within ~50 steps (the initial 0.5 everywhere is pushed into saturation and its gradient
-# vanishes; seen at learning rates 1e-3 and 1e-4), while a linear output learns at once. We train
-# with a linear output and clamp samples to [0, 1].
-SOURCE_VAE = dict(levels=3, convs_per_level=2, filters=16, latent=32, output="linear", sample_range=(0.0, 1.0))
-KAPPA_VAE = dict(levels=4, convs_per_level=1, filters=16, latent=16, output="linear", beta_start=0.1, beta_end=0.2,
-                 beta_warmup_steps=5000)
+__all__ = ["VAE", "default_vae_config"]
 
 
 class VAE(nn.Module):
@@ -58,9 +27,8 @@ class VAE(nn.Module):
     def __init__(self, config: VAEConfig):
         super().__init__()
         c = self.config = config
+        self.kind: str | None = None  # 'source' or 'kappa' once loaded from a checkpoint
         if c.image_pixels % (2**c.levels):
-            from rimlens.errors import RimlensInputError
-
             raise RimlensInputError(f"{c.image_pixels} px is not divisible by 2^{c.levels} (VAE levels)")
 
         def act():
@@ -123,3 +91,17 @@ class VAE(nn.Module):
         if self.config.sample_range is not None:
             out = out.clamp(*self.config.sample_range)
         return out
+
+
+def default_vae_config(kind: str, preset: Preset) -> VAEConfig:
+    """The VAE configuration of ``kind`` ('source' or 'kappa') for the preset's grids."""
+    if kind not in ("source", "kappa"):
+        raise RimlensInputError(f"VAE kind must be 'source' or 'kappa', got {kind!r}")
+    base = SOURCE_VAE if kind == "source" else KAPPA_VAE
+    n = preset.grid.source_pixels if kind == "source" else preset.grid.image_pixels
+    cfg = VAEConfig(image_pixels=n, **base)
+    # The reconstruction term sums over pixels, so on an N-pixel grid it is (N/128)^2 of the paper's;
+    # scale beta alike to keep the paper's balance (at 32 px the unscaled KL weight collapses the
+    # posterior and the VAE returns the mean map).
+    f = (n / 128) ** 2
+    return dataclasses.replace(cfg, beta_start=cfg.beta_start * f, beta_end=cfg.beta_end * f)

@@ -25,8 +25,11 @@ import torch
 
 from rimlens.errors import check_map, check_positive_scalar
 
-_SPECTRUM_CACHE: dict[tuple, torch.Tensor] = {}
+__all__ = ["deflection", "deflection_field"]
+
+_SPECTRUM_CACHE: dict[tuple[int, torch.dtype, str], torch.Tensor] = {}
 _CACHE_MAX = 16
+_CHUNK_BYTES = 4 * 2**20  # target size of the spectra of one chunk of a large batch
 
 
 def _kernel_spectrum(n_pixels: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -86,9 +89,6 @@ def deflection_field(kappa: torch.Tensor, pixel_scale: float, *, check: bool = T
     if kappa.shape[0] <= chunk:
         return _deflection_fft(kappa, spec, pixel_scale)
     return torch.cat([_deflection_fft(k, spec, pixel_scale) for k in kappa.split(chunk)])
-
-
-_CHUNK_BYTES = 4 * 2**20
 
 
 def _deflection_fft(kappa: torch.Tensor, spec: torch.Tensor, pixel_scale: float) -> torch.Tensor:

@@ -16,8 +16,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from torch.types import Device
 
 from rimlens.errors import RimlensInputError, check_positive_scalar
+
+__all__ = ["PixelGrid"]
 
 
 @dataclass(frozen=True)
@@ -35,11 +38,16 @@ class PixelGrid:
     def __post_init__(self) -> None:
         if not isinstance(self.n_pixels, int) or isinstance(self.n_pixels, bool) or self.n_pixels < 2:
             raise RimlensInputError(f"n_pixels must be an integer >= 2, got {self.n_pixels!r}")
-        object.__setattr__(self, "pixel_scale_arcsec", check_positive_scalar(self.pixel_scale_arcsec, "pixel_scale_arcsec"))
+        object.__setattr__(
+            self, "pixel_scale_arcsec", check_positive_scalar(self.pixel_scale_arcsec, "pixel_scale_arcsec")
+        )
 
     @classmethod
-    def from_fov(cls, n_pixels: int, fov_arcsec: float) -> "PixelGrid":
-        """Grid of ``n_pixels`` whose edge-to-edge field of view is ``fov_arcsec``."""
+    def from_fov(cls, n_pixels: int, fov_arcsec: float) -> PixelGrid:
+        """Grid of ``n_pixels`` per side whose edge-to-edge field of view is ``fov_arcsec`` (arcsec).
+
+        The pixel scale is ``fov_arcsec / n_pixels`` arcsec.
+        """
         fov = check_positive_scalar(fov_arcsec, "fov_arcsec")
         return cls(n_pixels, fov / n_pixels)
 
@@ -48,12 +56,14 @@ class PixelGrid:
         """Edge-to-edge field of view, ``N * pixel_scale``, in arcsec."""
         return self.n_pixels * self.pixel_scale_arcsec
 
-    def axis(self, dtype: torch.dtype = torch.float32, device=None) -> torch.Tensor:
+    def axis(self, dtype: torch.dtype = torch.float32, device: Device = None) -> torch.Tensor:
         """Pixel-centre coordinates along one axis, shape ``(N,)``, arcsec."""
         i = torch.arange(self.n_pixels, dtype=torch.float64, device=device)
         return ((i - (self.n_pixels - 1) / 2) * self.pixel_scale_arcsec).to(dtype)
 
-    def coordinates(self, dtype: torch.dtype = torch.float32, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    def coordinates(
+        self, dtype: torch.dtype = torch.float32, device: Device = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Pixel-centre coordinates ``(x, y)``, each of shape ``N x N``, in arcsec.
 
         ``x[i, j]`` depends on the column ``j`` only, ``y[i, j]`` on the row ``i`` only.
@@ -63,10 +73,17 @@ class PixelGrid:
         return x, y
 
     def to_pixel(self, x_arcsec: torch.Tensor, y_arcsec: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Convert angular positions to fractional (column, row) pixel indices."""
+        """Convert angular positions (arcsec) to fractional ``(column, row)`` pixel indices.
+
+        The outputs have the shapes of ``x_arcsec`` and ``y_arcsec``; index ``i`` is the centre of
+        pixel ``i``.
+        """
         c = (self.n_pixels - 1) / 2
         return x_arcsec / self.pixel_scale_arcsec + c, y_arcsec / self.pixel_scale_arcsec + c
 
-    def as_dict(self) -> dict:
-        """Plain-dict description, for file attributes and FITS headers."""
+    def as_dict(self) -> dict[str, int | float]:
+        """Plain-dict description, for file attributes and FITS headers.
+
+        Keys: ``n_pixels`` (pixels per side), ``pixel_scale_arcsec`` and ``fov_arcsec`` (arcsec).
+        """
         return {"n_pixels": self.n_pixels, "pixel_scale_arcsec": self.pixel_scale_arcsec, "fov_arcsec": self.fov_arcsec}

@@ -14,44 +14,90 @@ radius of the equivalent circular lens.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from typing import TYPE_CHECKING, TypeAlias
 
 import scipy.special
 import torch
+from torch.types import Device
+
+if TYPE_CHECKING:
+    from rimlens.physics.grid import PixelGrid
+
+__all__ = [
+    "gaussian_deflection",
+    "gaussian_kappa",
+    "nfw_deflection",
+    "nfw_kappa",
+    "pixelate",
+    "sersic",
+    "sersic_b",
+    "sie_deflection",
+    "sie_kappa",
+    "sis_deflection",
+    "sis_kappa",
+]
+
+Param: TypeAlias = float | torch.Tensor
+"""A profile parameter: a Python float or a tensor broadcastable to the coordinates."""
 
 
-def _rotate(x, y, center_x, center_y, phi):
+def _rotate(
+    x: torch.Tensor, y: torch.Tensor, center_x: Param, center_y: Param, phi: Param
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Coordinates in the frame centred on the lens with x' along the major axis."""
     dx, dy = x - center_x, y - center_y
     c, s = _cos(phi), _sin(phi)
     return dx * c + dy * s, -dx * s + dy * c
 
 
-def _unrotate(ax, ay, phi):
+def _unrotate(ax: torch.Tensor, ay: torch.Tensor, phi: Param) -> tuple[torch.Tensor, torch.Tensor]:
     c, s = _cos(phi), _sin(phi)
     return ax * c - ay * s, ax * s + ay * c
 
 
-def _cos(a):
+def _cos(a: Param) -> Param:
     return torch.cos(a) if isinstance(a, torch.Tensor) else math.cos(a)
 
 
-def _sin(a):
+def _sin(a: Param) -> Param:
     return torch.sin(a) if isinstance(a, torch.Tensor) else math.sin(a)
 
 
-def _as_tensor_like(v, like: torch.Tensor) -> torch.Tensor:
+def _as_tensor_like(v: Param, like: torch.Tensor) -> torch.Tensor:
     return torch.as_tensor(v, dtype=like.dtype, device=like.device)
 
 
 # ------------------------------------------------------------------------------ Gaussian
-def gaussian_kappa(x, y, kappa_0, sigma_arcsec, center_x=0.0, center_y=0.0):
-    """Circular Gaussian convergence ``kappa_0 exp(-r^2 / 2 sigma^2)``."""
+def gaussian_kappa(
+    x: torch.Tensor,
+    y: torch.Tensor,
+    kappa_0: Param,
+    sigma_arcsec: Param,
+    center_x: Param = 0.0,
+    center_y: Param = 0.0,
+) -> torch.Tensor:
+    """Circular Gaussian convergence ``kappa_0 exp(-r^2 / 2 sigma^2)``.
+
+    ``x, y``, ``sigma_arcsec`` and the centre are in arcsec; ``kappa_0`` is dimensionless. Returns
+    the (dimensionless) convergence with the broadcast shape of the coordinates and parameters.
+    """
     r2 = (x - center_x) ** 2 + (y - center_y) ** 2
     return kappa_0 * torch.exp(-0.5 * r2 / sigma_arcsec**2)
 
 
-def gaussian_deflection(x, y, kappa_0, sigma_arcsec, center_x=0.0, center_y=0.0):
-    """Deflection of :func:`gaussian_kappa`: ``alpha(r) = 2 kappa_0 sigma^2 (1 - e^{-r^2/2sigma^2}) / r``."""
+def gaussian_deflection(
+    x: torch.Tensor,
+    y: torch.Tensor,
+    kappa_0: Param,
+    sigma_arcsec: Param,
+    center_x: Param = 0.0,
+    center_y: Param = 0.0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Deflection of :func:`gaussian_kappa`: ``alpha(r) = 2 kappa_0 sigma^2 (1 - e^{-r^2/2sigma^2}) / r``.
+
+    Returns ``(alpha_x, alpha_y)`` in arcsec, each with the broadcast shape of the inputs.
+    """
     dx, dy = x - center_x, y - center_y
     r2 = dx**2 + dy**2
     # alpha / r = 2 kappa_0 sigma^2 (1 - e^{-u}) / r^2, with u = r^2 / 2 sigma^2; expm1 keeps r -> 0 exact.
@@ -62,35 +108,69 @@ def gaussian_deflection(x, y, kappa_0, sigma_arcsec, center_x=0.0, center_y=0.0)
 
 
 # ------------------------------------------------------------------------------ SIS
-def sis_kappa(x, y, theta_e_arcsec, center_x=0.0, center_y=0.0):
-    """Singular isothermal sphere ``kappa = theta_E / (2 r)``."""
+def sis_kappa(
+    x: torch.Tensor, y: torch.Tensor, theta_e_arcsec: Param, center_x: Param = 0.0, center_y: Param = 0.0
+) -> torch.Tensor:
+    """Singular isothermal sphere ``kappa = theta_E / (2 r)``.
+
+    Coordinates and ``theta_E`` in arcsec; returns the dimensionless convergence with the broadcast
+    shape of the inputs (infinite at the centre).
+    """
     r = torch.sqrt((x - center_x) ** 2 + (y - center_y) ** 2)
     return theta_e_arcsec / (2 * r)
 
 
-def sis_deflection(x, y, theta_e_arcsec, center_x=0.0, center_y=0.0):
-    """Deflection of :func:`sis_kappa`: ``theta_E`` times the unit radial vector."""
+def sis_deflection(
+    x: torch.Tensor, y: torch.Tensor, theta_e_arcsec: Param, center_x: Param = 0.0, center_y: Param = 0.0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Deflection of :func:`sis_kappa`: ``theta_E`` times the unit radial vector.
+
+    Returns ``(alpha_x, alpha_y)`` in arcsec, each with the broadcast shape of the inputs.
+    """
     dx, dy = x - center_x, y - center_y
     r = torch.sqrt(dx**2 + dy**2).clamp_min(1e-30)
     return theta_e_arcsec * dx / r, theta_e_arcsec * dy / r
 
 
 # ------------------------------------------------------------------------------ SIE (cored)
-def sie_kappa(x, y, theta_e_arcsec, axis_ratio, phi_rad=0.0, center_x=0.0, center_y=0.0, core_arcsec=0.0):
+def sie_kappa(
+    x: torch.Tensor,
+    y: torch.Tensor,
+    theta_e_arcsec: Param,
+    axis_ratio: Param,
+    phi_rad: Param = 0.0,
+    center_x: Param = 0.0,
+    center_y: Param = 0.0,
+    core_arcsec: Param = 0.0,
+) -> torch.Tensor:
     """Singular (or cored) isothermal ellipsoid.
 
-    ``kappa = theta_E / (2 sqrt(q x'^2 + y'^2 / q + s^2))`` with core radius ``s``.
+    ``kappa = theta_E / (2 sqrt(q x'^2 + y'^2 / q + s^2))`` with core radius ``s``. Coordinates,
+    ``theta_E`` and ``s`` in arcsec, ``phi`` in radians; returns the dimensionless convergence with
+    the broadcast shape of the inputs.
     """
     xp, yp = _rotate(x, y, center_x, center_y, phi_rad)
     return theta_e_arcsec / (2 * torch.sqrt(axis_ratio * xp**2 + yp**2 / axis_ratio + core_arcsec**2))
 
 
-def sie_deflection(x, y, theta_e_arcsec, axis_ratio, phi_rad=0.0, center_x=0.0, center_y=0.0, core_arcsec=0.0):
+def sie_deflection(
+    x: torch.Tensor,
+    y: torch.Tensor,
+    theta_e_arcsec: Param,
+    axis_ratio: Param,
+    phi_rad: Param = 0.0,
+    center_x: Param = 0.0,
+    center_y: Param = 0.0,
+    core_arcsec: Param = 0.0,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Deflection of :func:`sie_kappa` (Keeton 2001, softened isothermal ellipsoid).
 
     With ``b = theta_E sqrt(q)``, ``s' = s / sqrt(q)``, ``psi = sqrt(q^2 (s'^2 + x'^2) + y'^2)``:
     ``alpha_x' = b / sqrt(1-q^2) atan(sqrt(1-q^2) x' / (psi + s'))``,
     ``alpha_y' = b / sqrt(1-q^2) atanh(sqrt(1-q^2) y' / (psi + q^2 s'))``.
+
+    Returns ``(alpha_x, alpha_y)`` in arcsec (rotated back to the image frame), each with the
+    broadcast shape of the inputs.
     """
     xp, yp = _rotate(x, y, center_x, center_y, phi_rad)
     q = _as_tensor_like(axis_ratio, xp)
@@ -106,7 +186,7 @@ def sie_deflection(x, y, theta_e_arcsec, axis_ratio, phi_rad=0.0, center_x=0.0, 
 
 
 # ------------------------------------------------------------------------------ NFW
-def _nfw_f(xr):
+def _nfw_f(xr: torch.Tensor) -> torch.Tensor:
     """F(x) of the projected NFW profile (Bartelmann 1996)."""
     one = torch.ones_like(xr)
     lo = xr < 1
@@ -118,8 +198,19 @@ def _nfw_f(xr):
     return torch.where(lo, f_lo, torch.where(hi, f_hi, one))
 
 
-def nfw_kappa(x, y, kappa_s, r_s_arcsec, center_x=0.0, center_y=0.0):
-    """Spherical NFW convergence ``2 kappa_s (1 - F(x)) / (x^2 - 1)``, ``x = r / r_s``."""
+def nfw_kappa(
+    x: torch.Tensor,
+    y: torch.Tensor,
+    kappa_s: Param,
+    r_s_arcsec: Param,
+    center_x: Param = 0.0,
+    center_y: Param = 0.0,
+) -> torch.Tensor:
+    """Spherical NFW convergence ``2 kappa_s (1 - F(x)) / (x^2 - 1)``, ``x = r / r_s``.
+
+    Coordinates and ``r_s`` in arcsec, ``kappa_s`` dimensionless; returns the dimensionless
+    convergence with the broadcast shape of the inputs.
+    """
     xr = torch.sqrt((x - center_x) ** 2 + (y - center_y) ** 2) / r_s_arcsec
     xr = xr.clamp_min(1e-12)
     near = (xr - 1).abs() < 1e-4
@@ -130,9 +221,19 @@ def nfw_kappa(x, y, kappa_s, r_s_arcsec, center_x=0.0, center_y=0.0):
     return kappa_s * k
 
 
-def nfw_deflection(x, y, kappa_s, r_s_arcsec, center_x=0.0, center_y=0.0):
+def nfw_deflection(
+    x: torch.Tensor,
+    y: torch.Tensor,
+    kappa_s: Param,
+    r_s_arcsec: Param,
+    center_x: Param = 0.0,
+    center_y: Param = 0.0,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Deflection of :func:`nfw_kappa`: ``alpha(r) = 4 kappa_s r_s h(x) / x`` radially,
-    ``h(x) = ln(x / 2) + F(x)`` (with F as in the convergence)."""
+    ``h(x) = ln(x / 2) + F(x)`` (with F as in the convergence).
+
+    Returns ``(alpha_x, alpha_y)`` in arcsec, each with the broadcast shape of the inputs.
+    """
     dx, dy = x - center_x, y - center_y
     r = torch.sqrt(dx**2 + dy**2).clamp_min(1e-12)
     xr = r / r_s_arcsec
@@ -143,28 +244,56 @@ def nfw_deflection(x, y, kappa_s, r_s_arcsec, center_x=0.0, center_y=0.0):
 
 # ------------------------------------------------------------------------------ light
 def sersic_b(n: float) -> float:
-    """Exact Sersic ``b_n`` such that ``R_e`` encloses half the light: ``gamma(2n, b_n) = Gamma(2n)/2``."""
+    """Exact Sersic ``b_n`` such that ``R_e`` encloses half the light: ``gamma(2n, b_n) = Gamma(2n)/2``.
+
+    ``n`` (the Sersic index) and the returned scalar ``b_n`` are dimensionless.
+    """
     return float(scipy.special.gammaincinv(2 * n, 0.5))
 
 
-def sersic(x, y, amplitude, r_eff_arcsec, n, axis_ratio=1.0, phi_rad=0.0, center_x=0.0, center_y=0.0):
+def sersic(
+    x: torch.Tensor,
+    y: torch.Tensor,
+    amplitude: Param,
+    r_eff_arcsec: Param,
+    n: Param,
+    axis_ratio: Param = 1.0,
+    phi_rad: Param = 0.0,
+    center_x: Param = 0.0,
+    center_y: Param = 0.0,
+) -> torch.Tensor:
     """Elliptical Sersic surface brightness ``A exp(-b_n ((R / R_e)^{1/n} - 1))``.
 
-    ``R = sqrt(q x'^2 + y'^2 / q)``; ``amplitude`` is the brightness at ``R_e``.
+    ``R = sqrt(q x'^2 + y'^2 / q)``; ``amplitude`` is the brightness at ``R_e``. Coordinates and
+    ``R_e`` in arcsec, ``phi`` in radians; returns the brightness, in the units of ``amplitude``,
+    with the broadcast shape of the inputs.
     """
     xp, yp = _rotate(x, y, center_x, center_y, phi_rad)
     r = torch.sqrt(axis_ratio * xp**2 + yp**2 / axis_ratio + 1e-12)
-    bn = sersic_b(float(n)) if not isinstance(n, torch.Tensor) else torch.as_tensor(
-        scipy.special.gammaincinv(2 * n.detach().cpu().numpy(), 0.5), dtype=xp.dtype, device=xp.device)
+    bn = (
+        sersic_b(float(n))
+        if not isinstance(n, torch.Tensor)
+        else torch.as_tensor(
+            scipy.special.gammaincinv(2 * n.detach().cpu().numpy(), 0.5), dtype=xp.dtype, device=xp.device
+        )
+    )
     return amplitude * torch.exp(-bn * ((r / r_eff_arcsec) ** (1.0 / n) - 1))
 
 
-def pixelate(fn, grid, supersample: int = 1, dtype: torch.dtype = torch.float32, device=None, **params) -> torch.Tensor:
+def pixelate(
+    fn: Callable[..., torch.Tensor],
+    grid: PixelGrid,
+    supersample: int = 1,
+    dtype: torch.dtype = torch.float32,
+    device: Device = None,
+    **params: Param,
+) -> torch.Tensor:
     """Pixel-averaged map of an analytic profile on ``grid``, shape ``1 x 1 x N x N``.
 
     ``fn(x, y, **params)`` is evaluated on ``supersample x supersample`` sub-pixel centres per pixel
     and averaged, which conserves the mass of cuspy profiles (SIS/SIE) far better than sampling the
-    pixel centres. Parameters may be ``B x 1 x 1 x 1`` tensors to get ``B`` maps.
+    pixel centres. Parameters may be ``B x 1 x 1 x 1`` tensors to get ``B`` maps (shape ``B x 1 x N x N``).
+    The map is in the units of ``fn``'s output (dimensionless for a convergence).
     """
     from rimlens.physics.grid import PixelGrid
 

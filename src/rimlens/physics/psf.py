@@ -17,22 +17,28 @@ Two exact methods, chosen automatically:
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
+import numpy.typing as npt
 import scipy.fft
 import torch
 import torch.nn.functional as F
+from torch.types import Device
 
 from rimlens.errors import RimlensInputError, check_positive_scalar
+
+__all__ = ["FWHM_TO_SIGMA", "PSF", "gaussian_kernel_1d"]
 
 FWHM_TO_SIGMA = 1.0 / (2.0 * math.sqrt(2.0 * math.log(2.0)))
 
 
-def gaussian_kernel_1d(fwhm_pixels: torch.Tensor, size: int, dtype=torch.float64) -> torch.Tensor:
+def gaussian_kernel_1d(fwhm_pixels: torch.Tensor, size: int, dtype: torch.dtype = torch.float64) -> torch.Tensor:
     """Normalised 1-D Gaussian profiles sampled at pixel centres.
 
     Args:
         fwhm_pixels: ``(B,)`` full width at half maximum, in pixels.
         size: odd number of samples.
+        dtype: dtype of the result.
 
     Returns:
         ``B x size`` tensor, each row summing to 1.
@@ -51,15 +57,22 @@ class PSF:
     ``kernel`` of shape ``B x 1 x K x K`` (``B`` = 1 broadcasts over any batch), normalised to unit sum.
     """
 
-    def __init__(self, kernel: torch.Tensor, factors: tuple[torch.Tensor, torch.Tensor] | None = None):
+    def __init__(self, kernel: torch.Tensor, factors: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
         self.kernel = kernel
         self.factors = factors  # (row profile B x K, column profile B x K) when separable
-        self._fft_cache: dict[tuple, torch.Tensor] = {}
+        # Kernel spectra of the FFT method, keyed by (padded shape, dtype, device).
+        self._fft_cache: dict[tuple[tuple[int, int], torch.dtype, str], torch.Tensor] = {}
+        # (T_rows, T_cols^T) of the separable method, keyed by (n_rows, n_cols, dtype, device).
+        self._toeplitz_cache: dict[tuple[int, int, torch.dtype, str], tuple[torch.Tensor, torch.Tensor]] = {}
 
     # ----------------------------------------------------------------- constructors
     @classmethod
-    def from_kernel(cls, kernel: torch.Tensor, *, normalize: bool = True) -> "PSF":
-        """PSF from a user kernel of shape ``K x K``, ``1 x K x K`` or ``B x 1 x K x K`` (K odd).
+    def from_kernel(cls, kernel: torch.Tensor | npt.ArrayLike, *, normalize: bool = True) -> PSF:
+        """PSF from a user kernel of shape ``K x K``, ``B x K x K`` or ``B x 1 x K x K`` (K odd, in pixels).
+
+        A tensor keeps its dtype and device (integer kernels become the default float dtype); other
+        array-likes are converted with ``torch.as_tensor``. With ``normalize`` each kernel is divided
+        by its sum.
 
         Raises:
             RimlensInputError: wrong rank, non-square or even-sized kernel, NaN/inf, or zero sum.
@@ -89,14 +102,25 @@ class PSF:
         return cls(kernel)
 
     @classmethod
-    def gaussian(cls, fwhm_arcsec, pixel_scale: float, *, size: int | None = None,
-                 dtype: torch.dtype = torch.float32, device=None) -> "PSF":
+    def gaussian(
+        cls,
+        fwhm_arcsec: float | Sequence[float] | torch.Tensor,
+        pixel_scale: float,
+        *,
+        size: int | None = None,
+        dtype: torch.dtype = torch.float32,
+        device: Device = None,
+    ) -> PSF:
         """Circular Gaussian PSF(s) sampled at pixel centres, normalised to unit sum.
 
         Args:
             fwhm_arcsec: FWHM in arcsec, a float or a ``(B,)`` tensor (one PSF per example).
             pixel_scale: pixel size in arcsec.
             size: odd kernel size; default ``2 * ceil(4 sigma_max) + 1`` pixels (>= 3).
+            dtype, device: of the kernel.
+
+        Returns:
+            PSF with a ``B x 1 x K x K`` kernel (``B`` = number of FWHMs) and its 1-D factors.
         """
         pixel_scale = check_positive_scalar(pixel_scale, "pixel_scale")
         fwhm = torch.as_tensor(fwhm_arcsec, dtype=torch.float64, device=device).reshape(-1)
@@ -120,18 +144,28 @@ class PSF:
 
     @property
     def batch_size(self) -> int:
+        """Number ``B`` of kernels (1 = one kernel for any batch)."""
         return self.kernel.shape[0]
 
-    def to(self, dtype: torch.dtype | None = None, device=None) -> "PSF":
-        """Copy on another dtype / device."""
-        factors = None if self.factors is None else tuple(f.to(dtype=dtype, device=device) for f in self.factors)
+    def to(self, dtype: torch.dtype | None = None, device: Device = None) -> PSF:
+        """Copy on another dtype / device (same shapes; caches are not copied)."""
+        factors = None
+        if self.factors is not None:
+            rows, cols = self.factors
+            factors = (rows.to(dtype=dtype, device=device), cols.to(dtype=dtype, device=device))
         return PSF(self.kernel.to(dtype=dtype, device=device), factors)
 
-    def select(self, index) -> "PSF":
-        """PSF(s) of the examples ``index`` (a slice or index tensor); broadcast PSFs are kept."""
+    def select(self, index: slice | torch.Tensor) -> PSF:
+        """PSF(s) of the examples ``index`` (a slice or index tensor); broadcast PSFs are kept.
+
+        The result has a ``B' x 1 x K x K`` kernel, ``B'`` the number of selected examples.
+        """
         if self.batch_size == 1:
             return self
-        factors = None if self.factors is None else tuple(f[index] for f in self.factors)
+        factors = None
+        if self.factors is not None:
+            rows, cols = self.factors
+            factors = (rows[index], cols[index])
         return PSF(self.kernel[index], factors)
 
     # ----------------------------------------------------------------- convolution
@@ -139,8 +173,11 @@ class PSF:
         """Convolve ``B x 1 x N x N`` images with the PSF (zero padding, same-size output).
 
         Args:
-            image: images to blur.
+            image: images to blur (any units; the PSF has unit sum, so flux is kept).
             method: ``auto`` (separable when possible, else FFT), ``separable``, ``fft`` or ``direct``.
+
+        Returns:
+            ``B x 1 x N x N`` blurred images, in the units of ``image``.
         """
         b, k = image.shape[0], self.size
         if self.batch_size not in (1, b):
@@ -160,11 +197,13 @@ class PSF:
             return self._convolve_direct(image)
         raise RimlensInputError(f"unknown convolution method {method!r}")
 
-    def _grouped(self, image: torch.Tensor, weight: torch.Tensor, padding) -> torch.Tensor:
+    def _grouped(self, image: torch.Tensor, weight: torch.Tensor, padding: int) -> torch.Tensor:
         b = image.shape[0]
         if weight.shape[0] == 1 and b > 1:
             return F.conv2d(image, weight, padding=padding)
-        return F.conv2d(image.reshape(1, b, *image.shape[-2:]), weight, padding=padding, groups=b).reshape(b, 1, *image.shape[-2:])
+        return F.conv2d(image.reshape(1, b, *image.shape[-2:]), weight, padding=padding, groups=b).reshape(
+            b, 1, *image.shape[-2:]
+        )
 
     def _convolve_direct(self, image: torch.Tensor) -> torch.Tensor:
         # conv2d is a cross-correlation: flip the kernel to convolve.
@@ -182,13 +221,16 @@ class PSF:
         return t[:, None]
 
     def _convolve_separable(self, image: torch.Tensor) -> torch.Tensor:
+        if self.factors is None:
+            raise RimlensInputError("this PSF is not separable; use method='fft' or 'direct'")
+        rows, cols = self.factors
         n_rows, n_cols = image.shape[-2:]
-        key = ("toeplitz", n_rows, n_cols, image.dtype, str(image.device))
-        mats = self._fft_cache.get(key)
-        if mats is None or self.factors[0].requires_grad:
-            mats = (self._toeplitz(self.factors[0], n_rows, image), self._toeplitz(self.factors[1], n_cols, image).transpose(-1, -2))
-            if not self.factors[0].requires_grad:
-                self._fft_cache[key] = mats
+        key = (n_rows, n_cols, image.dtype, str(image.device))
+        mats = self._toeplitz_cache.get(key)
+        if mats is None or rows.requires_grad:
+            mats = (self._toeplitz(rows, n_rows, image), self._toeplitz(cols, n_cols, image).transpose(-1, -2))
+            if not rows.requires_grad:
+                self._toeplitz_cache[key] = mats
         t_rows, t_cols_t = mats
         return t_rows @ image @ t_cols_t
 
@@ -204,4 +246,4 @@ class PSF:
                 self._fft_cache[key] = kernel_hat
         out = torch.fft.irfft2(torch.fft.rfft2(image, s=shape) * kernel_hat, s=shape)
         c = k // 2
-        return out[..., c:c + n_rows, c:c + n_cols]
+        return out[..., c : c + n_rows, c : c + n_cols]

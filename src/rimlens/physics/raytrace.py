@@ -7,6 +7,8 @@ import torch.nn.functional as F
 
 from rimlens.physics.grid import PixelGrid
 
+__all__ = ["lens_equation", "sample_bilinear"]
+
 
 def lens_equation(x: torch.Tensor, y: torch.Tensor, alpha: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Source-plane positions ``beta = theta - alpha``.
@@ -21,7 +23,9 @@ def lens_equation(x: torch.Tensor, y: torch.Tensor, alpha: torch.Tensor) -> tupl
     return x - alpha[:, 0], y - alpha[:, 1]
 
 
-def sample_bilinear(source: torch.Tensor, source_grid: PixelGrid, beta_x: torch.Tensor, beta_y: torch.Tensor) -> torch.Tensor:
+def sample_bilinear(
+    source: torch.Tensor, source_grid: PixelGrid, beta_x: torch.Tensor, beta_y: torch.Tensor
+) -> torch.Tensor:
     """Bilinearly interpolate a pixelated source at angular positions.
 
     The source pixel values sit at the pixel centres of ``source_grid``. Between centres the
@@ -30,12 +34,12 @@ def sample_bilinear(source: torch.Tensor, source_grid: PixelGrid, beta_x: torch.
     light.
 
     Args:
-        source: ``B x 1 x M x M`` surface brightness.
+        source: ``B x 1 x M x M`` surface brightness (any units).
         source_grid: grid of the source (M pixels).
         beta_x, beta_y: positions in arcsec, shape ``B x H x W``.
 
     Returns:
-        ``B x 1 x H x W`` sampled brightness.
+        ``B x 1 x H x W`` sampled brightness, in the units of ``source``.
     """
     m = source_grid.n_pixels
     half_extent = (m - 1) / 2 * source_grid.pixel_scale_arcsec

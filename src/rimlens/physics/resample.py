@@ -10,15 +10,27 @@ conserved exactly.
 from __future__ import annotations
 
 import torch
+from torch.types import Device
 
 from rimlens.errors import check_positive_scalar
 
+__all__ = ["overlap_matrix", "resample_density", "resample_flux", "resample_variance"]
 
-def overlap_matrix(n_in: int, scale_in: float, n_out: int, scale_out: float, dtype=torch.float64, device=None,
-                   center_in: float = 0.0) -> torch.Tensor:
+
+def overlap_matrix(
+    n_in: int,
+    scale_in: float,
+    n_out: int,
+    scale_out: float,
+    dtype: torch.dtype = torch.float64,
+    device: Device = None,
+    center_in: float = 0.0,
+) -> torch.Tensor:
     """``n_out x n_in`` weights: overlap length of each (output, input) pixel pair divided by the
     output pixel size. The output grid is centred on 0; the input grid's centre is at ``-center_in``
-    (i.e. the input point ``center_in`` (arcsec from the input's centre) lands on the output centre)."""
+    (i.e. the input point ``center_in`` (arcsec from the input's centre) lands on the output centre).
+
+    ``scale_in`` and ``scale_out`` are the pixel sizes in arcsec; the weights are dimensionless."""
     scale_in = check_positive_scalar(scale_in, "scale_in")
     scale_out = check_positive_scalar(scale_out, "scale_out")
     e_in = (torch.arange(n_in + 1, dtype=torch.float64, device=device) - n_in / 2) * scale_in - center_in
@@ -28,10 +40,12 @@ def overlap_matrix(n_in: int, scale_in: float, n_out: int, scale_out: float, dty
     return ((hi - lo).clamp_min(0) / scale_out).to(dtype)
 
 
-def resample_density(maps: torch.Tensor, scale_in: float, n_out: int, scale_out: float,
-                     center_in: tuple[float, float] = (0.0, 0.0)) -> torch.Tensor:
-    """Resample ``... x M x M`` density maps to ``n_out x n_out`` pixels of ``scale_out``.
+def resample_density(
+    maps: torch.Tensor, scale_in: float, n_out: int, scale_out: float, center_in: tuple[float, float] = (0.0, 0.0)
+) -> torch.Tensor:
+    """Resample ``... x M x M`` density maps to ``... x n_out x n_out`` pixels of ``scale_out``.
 
+    Pixel scales are in arcsec; the output is in the (per-area) units of ``maps``.
     ``center_in = (x, y)`` (arcsec from the input's centre) becomes the output's centre. Regions of
     the output outside the input field are zero.
     """
@@ -40,16 +54,33 @@ def resample_density(maps: torch.Tensor, scale_in: float, n_out: int, scale_out:
     return w_rows @ maps @ w_cols.T
 
 
-def resample_flux(images: torch.Tensor, scale_in: float, n_out: int, scale_out: float,
-                  center_in: tuple[float, float] = (0.0, 0.0)) -> torch.Tensor:
-    """Resample images in flux per pixel (counts): the sum over the overlapping field is conserved."""
+def resample_flux(
+    images: torch.Tensor, scale_in: float, n_out: int, scale_out: float, center_in: tuple[float, float] = (0.0, 0.0)
+) -> torch.Tensor:
+    """Resample images in flux per pixel (counts): the sum over the overlapping field is conserved.
+
+    ``... x M x M`` in, ``... x n_out x n_out`` out, in the units of ``images``; arguments as in
+    :func:`resample_density`.
+    """
     return resample_density(images, scale_in, n_out, scale_out, center_in) * (scale_out / scale_in) ** 2
 
 
-def resample_variance(variance: torch.Tensor, scale_in: float, n_out: int, scale_out: float,
-                      center_in: tuple[float, float] = (0.0, 0.0)) -> torch.Tensor:
+def resample_variance(
+    variance: torch.Tensor,
+    scale_in: float,
+    n_out: int,
+    scale_out: float,
+    center_in: tuple[float, float] = (0.0, 0.0),
+) -> torch.Tensor:
     """Variance (flux units) of :func:`resample_flux` outputs for independent input pixels:
-    ``var_out = sum_i (w_i (s_out/s_in)^2)^2 var_i`` (correlations between output pixels ignored)."""
-    w_rows = overlap_matrix(variance.shape[-2], scale_in, n_out, scale_out, variance.dtype, variance.device, center_in[1])
-    w_cols = overlap_matrix(variance.shape[-1], scale_in, n_out, scale_out, variance.dtype, variance.device, center_in[0])
+    ``var_out = sum_i (w_i (s_out/s_in)^2)^2 var_i`` (correlations between output pixels ignored).
+
+    ``... x M x M`` in, ``... x n_out x n_out`` out, in the units of ``variance`` (flux squared);
+    arguments as in :func:`resample_density`."""
+    w_rows = overlap_matrix(
+        variance.shape[-2], scale_in, n_out, scale_out, variance.dtype, variance.device, center_in[1]
+    )
+    w_cols = overlap_matrix(
+        variance.shape[-1], scale_in, n_out, scale_out, variance.dtype, variance.device, center_in[0]
+    )
     return (w_rows**2) @ variance @ (w_cols**2).T * (scale_out / scale_in) ** 4

@@ -8,6 +8,7 @@ The convergence lives on the image grid; the source on its own grid (see :mod:`r
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TypeAlias
 
 import torch
 
@@ -17,6 +18,13 @@ from rimlens.physics.grid import PixelGrid
 from rimlens.physics.likelihood import chi_squared, degrees_of_freedom, peak_snr
 from rimlens.physics.psf import PSF
 from rimlens.physics.raytrace import lens_equation, sample_bilinear
+
+__all__ = ["LensSimulator", "SimulatedLens"]
+
+PSFLike: TypeAlias = PSF | torch.Tensor
+"""A :class:`PSF`, or a kernel tensor accepted by :meth:`PSF.from_kernel`."""
+NoiseSigma: TypeAlias = float | torch.Tensor
+"""Noise standard deviation: a float, a ``(B,)`` tensor or a ``B x 1 x N x N`` noise map (image units)."""
 
 
 @dataclass
@@ -29,7 +37,7 @@ class SimulatedLens:
     snr: torch.Tensor  # (B,) peak SNR of the noiseless image
 
 
-def _as_psf(psf) -> PSF:
+def _as_psf(psf: PSFLike | None) -> PSF:
     if isinstance(psf, PSF):
         return psf
     if psf is None:
@@ -49,15 +57,16 @@ class LensSimulator:
     tensor or a ``B x 1 x N x N`` noise map.
     """
 
-    def __init__(self, image_grid: PixelGrid, source_grid: PixelGrid):
+    def __init__(self, image_grid: PixelGrid, source_grid: PixelGrid) -> None:
         self.image_grid = image_grid
         self.source_grid = source_grid
-        self._coords: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._coords: dict[tuple[torch.dtype, str], tuple[torch.Tensor, torch.Tensor]] = {}
 
     def __repr__(self) -> str:
         return f"LensSimulator(image_grid={self.image_grid}, source_grid={self.source_grid})"
 
-    def _xy(self, like: torch.Tensor):
+    def _xy(self, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Image-grid coordinates ``(x, y)`` (``N x N``, arcsec) in the dtype / device of ``like``, cached."""
         key = (like.dtype, str(like.device))
         if key not in self._coords:
             self._coords[key] = self.image_grid.coordinates(like.dtype, like.device)
@@ -67,17 +76,23 @@ class LensSimulator:
     def _check_kappa(self, kappa: torch.Tensor, name: str = "kappa") -> None:
         check_map(kappa, name)
         if kappa.shape[-1] != self.image_grid.n_pixels:
-            raise RimlensInputError(f"{name} has {kappa.shape[-1]} pixels per side, the image grid has {self.image_grid.n_pixels}")
+            raise RimlensInputError(
+                f"{name} has {kappa.shape[-1]} pixels per side, the image grid has {self.image_grid.n_pixels}"
+            )
 
     def _check_source(self, source: torch.Tensor) -> None:
         check_map(source, "source")
         if source.shape[-1] != self.source_grid.n_pixels:
-            raise RimlensInputError(f"source has {source.shape[-1]} pixels per side, the source grid has {self.source_grid.n_pixels}")
+            raise RimlensInputError(
+                f"source has {source.shape[-1]} pixels per side, the source grid has {self.source_grid.n_pixels}"
+            )
 
     def _check_image(self, image: torch.Tensor, name: str) -> None:
         check_map(image, name)
         if image.shape[-1] != self.image_grid.n_pixels:
-            raise RimlensInputError(f"{name} has {image.shape[-1]} pixels per side, the image grid has {self.image_grid.n_pixels}")
+            raise RimlensInputError(
+                f"{name} has {image.shape[-1]} pixels per side, the image grid has {self.image_grid.n_pixels}"
+            )
 
     # ------------------------------------------------------------------ forward model
     def deflection(self, kappa: torch.Tensor, check: bool = True) -> torch.Tensor:
@@ -86,9 +101,21 @@ class LensSimulator:
             self._check_kappa(kappa)
         return deflection_field(kappa, self.image_grid.pixel_scale_arcsec, check=False)
 
-    def lens(self, source: torch.Tensor, kappa: torch.Tensor | None = None, *,
-             alpha: torch.Tensor | None = None, check: bool = True) -> torch.Tensor:
-        """Lensed, unblurred image ``B x 1 x N x N`` of ``source`` by ``kappa`` (or by a given deflection ``alpha``)."""
+    def lens(
+        self,
+        source: torch.Tensor,
+        kappa: torch.Tensor | None = None,
+        *,
+        alpha: torch.Tensor | None = None,
+        check: bool = True,
+    ) -> torch.Tensor:
+        """Lensed, unblurred image ``B x 1 x N x N`` of ``source`` by ``kappa`` (or by a given deflection ``alpha``).
+
+        Args:
+            source: ``B x 1 x M x M`` source surface brightness (any units; the output has the same).
+            kappa: ``B x 1 x N x N`` convergence (dimensionless).
+            alpha: ``B x 2 x N x N`` deflection in arcsec, instead of ``kappa``.
+        """
         if (kappa is None) == (alpha is None):
             raise RimlensInputError("give exactly one of kappa or alpha")
         if check:
@@ -96,8 +123,9 @@ class LensSimulator:
             if kappa is not None:
                 self._check_kappa(kappa)
                 check_batch({"source": source.shape[0], "kappa": kappa.shape[0]})
-        if alpha is None:
+        if kappa is not None:
             alpha = self.deflection(kappa, check=False)
+        assert alpha is not None  # exactly one of kappa / alpha was given (checked above)
         x, y = self._xy(alpha)
         beta_x, beta_y = lens_equation(x, y, alpha)
         if source.shape[0] != beta_x.shape[0]:
@@ -106,8 +134,12 @@ class LensSimulator:
             beta_x, beta_y = beta_x.expand(n, -1, -1), beta_y.expand(n, -1, -1)
         return sample_bilinear(source, self.source_grid, beta_x, beta_y)
 
-    def forward(self, source: torch.Tensor, kappa: torch.Tensor, psf, *, check: bool = True) -> torch.Tensor:
-        """Noiseless model image ``PSF * lens(source, kappa)``, shape ``B x 1 x N x N``."""
+    def forward(self, source: torch.Tensor, kappa: torch.Tensor, psf: PSFLike, *, check: bool = True) -> torch.Tensor:
+        """Noiseless model image ``PSF * lens(source, kappa)``, shape ``B x 1 x N x N``.
+
+        ``source`` is ``B x 1 x M x M`` (the image has its units), ``kappa`` ``B x 1 x N x N``
+        (dimensionless); ``psf`` a :class:`PSF` or a kernel.
+        """
         psf = _as_psf(psf)
         if check:
             self._check_source(source)
@@ -117,38 +149,94 @@ class LensSimulator:
 
     __call__ = forward
 
-    def add_noise(self, image: torch.Tensor, noise_sigma, generator: torch.Generator | None = None) -> torch.Tensor:
-        """``image + sigma * N(0, 1)``; Gaussian noise added after the PSF."""
-        sigma = check_noise_sigma(noise_sigma, image.shape[0], tuple(image.shape[-2:]), like=image)
+    def add_noise(
+        self, image: torch.Tensor, noise_sigma: NoiseSigma, generator: torch.Generator | None = None
+    ) -> torch.Tensor:
+        """``image + sigma * N(0, 1)``; Gaussian noise added after the PSF.
+
+        ``image`` is ``B x 1 x N x N``; ``noise_sigma`` (image units) a float, a ``(B,)`` tensor or a
+        ``B x 1 x N x N`` map. Returns a ``B x 1 x N x N`` tensor.
+        """
+        sigma = check_noise_sigma(noise_sigma, image.shape[0], image.shape[-2:], like=image)
         noise = torch.randn(image.shape, generator=generator, dtype=image.dtype, device=image.device)
         return image + sigma * noise
 
-    def simulate(self, source: torch.Tensor, kappa: torch.Tensor, psf, noise_sigma,
-                 generator: torch.Generator | None = None) -> SimulatedLens:
-        """Noiseless and noisy images of a batch of lenses, with their peak SNR."""
+    def simulate(
+        self,
+        source: torch.Tensor,
+        kappa: torch.Tensor,
+        psf: PSFLike,
+        noise_sigma: NoiseSigma,
+        generator: torch.Generator | None = None,
+    ) -> SimulatedLens:
+        """Noiseless and noisy images of a batch of lenses, with their peak SNR.
+
+        Inputs as in :meth:`forward` and :meth:`add_noise`; the images are ``B x 1 x N x N``, the
+        returned ``noise_sigma`` is ``(B,)`` (or the ``B x 1 x N x N`` map) and ``snr`` is ``(B,)``.
+        """
         noiseless = self.forward(source, kappa, psf)
-        sigma = check_noise_sigma(noise_sigma, noiseless.shape[0], tuple(noiseless.shape[-2:]), like=noiseless)
+        sigma = check_noise_sigma(noise_sigma, noiseless.shape[0], noiseless.shape[-2:], like=noiseless)
         observation = self.add_noise(noiseless, sigma, generator)
-        sigma_out = sigma.reshape(-1).expand(noiseless.shape[0]).clone() if sigma.numel() <= noiseless.shape[0] else sigma
+        sigma_out = (
+            sigma.reshape(-1).expand(noiseless.shape[0]).clone() if sigma.numel() <= noiseless.shape[0] else sigma
+        )
         return SimulatedLens(noiseless, observation, sigma_out, peak_snr(noiseless, sigma))
 
     # ------------------------------------------------------------------ likelihood
-    def chi_squared(self, observation, source, kappa, psf, noise_sigma, mask=None, *, check: bool = True) -> torch.Tensor:
-        """Chi-square per example ``(B,)`` of the model ``forward(source, kappa, psf)``."""
+    def chi_squared(
+        self,
+        observation: torch.Tensor,
+        source: torch.Tensor,
+        kappa: torch.Tensor,
+        psf: PSFLike,
+        noise_sigma: NoiseSigma,
+        mask: torch.Tensor | None = None,
+        *,
+        check: bool = True,
+    ) -> torch.Tensor:
+        """Chi-square per example ``(B,)`` of the model ``forward(source, kappa, psf)``.
+
+        ``observation`` is ``B x 1 x N x N``; ``mask`` (optional, broadcastable to it) is True where
+        a pixel is used; the other inputs as in :meth:`simulate`.
+        """
         if check:
             self._check_image(observation, "observation")
         model = self.forward(source, kappa, psf, check=check)
-        sigma = check_noise_sigma(noise_sigma, observation.shape[0], tuple(observation.shape[-2:]), like=observation)
+        sigma = check_noise_sigma(noise_sigma, observation.shape[0], observation.shape[-2:], like=observation)
         return chi_squared(model, observation, sigma, mask)
 
-    def reduced_chi_squared(self, observation, source, kappa, psf, noise_sigma, mask=None) -> torch.Tensor:
-        """Reduced chi-square per example ``(B,)``: chi2 / number of used pixels."""
-        self._check_image(observation, "observation")
-        sigma = check_noise_sigma(noise_sigma, observation.shape[0], tuple(observation.shape[-2:]), like=observation)
-        return self.chi_squared(observation, source, kappa, psf, sigma, mask) / degrees_of_freedom(sigma, observation.shape, mask).clamp_min(1)
+    def reduced_chi_squared(
+        self,
+        observation: torch.Tensor,
+        source: torch.Tensor,
+        kappa: torch.Tensor,
+        psf: PSFLike,
+        noise_sigma: NoiseSigma,
+        mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Reduced chi-square per example ``(B,)``: chi2 / number of used pixels.
 
-    def likelihood_gradient(self, observation, source, log10_kappa, psf, noise_sigma, mask=None, *,
-                            create_graph: bool = False, check: bool = True, functional: bool = False):
+        Inputs as in :meth:`chi_squared`.
+        """
+        self._check_image(observation, "observation")
+        sigma = check_noise_sigma(noise_sigma, observation.shape[0], observation.shape[-2:], like=observation)
+        return self.chi_squared(observation, source, kappa, psf, sigma, mask) / degrees_of_freedom(
+            sigma, observation.shape, mask
+        ).clamp_min(1)
+
+    def likelihood_gradient(
+        self,
+        observation: torch.Tensor,
+        source: torch.Tensor,
+        log10_kappa: torch.Tensor,
+        psf: PSFLike,
+        noise_sigma: NoiseSigma,
+        mask: torch.Tensor | None = None,
+        *,
+        create_graph: bool = False,
+        check: bool = True,
+        functional: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Gradient of the negative log-likelihood ``chi2 / 2`` w.r.t. the source and ``log10 kappa``.
 
         This is what the RIM is fed at every step (with kappa = 10 ** log10_kappa).
@@ -156,7 +244,8 @@ class LensSimulator:
         Args:
             observation: ``B x 1 x N x N``.
             source: ``B x 1 x M x M``.
-            log10_kappa: ``B x 1 x N x N``.
+            log10_kappa: ``B x 1 x N x N`` (log10 of the dimensionless convergence).
+            psf, noise_sigma, mask: as in :meth:`chi_squared`.
             create_graph: keep the graph for second-order derivatives (fine-tuning).
             functional: compute with ``torch.func.grad`` (composable with ``vmap``, for per-sample
                 gradients); the inputs are treated as constants (no second-order path).
@@ -169,18 +258,27 @@ class LensSimulator:
             self._check_image(observation, "observation")
             self._check_source(source)
             self._check_kappa(log10_kappa, "log10_kappa")
-            check_batch({"observation": observation.shape[0], "source": source.shape[0], "log10_kappa": log10_kappa.shape[0]})
-        sigma = check_noise_sigma(noise_sigma, observation.shape[0], tuple(observation.shape[-2:]), like=observation)
+            check_batch(
+                {"observation": observation.shape[0], "source": source.shape[0], "log10_kappa": log10_kappa.shape[0]}
+            )
+        sigma = check_noise_sigma(noise_sigma, observation.shape[0], observation.shape[-2:], like=observation)
         if functional:
-            def half_chi2(s, eta):
+
+            def half_chi2(s: torch.Tensor, eta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
                 chi2 = chi_squared(self.forward(s, torch.pow(10.0, eta), psf, check=False), observation, sigma, mask)
                 return 0.5 * chi2.sum(), chi2
 
-            (g_s, g_eta), chi2 = torch.func.grad(half_chi2, argnums=(0, 1), has_aux=True)(source.detach(), log10_kappa.detach())
+            (g_s, g_eta), chi2 = torch.func.grad(half_chi2, argnums=(0, 1), has_aux=True)(
+                source.detach(), log10_kappa.detach()
+            )
             return g_s, g_eta, chi2
         with torch.enable_grad():
             s = source if (create_graph and source.requires_grad) else source.detach().requires_grad_(True)
-            eta = log10_kappa if (create_graph and log10_kappa.requires_grad) else log10_kappa.detach().requires_grad_(True)
+            eta = (
+                log10_kappa
+                if (create_graph and log10_kappa.requires_grad)
+                else log10_kappa.detach().requires_grad_(True)
+            )
             model = self.forward(s, torch.pow(10.0, eta), psf, check=False)
             chi2 = chi_squared(model, observation, sigma, mask)
             g_s, g_eta = torch.autograd.grad(0.5 * chi2.sum(), (s, eta), create_graph=create_graph)

@@ -14,26 +14,19 @@ test time, an inconsistency we do not reproduce); the *reported* source is ``max
 
 from __future__ import annotations
 
-import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import nn
 
-from rimlens.config import GridConfig
+from rimlens.config import GridConfig, Preset, RIMConfig
 from rimlens.errors import RimlensInputError
-from rimlens.nn.unet import GRUUNet, UNetConfig
+from rimlens.nn.unet import GRUUNet
 from rimlens.physics import PSF, LensSimulator
+from rimlens.physics.convergence import KAPPA_FLOOR, log10_kappa
 
-
-@dataclass(frozen=True)
-class RIMConfig:
-    """Configuration of a RIM: its U-net, number of steps and gradient normalisation."""
-
-    unet: UNetConfig = field(default_factory=UNetConfig)
-    steps: int = 8
-    rmsprop_decay: float = 0.9
-    epsilon: float = 1e-8
+__all__ = ["RIM", "RIMOutput", "rim_loss"]
 
 
 @dataclass
@@ -51,7 +44,13 @@ class RIMOutput:
 
     @property
     def final_kappa(self) -> torch.Tensor:
+        """Convergence of the last step, ``B x 1 x N x N``."""
         return 10 ** self.log10_kappa[-1]
+
+    @classmethod
+    def single_step(cls, source: torch.Tensor, kappa: torch.Tensor) -> RIMOutput:
+        """Final maps ``B x 1 x N x N`` (source, convergence) seen as a one-step output (for the loss)."""
+        return cls(source[None], log10_kappa(kappa)[None], source.new_zeros(0, source.shape[0]))
 
 
 class RIM(nn.Module):
@@ -61,10 +60,17 @@ class RIM(nn.Module):
         config: model configuration.
         grid: image / source grids (they must have the same number of pixels: the U-net stacks
             observation, source and convergence as channels).
+
+    Attributes:
+        preset: the whole configuration the model was built from (set by :meth:`from_preset`; a
+            loaded checkpoint carries it), else ``None``.
+        checkpoint_path: the file it was loaded from, if any.
     """
 
     def __init__(self, config: RIMConfig, grid: GridConfig):
         super().__init__()
+        self.preset: Preset | None = None
+        self.checkpoint_path: Path | None = None
         if grid.image_pixels != grid.source_pixels:
             raise RimlensInputError("the RIM needs image_pixels == source_pixels (they are stacked as channels)")
         levels = config.unet.levels
@@ -74,6 +80,13 @@ class RIM(nn.Module):
         self.simulator = LensSimulator(grid.image_grid, grid.source_grid)
         self.unet = GRUUNet(config.unet)
         self.amp = False  # bfloat16 autocast of the U-net (the simulator stays float32)
+
+    @classmethod
+    def from_preset(cls, preset: Preset) -> RIM:
+        """A freshly initialised RIM for ``preset`` (its ``model`` and ``grid``), remembering the preset."""
+        model = cls(preset.model, preset.grid)
+        model.preset = preset
+        return model
 
     def _unet(self, x, hidden=None):
         if self.amp:  # bfloat16 autocast on CUDA or CPU; states and outputs are returned in float32
@@ -140,26 +153,23 @@ class RIM(nn.Module):
         return RIMOutput(torch.stack(sources), torch.stack(etas), chi2)
 
 
-KAPPA_FLOOR = 1e-6  # log10 of an exactly-zero convergence pixel would poison the loss
+def rim_loss(output: RIMOutput, source: torch.Tensor, kappa: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+    """The RIM's loss (paper eq. 7 / censai_as_run.md section 3), the one loss of rimlens: training,
+    validation, the evaluation's figures of merit and the fine-tuning's Fisher information use it.
 
+    ``loss_b = mean_t [ mean_p (s_t - s)^2 + sum_p w_p (eta_t - log10 kappa)^2 ]`` with
+    ``w_p = sqrt(kappa_p) / sum_q sqrt(kappa_q)`` and kappa floored at ``KAPPA_FLOOR``.
 
-def rim_loss(output: RIMOutput, source: torch.Tensor, kappa: torch.Tensor) -> torch.Tensor:
-    """Training loss (paper eq. 7 / censai_as_run.md section 3), averaged over the batch:
-    ``mean_t [ mean_p (s_t - s)^2 + sum_p w_p (eta_t - log10 kappa)^2 ]``,
-    ``w_p = sqrt(kappa_p) / sum_q sqrt(kappa_q)``."""
-    kappa = kappa.clamp_min(KAPPA_FLOOR)
-    w = torch.sqrt(kappa)
+    Args:
+        output: estimates ``T x B x 1 x N x N`` (:meth:`RIMOutput.single_step` for final maps).
+        source, kappa: truth ``B x 1 x N x N``.
+        reduction: ``"mean"`` (batch mean, a scalar) or ``"none"`` (one value per lens, ``(B,)``).
+    """
+    if reduction not in ("mean", "none"):
+        raise RimlensInputError(f"rim_loss reduction must be 'mean' or 'none', got {reduction!r}")
+    w = torch.sqrt(kappa.clamp_min(KAPPA_FLOOR))
     w = w / w.sum(dim=(-3, -2, -1), keepdim=True)
     src_term = ((output.source - source) ** 2).mean(dim=(-3, -2, -1))  # T x B
-    kap_term = (w * (output.log10_kappa - torch.log10(kappa)) ** 2).sum(dim=(-3, -2, -1))
-    return (src_term + kap_term).mean()
-
-
-def rim_config_to_dict(config: RIMConfig) -> dict:
-    return dataclasses.asdict(config)
-
-
-def rim_config_from_dict(d: dict) -> RIMConfig:
-    from rimlens.config import from_dict
-
-    return from_dict(RIMConfig, d)
+    kap_term = (w * (output.log10_kappa - log10_kappa(kappa)) ** 2).sum(dim=(-3, -2, -1))
+    per_lens = (src_term + kap_term).mean(dim=0)
+    return per_lens.mean() if reduction == "mean" else per_lens

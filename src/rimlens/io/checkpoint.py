@@ -1,20 +1,31 @@
 """Checkpoints: written atomically, carrying their full configuration, loaded all-or-nothing.
 
-A checkpoint is a ``torch.save`` dict: ``format``, ``preset`` (JSON: grids, data, model and
-training configuration), ``model`` (state dict), and for training checkpoints ``optimizer``,
-``step``, ``best_val``, ``history``, ``elapsed_s``. The configuration alone rebuilds the model.
+A checkpoint is a ``torch.save`` dict (read back with ``weights_only=True``: no pickled code):
+``format``, ``model`` (state dict) and the JSON configuration that alone rebuilds the network —
+``preset`` (grids, data, model and training) for a RIM; ``kind``, ``vae`` and ``train`` for a VAE —
+and for training checkpoints ``optimizer``, ``step``, ``best_val``, ``history``, ``elapsed_s``.
+This module is the one place that reads and writes them, for every layer above ``nn``.
 """
 
 from __future__ import annotations
 
+import json
+import shutil
 from importlib import resources
 from pathlib import Path
 
 import torch
 
-from rimlens.config import Preset, preset_from_json
+from rimlens.config import VAEConfig, from_dict, preset_from_json
 from rimlens.errors import RimlensInputError
 from rimlens.io.atomic import atomic_path
+from rimlens.nn.rim import RIM
+from rimlens.nn.vae import VAE
+
+__all__ = [
+    "DEFAULT_MODEL", "default_model_path", "export_model", "load_checkpoint", "load_model", "load_vae",
+    "resolve_model_path", "save_checkpoint", "shipped_vae_path",
+]
 
 FORMAT = "rimlens-checkpoint-1"
 DEFAULT_MODEL = "default"
@@ -47,7 +58,7 @@ def resolve_model_path(path: str | Path) -> Path:
     return path
 
 
-def load_checkpoint(path: str | Path, map_location="cpu") -> dict:
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict:
     """Read a checkpoint dict, with clear errors for corrupt or foreign files."""
     path = resolve_model_path(path)
     try:
@@ -59,24 +70,19 @@ def load_checkpoint(path: str | Path, map_location="cpu") -> dict:
     return ckpt
 
 
-def build_model(preset: Preset):
-    """A fresh RIM for a preset (its ``model`` table is a RIMConfig)."""
-    from rimlens.inference.rim import RIM, rim_config_from_dict
-
-    return RIM(rim_config_from_dict(preset.model), preset.grid)
-
-
-def load_model(path: str | Path = DEFAULT_MODEL, map_location="cpu"):
-    """Rebuild a RIM from a checkpoint alone. All-or-nothing: an incompatible state dict raises
-    :class:`RimlensInputError` and no partially loaded model is returned.
+def load_model(path: str | Path = DEFAULT_MODEL, map_location: str | torch.device = "cpu") -> RIM:
+    """Rebuild a RIM from a checkpoint alone (``'default'``: the shipped model; a run folder: its
+    ``best.pt``). All-or-nothing: an incompatible state dict raises :class:`RimlensInputError` and
+    no partially loaded model is returned.
 
     Returns:
-        ``(model in eval mode, preset, checkpoint dict)``.
+        the RIM in eval mode; ``model.preset`` is its whole configuration and
+        ``model.checkpoint_path`` the file read.
     """
+    path = resolve_model_path(path)
     ckpt = load_checkpoint(path, map_location)
     try:
-        preset = preset_from_json(ckpt["preset"])
-        model = build_model(preset)
+        model = RIM.from_preset(preset_from_json(ckpt["preset"]))
     except (RimlensInputError, TypeError, ValueError, KeyError) as exc:
         raise RimlensInputError(f"checkpoint {path} has an unusable configuration: {exc}") from None
     try:
@@ -84,17 +90,49 @@ def load_model(path: str | Path = DEFAULT_MODEL, map_location="cpu"):
     except RuntimeError as exc:
         first = str(exc).strip().splitlines()[0]
         raise RimlensInputError(f"checkpoint {path} does not match its model configuration: {first}") from None
-    model.eval()
-    return model, preset, ckpt
+    model.checkpoint_path = path
+    return model.eval()
+
+
+def shipped_vae_path(kind: str) -> Path:
+    """Path of the VAE (``kind`` 'source' or 'kappa') shipped with the default model."""
+    if kind not in ("source", "kappa"):
+        raise RimlensInputError(f"VAE kind must be 'source' or 'kappa', got {kind!r}")
+    path = default_model_path().parent / f"vae_{kind}.pt"  # shipped beside the default RIM
+    if not path.exists():
+        raise RimlensInputError(f"no {kind} VAE is shipped with this version; pass one (train it with "
+                                f"`rimlens train-vae {kind}`)")
+    return path
+
+
+def load_vae(path: str | Path | None, kind: str | None = None) -> VAE:
+    """A VAE in eval mode from a VAE checkpoint (all-or-nothing); ``vae.kind`` says which.
+
+    ``path`` None or ``'default'`` loads the shipped VAE of ``kind``; a given ``kind`` is checked.
+    """
+    if path is None or str(path) == "default":
+        if kind is None:
+            raise RimlensInputError("load_vae('default') needs kind='source' or 'kappa'")
+        path = shipped_vae_path(kind)
+    path = resolve_model_path(path)
+    ckpt = load_checkpoint(path)
+    if "vae" not in ckpt or "kind" not in ckpt:
+        raise RimlensInputError(f"{path} is not a VAE checkpoint")
+    if kind is not None and ckpt["kind"] != kind:
+        raise RimlensInputError(f"{path} is a {ckpt['kind']} VAE, but a {kind} VAE is needed")
+    model = VAE(from_dict(VAEConfig, json.loads(ckpt["vae"])))
+    try:
+        model.load_state_dict(ckpt["model"], strict=True)
+    except RuntimeError as exc:
+        raise RimlensInputError(f"VAE checkpoint {path} does not match its configuration: {str(exc).splitlines()[0]}") from None
+    model.kind = ckpt["kind"]
+    return model.eval()
 
 
 def export_model(run_dir: str | Path, out_dir: str | Path, checkpoint: str = "best.pt") -> Path:
     """Package a training run for distribution: ``model.pt`` (weights + configuration + history, no
     optimizer state), ``metrics.csv``, ``training_curve.png`` and ``validation.json`` (the metrics of
     the exported checkpoint and of the mean-map baseline, and how long it trained)."""
-    import json
-    import shutil
-
     run_dir, out_dir = Path(run_dir), Path(out_dir)
     ckpt = load_checkpoint(run_dir / checkpoint)
     load_model(run_dir / checkpoint)  # all-or-nothing check before writing anything
