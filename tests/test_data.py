@@ -16,7 +16,8 @@ from rimlens.data.kappa import einstein_radius, rescale_to_einstein_radius, tng_
 from rimlens.data.lenses import LensGenerator, validate_lenses
 from rimlens.data.random import child_rng
 from rimlens.data.sources import SourceBank, parametric_sources, read_real_galaxy_catalog, shipped_cosmos_stamps
-from rimlens.data.storage import LensDataset, OnTheFlyLenses, generate_dataset, read_lenses
+from rimlens.data.storage import LensDataset, generate_dataset, read_lenses
+from rimlens.data.stream import draw_step_batch, step_batches
 from rimlens.errors import RimlensInputError
 from rimlens.physics import PixelGrid, profiles
 from rimlens.physics.resample import resample_density, resample_flux
@@ -182,17 +183,21 @@ def test_killed_simulate_resumes_to_identical_file(tmp_path):
     assert len(done_before) < 30
 
 
-def test_on_the_fly_stream_is_seeded_per_worker():
+def test_training_stream_depends_on_the_step_alone():
+    """The one on-the-fly stream: a step's batch is a pure function of (seed, shard, step), one
+    process with shards 0, 1 draws what two ranks draw, and DataLoader workers draw the same batches."""
     preset = get_preset("tiny")
-    s1 = next(iter(OnTheFlyLenses(preset, 4, seed=1)))
-    s2 = next(iter(OnTheFlyLenses(preset, 4, seed=1)))
-    other_rank = next(iter(OnTheFlyLenses(preset, 4, seed=1, rank=1)))
-    assert torch.equal(s1["observation"], s2["observation"])
-    assert not torch.equal(s1["observation"], other_rank["observation"])
-    loader = torch.utils.data.DataLoader(OnTheFlyLenses(preset, 4, seed=1), batch_size=None, num_workers=2)
-    it = iter(loader)
-    w0, w1 = next(it), next(it)
-    assert not torch.equal(w0["observation"], w1["observation"])
+    gen = LensGenerator(preset, split="train", bank_seed=1)
+    a, again = draw_step_batch(gen, 1, [0], 4, 5), draw_step_batch(LensGenerator(preset, bank_seed=1), 1, [0], 4, 5)
+    assert torch.equal(a.observation, again.observation)
+    assert not torch.equal(a.observation, draw_step_batch(gen, 1, [0], 4, 6).observation)
+    both = draw_step_batch(gen, 1, [0, 1], 4, 5)
+    rank1 = draw_step_batch(gen, 1, [1], 4, 5)
+    assert torch.equal(both.observation, torch.cat([a.observation, rank1.observation]))
+    batches = step_batches(gen, 1, [0], 4, 5, 8, workers=2)
+    drawn = list(batches)
+    batches.close()
+    assert len(drawn) == 3 and torch.equal(drawn[0].observation, a.observation)
 
 
 def test_cli_simulate_and_show(tmp_path):

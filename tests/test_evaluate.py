@@ -6,9 +6,9 @@ import json
 import numpy as np
 import torch
 
-from rimlens.config import get_preset
+from rimlens.config import get_preset, with_train_settings
 from rimlens.data.lenses import LensGenerator
-from rimlens.evaluate.metrics import chi2_nu_distribution, coherence_spectrum, rim_style_loss
+from rimlens.evaluate.metrics import chi2_nu_distribution, coherence_spectrum, lens_losses
 from rimlens.inference.map_fit import MAPOptions, fit_map
 from rimlens.physics import LensSimulator
 
@@ -35,7 +35,7 @@ def test_chi2_distribution_is_normalised():
 def test_loss_is_zero_for_truth():
     s = torch.rand(2, 1, 8, 8)
     k = torch.rand(2, 1, 8, 8) + 0.1
-    assert np.allclose(rim_style_loss(s, k, s, k), 0)
+    assert np.allclose(lens_losses(s, k, s, k), 0)
 
 
 def test_map_fit_lowers_chi2_from_start():
@@ -53,10 +53,10 @@ def test_map_fit_lowers_chi2_from_start():
     psf = PSF.from_kernel(b.psf.double())
     sig = b.noise_sigma.double().reshape(-1, 1, 1, 1)
     start = reduced_chi_squared(sim.forward(start_s, start_k, psf), b.observation.double(), sig)
-    assert torch.all(long["chi2_nu"] < 0.2 * start)
+    assert torch.all(long.chi2_nu < 0.2 * start)
     # (its log10 kappa error need not fall: a pixelated kappa with only a smoothness prior is
     # ill-constrained -- on this pair it ends further from the truth than the SIS start)
-    assert torch.all(long["source"] >= 0) and torch.all(long["kappa"] > 0)
+    assert torch.all(long.source >= 0) and torch.all(long.kappa > 0)
 
 
 def test_evaluate_report(tmp_path):
@@ -65,7 +65,7 @@ def test_evaluate_report(tmp_path):
     from rimlens.train import Trainer
 
     preset = get_preset("tiny")
-    Trainer(dataclasses.replace(preset, train={**preset.train, "max_steps": 2, "val_size": 4}), tmp_path / "run", progress=False).train()
+    Trainer(with_train_settings(preset, {"max_steps": 2, "val_size": 4}), tmp_path / "run", progress=False).train()
     data = generate_dataset(tmp_path / "t.h5", preset, 8, seed=1, split="test", noise="high", block_size=8, progress=False)
     assert main(["evaluate", str(tmp_path / "run"), str(data), "--out", str(tmp_path / "ev"), "--map", "2"]) == 0
     m = json.loads((tmp_path / "ev" / "metrics.json").read_text())

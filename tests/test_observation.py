@@ -146,11 +146,11 @@ def test_folder_of_lenses_sharded_and_resumable(tmp_path):
     import subprocess
     import sys
 
-    from rimlens.config import get_preset
+    from rimlens.config import get_preset, with_train_settings
     from rimlens.train import Trainer
 
     p = get_preset("tiny")
-    Trainer(dataclasses.replace(p, train={**p.train, "max_steps": 1, "val_size": 4}), tmp_path / "run", progress=False).train()
+    Trainer(with_train_settings(p, {"max_steps": 1, "val_size": 4}), tmp_path / "run", progress=False).train()
     rng = np.random.default_rng(0)
     psf = np.exp(-0.5 * (np.arange(7) - 3) ** 2)
     for i in range(3):

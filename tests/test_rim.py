@@ -9,25 +9,26 @@ import pytest
 import torch
 
 from rimlens.config import get_preset
-from rimlens.errors import RimlensInputError
-from rimlens.inference.rim import RIM, RIMConfig, rim_config_from_dict, rim_loss
-from rimlens.nn.unet import GRUUNet, UNetConfig, count_parameters
-from rimlens.train import Trainer, load_model
-from rimlens.train.checkpoint import save_checkpoint
+from rimlens.errors import RimlensInputError, TrainingDivergedError
+from rimlens.config import RIMConfig, UNetConfig, with_train_settings
+from rimlens.io.checkpoint import load_model, save_checkpoint
+from rimlens.nn.rim import RIM, rim_loss
+from rimlens.nn.unet import GRUUNet, count_parameters
+from rimlens.train import Trainer
 
 
 def _tiny(**train):
     p = get_preset("tiny")
-    return dataclasses.replace(p, train={**p.train, **train})
+    return with_train_settings(p, {**train})
 
 
 def test_shapes_and_dtypes_through_steps():
     p = get_preset("tiny")
-    rim = RIM(rim_config_from_dict(p.model), p.grid)
+    rim = RIM(p.model, p.grid)
     obs = torch.rand(3, 1, 32, 32)
     psf = torch.ones(3, 1, 5, 5) / 25
     out = rim(obs, psf, torch.full((3,), 0.05))
-    t = p.model["steps"]
+    t = p.model.steps
     assert out.source.shape == (t, 3, 1, 32, 32) and out.log10_kappa.shape == (t, 3, 1, 32, 32)
     assert out.chi2.shape == (t - 1, 3) and out.source.dtype == torch.float32
     assert torch.all(out.final_source >= 0) and torch.all(out.final_kappa > 0)
@@ -42,7 +43,7 @@ def test_shapes_and_dtypes_through_steps():
 def test_paper128_builds_with_paper_parameter_count():
     p = get_preset("paper128")
     with torch.device("meta"):
-        unet = GRUUNet(rim_config_from_dict(p.model).unet)
+        unet = GRUUNet(p.model.unet)
     n = count_parameters(unet)
     assert 3.4e8 <= n <= 3.6e8, n
 
@@ -58,13 +59,13 @@ def test_tiny_training_beats_trivial_baseline(tmp_path):
     # 4-step tiny network learns the convergence first, its source error is then near the baseline's)
     trainer = Trainer(_tiny(max_steps=1200, val_every=1200, val_size=64), tmp_path / "run", progress=False)
     before = trainer.evaluate()
-    result = trainer.train()
+    result = trainer.train().last
     assert result["val_loss"] < 0.5 * result["baseline_loss"], result
     assert result["val_loss"] < 0.1 * before["val_loss"]
     assert result["val_log10_kappa_mse"] < result["baseline_log10_kappa_mse"]
     assert (tmp_path / "run" / "metrics.csv").exists() and (tmp_path / "run" / "training_curve.png").exists()
-    model, preset, _ = load_model(tmp_path / "run")
-    assert preset == trainer.preset
+    model = load_model(tmp_path / "run")
+    assert model.preset == trainer.preset and model.checkpoint_path == tmp_path / "run" / "best.pt"
 
 
 def _weights(path):
@@ -74,7 +75,7 @@ def _weights(path):
 def test_resume_is_exact(tmp_path):
     cfg = _tiny(max_steps=4, val_every=1000, checkpoint_every=1000, val_size=8)
     Trainer(cfg, tmp_path / "straight", progress=False).train()
-    t = Trainer(dataclasses.replace(cfg, train={**cfg.train, "max_steps": 2}), tmp_path / "split", progress=False)
+    t = Trainer(with_train_settings(cfg, {"max_steps": 2}), tmp_path / "split", progress=False)
     t.train()
     t2 = Trainer(cfg, tmp_path / "split", resume=True, progress=False)
     t2.cfg = dataclasses.replace(t2.cfg, max_steps=4)
@@ -106,12 +107,12 @@ def test_data_workers_draw_the_same_batches(tmp_path):
 
 
 def test_worker_input_errors_reach_the_user_as_one_line(tmp_path, monkeypatch):
-    from rimlens.train import engine
+    from rimlens.data import stream
 
     def bad_draw(*args, **kwargs):
         raise RimlensInputError("validation rejected almost every lens")
 
-    monkeypatch.setattr(engine, "draw_step_batch", bad_draw)  # forked workers inherit the patch
+    monkeypatch.setattr(stream, "draw_step_batch", bad_draw)  # forked workers inherit the patch
     t = Trainer(_tiny(max_steps=3, val_every=1000, val_size=4, data_workers=1), tmp_path / "run", progress=False)
     with pytest.raises(RimlensInputError) as err:
         t.train()
@@ -130,7 +131,7 @@ def test_training_stops_at_a_non_finite_loss_keeping_good_checkpoints(tmp_path, 
 
     t = Trainer(_tiny(max_steps=10, val_every=2, checkpoint_every=2, val_size=4), tmp_path / "run", progress=False)
     monkeypatch.setattr(engine, "rim_loss", diverges)
-    with pytest.raises(RimlensInputError, match="non-finite at step"):
+    with pytest.raises(TrainingDivergedError, match="non-finite loss"):
         t.train()
     monkeypatch.setattr(engine, "rim_loss", real)
     weights = _weights(tmp_path / "run" / "latest.pt")
@@ -169,7 +170,7 @@ def test_corrupt_and_incompatible_checkpoints(tmp_path):
         load_model(tmp_path / "junk.pt")
     ckpt = torch.load(good, weights_only=True)
     other = get_preset("tiny")
-    other = dataclasses.replace(other, model={**other.model, "unet": {**other.model["unet"], "filters": [4, 8, 16]}})
+    other = dataclasses.replace(other, model=dataclasses.replace(other.model, unet=dataclasses.replace(other.model.unet, filters=(4, 8, 16))))
     save_checkpoint(tmp_path / "mismatch.pt", {**{k: v for k, v in ckpt.items() if k != "format"}, "preset": other.to_json()})
     with pytest.raises(RimlensInputError, match="does not match"):
         load_model(tmp_path / "mismatch.pt")
@@ -264,7 +265,7 @@ def test_init_from_weights(tmp_path):
     t = Trainer(cfg, tmp_path / "b", progress=False, init_from=tmp_path / "a")
     a = torch.load(tmp_path / "a" / "latest.pt", weights_only=True)["model"]
     assert all(torch.equal(a[k], v) for k, v in t.model.state_dict().items())
-    other = dataclasses.replace(cfg, model={**cfg.model, "steps": 3})
+    other = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, steps=3))
     with pytest.raises(RimlensInputError, match="differs"):
         Trainer(other, tmp_path / "c", progress=False, init_from=tmp_path / "a")
 
@@ -275,11 +276,9 @@ def test_bf16_autocast_path_runs_and_returns_float32():
     import numpy as np
 
     from rimlens.data.lenses import LensGenerator
-    from rimlens.train.checkpoint import build_model
-
     p = get_preset("tiny")
     torch.manual_seed(0)
-    model = build_model(p)
+    model = RIM.from_preset(p)
     b = LensGenerator(p).draw(np.random.default_rng(0), 2)
     model.amp = True
     out = model(b.observation, b.psf, b.noise_sigma)

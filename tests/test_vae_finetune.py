@@ -6,13 +6,15 @@ import numpy as np
 import pytest
 import torch
 
-from rimlens.config import get_preset
-from rimlens.errors import RimlensInputError
+from rimlens.config import get_preset, with_train_settings
+from rimlens.errors import RimlensInputError, TrainingDivergedError
 from rimlens.inference.finetune import FinetuneOptions, fisher_diagonal, finetune
-from rimlens.nn.vae import VAE, VAEConfig
+from rimlens.config import VAEConfig
+from rimlens.nn.vae import VAE
 from rimlens.physics import PSF
 from rimlens.train import Trainer
-from rimlens.train.vae import VAETrainer, load_vae
+from rimlens.io.checkpoint import load_vae
+from rimlens.train.vae import VAETrainer
 
 
 @pytest.fixture(scope="module")
@@ -23,7 +25,7 @@ def tiny_vaes(tmp_path_factory):
         t = VAETrainer(kind, get_preset("tiny"), root / kind, train={"max_steps": 500, "val_every": 500, "batch_size": 16,
                                                                       "learning_rate": 1e-3, "val_size": 32}, progress=False)
         first = t.evaluate()
-        last = t.train()
+        last = t.train().last
         out[kind] = (t, first, last, root / kind)
     return out
 
@@ -36,12 +38,12 @@ def test_vae_loss_falls_and_reconstructs_better_than_mean(tiny_vaes):
 
 
 def test_vae_samples_shape_and_range(tiny_vaes):
-    src, _ = load_vae(tiny_vaes["source"][3] / "latest.pt")
+    src = load_vae(tiny_vaes["source"][3] / "latest.pt")
     s = src.sample(5, torch.Generator().manual_seed(0))
     assert s.shape == (5, 1, 32, 32) and float(s.min()) >= 0 and float(s.max()) <= 1
-    kap, kind = load_vae(tiny_vaes["kappa"][3] / "latest.pt")
+    kap = load_vae(tiny_vaes["kappa"][3] / "latest.pt")
     k = kap.sample(5, torch.Generator().manual_seed(0))
-    assert kind == "kappa" and k.shape == (5, 1, 32, 32) and torch.isfinite(k).all()
+    assert kap.kind == "kappa" and k.shape == (5, 1, 32, 32) and torch.isfinite(k).all()
 
 
 def test_vae_resume_and_bad_grid(tmp_path):
@@ -63,7 +65,7 @@ def test_vae_resume_and_bad_grid(tmp_path):
 def tiny_rim(tmp_path_factory):
     root = tmp_path_factory.mktemp("rim")
     p = get_preset("tiny")
-    t = Trainer(dataclasses.replace(p, train={**p.train, "max_steps": 150, "val_every": 150, "val_size": 8}), root, progress=False)
+    t = Trainer(with_train_settings(p, {"max_steps": 150, "val_every": 150, "val_size": 8}), root, progress=False)
     t.train()
     batch = t.generator.draw(np.random.default_rng(123), 1)
     return t.model.eval(), batch
@@ -71,8 +73,8 @@ def tiny_rim(tmp_path_factory):
 
 def test_fisher_is_finite_and_non_negative(tiny_rim, tiny_vaes):
     model, b = tiny_rim
-    src_vae, _ = load_vae(tiny_vaes["source"][3] / "latest.pt")
-    kap_vae, _ = load_vae(tiny_vaes["kappa"][3] / "latest.pt")
+    src_vae = load_vae(tiny_vaes["source"][3] / "latest.pt")
+    kap_vae = load_vae(tiny_vaes["kappa"][3] / "latest.pt")
     out = model(b.observation, b.psf, b.noise_sigma)
     f = fisher_diagonal(model, b.observation, PSF.from_kernel(b.psf), b.noise_sigma, src_vae, kap_vae,
                         out.source[-1].detach(), out.log10_kappa[-1].detach(), FinetuneOptions(n_samples=4))
@@ -82,8 +84,8 @@ def test_fisher_is_finite_and_non_negative(tiny_rim, tiny_vaes):
 
 def test_finetune_lambda_limits_and_never_worse(tiny_rim, tiny_vaes):
     model, b = tiny_rim
-    src_vae, _ = load_vae(tiny_vaes["source"][3] / "latest.pt")
-    kap_vae, _ = load_vae(tiny_vaes["kappa"][3] / "latest.pt")
+    src_vae = load_vae(tiny_vaes["source"][3] / "latest.pt")
+    kap_vae = load_vae(tiny_vaes["kappa"][3] / "latest.pt")
     before = {k: v.clone() for k, v in model.state_dict().items()}
     free = finetune(model, b.observation, b.psf, b.noise_sigma, src_vae, kap_vae,
                     FinetuneOptions(ewc_lambda=0.0, learning_rate=1e-4, n_samples=2, max_steps=15, target_chi2_nu=0.0))
@@ -102,8 +104,8 @@ def test_finetune_lambda_limits_and_never_worse(tiny_rim, tiny_vaes):
 
 def test_fisher_vmap_equals_loop(tiny_rim, tiny_vaes):
     model, b = tiny_rim
-    src_vae, _ = load_vae(tiny_vaes["source"][3] / "latest.pt")
-    kap_vae, _ = load_vae(tiny_vaes["kappa"][3] / "latest.pt")
+    src_vae = load_vae(tiny_vaes["source"][3] / "latest.pt")
+    kap_vae = load_vae(tiny_vaes["kappa"][3] / "latest.pt")
     out = model(b.observation, b.psf, b.noise_sigma)
     args = (model, b.observation, PSF.from_kernel(b.psf), b.noise_sigma, src_vae, kap_vae,
             out.source[-1].detach(), out.log10_kappa[-1].detach())
@@ -130,8 +132,8 @@ def test_vae_samples_as_training_family(tiny_vaes):
 def test_fisher_uses_the_noise_map_and_mask(tiny_rim, tiny_vaes):
     """A noise map whose masked corner says 1e6 must not put 1e6 noise into the Fisher lenses."""
     model, b = tiny_rim
-    src_vae, _ = load_vae(tiny_vaes["source"][3] / "latest.pt")
-    kap_vae, _ = load_vae(tiny_vaes["kappa"][3] / "latest.pt")
+    src_vae = load_vae(tiny_vaes["source"][3] / "latest.pt")
+    kap_vae = load_vae(tiny_vaes["kappa"][3] / "latest.pt")
     out = model(b.observation, b.psf, b.noise_sigma)
     args = (model, b.observation, PSF.from_kernel(b.psf))
     est = (src_vae, kap_vae, out.source[-1].detach(), out.log10_kappa[-1].detach())
@@ -154,7 +156,7 @@ def test_evaluate_with_finetuning(tmp_path, tiny_vaes):
     from rimlens.data.storage import generate_dataset
 
     p = get_preset("tiny")
-    Trainer(dataclasses.replace(p, train={**p.train, "max_steps": 2, "val_size": 4}), tmp_path / "run", progress=False).train()
+    Trainer(with_train_settings(p, {"max_steps": 2, "val_size": 4}), tmp_path / "run", progress=False).train()
     data = generate_dataset(tmp_path / "t.h5", p, 4, seed=3, split="test", noise="high", block_size=4, progress=False)
     assert main(["evaluate", str(tmp_path / "run"), str(data), "--out", str(tmp_path / "ev"), "--finetune", "2",
                  "--finetune-steps", "3", "--source-vae", str(tiny_vaes["source"][3] / "latest.pt"), "--kappa-vae", str(tiny_vaes["kappa"][3] / "latest.pt")]) == 0
@@ -178,8 +180,8 @@ def test_pixel_refinement_stops_at_the_noise_level(tiny_rim, tiny_vaes):
     from rimlens.physics.likelihood import reduced_chi_squared
 
     model, b = tiny_rim
-    src_vae, _ = load_vae(tiny_vaes["source"][3] / "latest.pt")
-    kap_vae, _ = load_vae(tiny_vaes["kappa"][3] / "latest.pt")
+    src_vae = load_vae(tiny_vaes["source"][3] / "latest.pt")
+    kap_vae = load_vae(tiny_vaes["kappa"][3] / "latest.pt")
     # through finetune(): no weight fine-tuning asked for, the refinement improves the RIM estimate
     r = finetune(model, b.observation, b.psf, b.noise_sigma, src_vae, kap_vae, FinetuneOptions(max_steps=0, refine_steps=50))
     assert r.baseline_chi2_nu > 1.2  # the tiny RIM is far from the noise: the stage has work to do
@@ -204,8 +206,8 @@ def test_pixel_refinement_stops_at_the_noise_level(tiny_rim, tiny_vaes):
 
 def test_finetune_options_and_adam(tiny_rim, tiny_vaes):
     model, b = tiny_rim
-    src_vae, _ = load_vae(tiny_vaes["source"][3] / "latest.pt")
-    kap_vae, _ = load_vae(tiny_vaes["kappa"][3] / "latest.pt")
+    src_vae = load_vae(tiny_vaes["source"][3] / "latest.pt")
+    kap_vae = load_vae(tiny_vaes["kappa"][3] / "latest.pt")
     r = finetune(model, b.observation, b.psf, b.noise_sigma, src_vae, kap_vae,
                  FinetuneOptions(optimizer="adam", learning_rate=1e-4, n_samples=2, max_steps=5, target_chi2_nu=0.0))
     assert r.chi2_nu <= r.baseline_chi2_nu and r.steps == 5 and r.weight_change > 0
@@ -226,10 +228,10 @@ def test_finetune_options_and_adam(tiny_rim, tiny_vaes):
 
 
 def test_shipped_vaes_load_by_kind():
-    vae, kind = load_vae("default", kind="kappa")
-    assert kind == "kappa"
+    vae = load_vae("default", kind="kappa")
+    assert vae.kind == "kappa"
     with pytest.raises(RimlensInputError, match="kappa VAE"):
-        from rimlens.train.vae import shipped_vae_path
+        from rimlens.io.checkpoint import shipped_vae_path
 
         load_vae(shipped_vae_path("source"), kind="kappa")
     with pytest.raises(RimlensInputError, match="needs kind"):
@@ -249,7 +251,7 @@ def test_evaluate_sharded_equals_single_and_resumes(tmp_path, tiny_vaes, monkeyp
     from rimlens.data.storage import generate_dataset
 
     p = get_preset("tiny")
-    Trainer(dataclasses.replace(p, train={**p.train, "max_steps": 2, "val_size": 4}), tmp_path / "run", progress=False).train()
+    Trainer(with_train_settings(p, {"max_steps": 2, "val_size": 4}), tmp_path / "run", progress=False).train()
     data = generate_dataset(tmp_path / "t.h5", p, 5, seed=5, split="test", noise="high", block_size=5, progress=False)
     vae_args = ["--source-vae", str(tiny_vaes["source"][3] / "latest.pt"), "--kappa-vae", str(tiny_vaes["kappa"][3] / "latest.pt")]
     args = [str(tmp_path / "run"), str(data), "--finetune", "3", "--finetune-mode", "refine", "--map", "3",
@@ -310,14 +312,14 @@ def test_vae_training_stops_at_a_non_finite_loss(tmp_path, monkeypatch):
         return (loss * float("nan") if len(calls) > 4 else loss), terms
 
     monkeypatch.setattr(t.model, "loss", diverges)
-    with pytest.raises(RimlensInputError, match="non-finite at step"):
+    with pytest.raises(TrainingDivergedError, match="non-finite loss"):
         t.train()
-    vae, kind = load_vae(tmp_path / "v" / "latest.pt")
-    assert kind == "kappa" and all(torch.isfinite(p).all() for p in vae.parameters())
+    vae = load_vae(tmp_path / "v" / "latest.pt")
+    assert vae.kind == "kappa" and all(torch.isfinite(p).all() for p in vae.parameters())
 
 
 def test_finetune_refuses_vaes_of_another_grid(tiny_rim):
     model, b = tiny_rim  # 32-px tiny RIM; the shipped VAEs work on 64-px maps
     with pytest.raises(RimlensInputError, match="source VAE works on 64 px maps but the model's source grid has 32 px"):
-        finetune(model, b.observation, b.psf, b.noise_sigma, load_vae("default", kind="source")[0],
-                 load_vae("default", kind="kappa")[0], FinetuneOptions.refine_only())
+        finetune(model, b.observation, b.psf, b.noise_sigma, load_vae("default", kind="source"),
+                 load_vae("default", kind="kappa"), FinetuneOptions.refine_only())

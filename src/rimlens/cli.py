@@ -5,7 +5,6 @@ exit code 2, never a traceback; a diverged training run ends with a one-line mes
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import sys
@@ -19,11 +18,11 @@ from rimlens.data.storage import show_lenses, simulate_lenses
 from rimlens.distributed import RankFailedError, process_group
 from rimlens.errors import RimlensInputError, TrainingDivergedError
 from rimlens.evaluate.report import evaluate_testset
-from rimlens.inference.finetune import FinetuneOptions, check_vae_grids
+from rimlens.inference.finetune import FinetuneOptions
 from rimlens.inference.map_fit import MAPOptions, fit_map_file
 from rimlens.inference.pipeline import FinetuneSetup, reconstruct_folder, reconstruct_observation, run_demo
 from rimlens.inference.predict import predict_file
-from rimlens.io.checkpoint import export_model, load_model, load_vae
+from rimlens.io.checkpoint import export_model, load_model
 from rimlens.train.engine import train_rim
 from rimlens.train.vae import train_vae
 
@@ -46,18 +45,6 @@ def _parse_settings(items) -> dict:
     return out
 
 
-def _finetune_options(mode: str, steps: int | None, refine: bool | None) -> FinetuneOptions:
-    """Options of ``--finetune-mode`` with the ``--finetune-steps`` and ``--refine/--no-refine`` overrides."""
-    opts = {"fast": FinetuneOptions.fast, "paper": FinetuneOptions.paper, "refine": FinetuneOptions.refine_only}[mode]()
-    if steps is not None:
-        opts = dataclasses.replace(opts, max_steps=steps)
-    if refine is False:
-        opts = dataclasses.replace(opts, refine_steps=0)
-    elif refine and opts.refine_steps == 0:
-        opts = dataclasses.replace(opts, refine_steps=FinetuneOptions.fast().refine_steps)
-    return opts
-
-
 def _with_finetune_options(fn):
     options = [
         click.option("--source-vae", default=None, help="Source VAE checkpoint (default: the shipped one)."),
@@ -76,11 +63,7 @@ def _with_finetune_options(fn):
 
 
 def _finetune_setup(source_vae, kappa_vae, mode, steps, refine, model=None) -> FinetuneSetup:
-    setup = FinetuneSetup(load_vae(source_vae, kind="source"), load_vae(kappa_vae, kind="kappa"),
-                          _finetune_options(mode, steps, refine))
-    if model is not None:
-        check_vae_grids(model, setup.source_vae, setup.kappa_vae)
-    return setup
+    return FinetuneSetup.load(source_vae, kappa_vae, FinetuneOptions.for_mode(mode, steps, refine), model)
 
 
 def _refuse(given: dict, why: str) -> None:

@@ -11,7 +11,9 @@ import numpy as np
 import torch
 
 from rimlens.config import NOISE_RECIPES, DataConfig, GridConfig, Preset, ValidationConfig
-from rimlens.data.kappa import AnalyticKappaConfig, analytic_kappa, random_dihedral, rescale_to_einstein_radius
+from rimlens.data.kappa import (AnalyticKappaConfig, analytic_kappa, random_dihedral, rescale_to_einstein_radius,
+                                tng_evaluation_maps)
+from rimlens.data.particles import kappa_from_particles, synthetic_galaxy
 from rimlens.data.random import child_rng, truncated_normal
 from rimlens.data.sources import ParametricSourceConfig, SourceBank, parametric_sources
 from rimlens.data.vae_family import VAESampler
@@ -141,8 +143,7 @@ class LensGenerator:
     def particle_bank(self) -> torch.Tensor:
         """Convergence maps of synthetic particle galaxies, un-rescaled (``K x 1 x N x N``)."""
         if self._particle_bank is None:
-            from rimlens.data.particles import kappa_from_particles, synthetic_galaxy
-
+    
             rng = child_rng(self.bank_seed, 7)
             maps = []
             for _ in range(self.data.particle_bank_size):
@@ -196,8 +197,7 @@ class LensGenerator:
                     bank = self.particle_bank
                     base = random_dihedral(bank[rng.integers(0, len(bank), len(idx))], rng)
                 elif fam == "tng":  # evaluation only (refused for training in __init__)
-                    from rimlens.data.kappa import tng_evaluation_maps
-
+            
                     maps = tng_evaluation_maps(self.image_grid)
                     base = random_dihedral(maps[rng.integers(0, len(maps), len(idx))], rng)
                 else:  # vae

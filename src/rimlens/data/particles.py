@@ -17,8 +17,12 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
+import astropy.units as u
+import h5py
 import numpy as np
 import torch
+from astropy.constants import G, c
+from astropy.cosmology import Planck18
 from scipy.spatial import cKDTree
 from scipy.spatial.transform import Rotation
 from scipy.special import erf
@@ -33,11 +37,8 @@ N_NEIGHBOURS = 64
 @functools.lru_cache(maxsize=32)
 def critical_density_msun_per_arcsec2(z_lens: float = 0.5, z_source: float = 1.5, cosmology=None) -> tuple[float, float]:
     """``(Sigma_crit in M_sun / arcsec^2, kpc per arcsec at z_lens)`` for a cosmology (Planck18 default)."""
-    import astropy.units as u
-    from astropy.constants import G, c
-
     if cosmology is None:
-        from astropy.cosmology import Planck18 as cosmology
+        cosmology = Planck18
     d_d = cosmology.angular_diameter_distance(z_lens)
     d_s = cosmology.angular_diameter_distance(z_source)
     try:  # astropy >= 7 takes (z1, z2); older releases only have the _z1z2 method
@@ -143,7 +144,6 @@ def read_tng_cutout(path: str | Path, part_types=(0, 1, 4, 5)) -> tuple[np.ndarr
     Returns:
         ``(positions P x 3 in physical kpc, masses (P,) in M_sun)``.
     """
-    import h5py
 
     path = Path(path)
     try:

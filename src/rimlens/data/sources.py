@@ -17,6 +17,8 @@ from importlib import resources
 from pathlib import Path
 
 import numpy as np
+from astropy.io import fits
+from astropy.table import Table
 import torch
 import torch.nn.functional as F
 
@@ -49,8 +51,6 @@ def read_real_galaxy_catalog(catalog_path: str | Path, image_dir: str | Path | N
     Raises:
         RimlensInputError: unreadable or foreign files, missing columns, missing images.
     """
-    from astropy.io import fits
-    from astropy.table import Table
 
     catalog_path = Path(catalog_path)
     image_dir = Path(image_dir) if image_dir is not None else catalog_path.parent

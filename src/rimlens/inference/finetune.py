@@ -19,6 +19,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 import time
 from dataclasses import dataclass, field
@@ -98,6 +99,22 @@ class FinetuneOptions:
         """The paper's settings (lambda 1e5, RMSprop lr 1e-6, 100 samples, 2000 steps), no refinement."""
         return cls(**changes)
 
+    @classmethod
+    def for_mode(cls, mode: str = "fast", max_steps: int | None = None, refine: bool | None = None) -> "FinetuneOptions":
+        """Options of a named mode (``fast``, ``paper`` or ``refine``), with an optional step limit and
+        the pixel refinement forced on or off (``None``: the mode's default)."""
+        modes = {"fast": cls.fast, "paper": cls.paper, "refine": cls.refine_only}
+        if mode not in modes:
+            raise RimlensInputError(f"fine-tuning mode must be one of {sorted(modes)}, got {mode!r}")
+        opts = modes[mode]()
+        if max_steps is not None:
+            opts = dataclasses.replace(opts, max_steps=max_steps)
+        if refine is False:
+            opts = dataclasses.replace(opts, refine_steps=0)
+        elif refine and opts.refine_steps == 0:
+            opts = dataclasses.replace(opts, refine_steps=cls.fast().refine_steps)
+        return opts
+
 
 @dataclass
 class FinetuneResult:
@@ -122,7 +139,7 @@ def _estimates(model, obs, psf, sigma, mask=None):
     return out, src, eta
 
 
-def fisher_diagonal(model, observation, psf: PSF, noise_sigma, source_vae, kappa_vae, source_hat, eta_hat,
+def fisher_diagonal(model: RIM, observation, psf: PSF, noise_sigma, source_vae: VAE, kappa_vae: VAE, source_hat, eta_hat,
                     options: FinetuneOptions, mask: torch.Tensor | None = None) -> list[torch.Tensor]:
     """Diagonal Fisher information of the RIM weights from lenses drawn around the estimate.
 
@@ -176,7 +193,7 @@ def _fisher_vmap(model, y_tilde, kernel, sig, s_tilde, eta_tilde, options, mask=
     return [fisher[n] for n in names]
 
 
-def check_vae_grids(model, source_vae, kappa_vae) -> None:
+def check_vae_grids(model: RIM, source_vae: VAE, kappa_vae: VAE) -> None:
     """Refuse VAEs whose maps do not match the RIM's source and image grids."""
     for vae, name, n in ((source_vae, "source", model.grid.source_pixels), (kappa_vae, "kappa", model.grid.image_pixels)):
         if vae.config.image_pixels != n:
@@ -184,7 +201,7 @@ def check_vae_grids(model, source_vae, kappa_vae) -> None:
                                     f"has {n} px; pass a matching {name} VAE")
 
 
-def finetune(model, observation: torch.Tensor, psf, noise_sigma, source_vae, kappa_vae,
+def finetune(model: RIM, observation: torch.Tensor, psf, noise_sigma, source_vae: VAE, kappa_vae: VAE,
              options: FinetuneOptions | None = None, mask: torch.Tensor | None = None,
              fisher: list[torch.Tensor] | None = None) -> FinetuneResult:
     """Fine-tune a copy of ``model`` on one observation (``1 x 1 x N x N``); the model is not modified.

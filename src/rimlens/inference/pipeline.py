@@ -16,10 +16,11 @@ import torch
 
 from rimlens.data.lenses import LensGenerator
 from rimlens.data.random import child_rng
-from rimlens.distributed import barrier, rank_and_world
+from rimlens.distributed import collective_failure, rank_and_world
 from rimlens.errors import RimlensInputError
-from rimlens.inference.finetune import FinetuneOptions, finetune
+from rimlens.inference.finetune import FinetuneOptions, check_vae_grids, finetune
 from rimlens.io.atomic import atomic_path
+from rimlens.io.checkpoint import load_vae
 from rimlens.io.observation import PreparedObservation, load_observation, prepare_observation
 from rimlens.io.products import write_products
 from rimlens.nn.rim import RIM
@@ -41,6 +42,15 @@ class FinetuneSetup:
     source_vae: VAE
     kappa_vae: VAE
     options: FinetuneOptions = field(default_factory=FinetuneOptions.fast)
+
+    @classmethod
+    def load(cls, source_vae: str | Path | None = None, kappa_vae: str | Path | None = None,
+             options: FinetuneOptions | None = None, model: RIM | None = None) -> FinetuneSetup:
+        """The VAEs from checkpoints (``None``: the shipped ones), checked against ``model``'s grids if given."""
+        setup = cls(load_vae(source_vae, kind="source"), load_vae(kappa_vae, kind="kappa"), options or FinetuneOptions.fast())
+        if model is not None:
+            check_vae_grids(model, setup.source_vae, setup.kappa_vae)
+        return setup
 
 
 @dataclass
@@ -167,19 +177,19 @@ def reconstruct_folder(model: RIM, folder: str | Path, out_dir: str | Path, *, s
         raise RimlensInputError(f"{folder} holds no lens sub-folders with an image.fits")
     rank, world = rank_and_world()
     errors = {}
-    for i, lens in enumerate(lenses):
-        target = out_dir / lens.name
-        if i % world != rank or (target / "summary.json").exists():
-            continue
-        try:
-            reconstruct_observation(model, lens / "image.fits", lens / "psf.fits", target,
-                                    noise=lens / "noise_map.fits" if sigma is None else None, sigma=sigma,
-                                    pixel_scale_arcsec=pixel_scale_arcsec, finetune_with=finetune_with)
-        except RimlensInputError as exc:
-            errors[lens.name] = str(exc)
-            if on_error is not None:
-                on_error(lens.name, str(exc))
-    barrier()
+    with collective_failure("folder reconstruction"):  # any other failure on one rank ends every rank
+        for i, lens in enumerate(lenses):
+            target = out_dir / lens.name
+            if i % world != rank or (target / "summary.json").exists():
+                continue
+            try:
+                reconstruct_observation(model, lens / "image.fits", lens / "psf.fits", target,
+                                        noise=lens / "noise_map.fits" if sigma is None else None, sigma=sigma,
+                                        pixel_scale_arcsec=pixel_scale_arcsec, finetune_with=finetune_with)
+            except RimlensInputError as exc:
+                errors[lens.name] = str(exc)
+                if on_error is not None:
+                    on_error(lens.name, str(exc))
     if rank != 0:
         return None
     rows = []

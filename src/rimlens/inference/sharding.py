@@ -19,9 +19,7 @@ import h5py
 import numpy as np
 from tqdm import tqdm
 
-# barrier and process_group are not used here: imported so that modules still importing them from
-# this one keep working until they import from rimlens.distributed
-from rimlens.distributed import barrier, collective_failure, process_group, rank_and_world  # noqa: F401
+from rimlens.distributed import collective_failure, rank_and_world
 from rimlens.io.atomic import atomic_path, claim_work_folder
 
 

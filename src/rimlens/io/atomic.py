@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import tempfile
 from pathlib import Path
+
+from rimlens.errors import RimlensInputError
 
 
 @contextlib.contextmanager
@@ -46,9 +49,6 @@ def claim_work_folder(folder, settings: dict, what: str = "run") -> None:
     The settings are kept in ``folder/settings.json``; a folder left by a run with other settings
     is refused (resuming it would mix two runs' results).
     """
-    import json
-
-    from rimlens.errors import RimlensInputError
 
     folder = Path(folder)
     meta = folder / "settings.json"

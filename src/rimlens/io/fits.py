@@ -11,6 +11,7 @@ import math
 from pathlib import Path
 
 import numpy as np
+from astropy.io import fits
 
 from rimlens.errors import RimlensInputError
 from rimlens.io.atomic import atomic_path
@@ -27,7 +28,6 @@ def read_image(path: str | Path, name: str = "image", hdu: int | None = None) ->
     Raises:
         RimlensInputError: missing or unreadable file, no image data, a real cube, NaN/inf values.
     """
-    from astropy.io import fits
 
     path = Path(path)
     if not path.exists():
@@ -90,7 +90,6 @@ def pixel_scale_from_header(header: dict) -> float | None:
 
 def write_image(path: str | Path, data: np.ndarray, header: dict | None = None, overwrite: bool = True) -> Path:
     """Atomically write a 2-D array with header cards ``{key: value}`` or ``{key: (value, comment)}``."""
-    from astropy.io import fits
 
     path = Path(path)
     if path.exists() and not overwrite:

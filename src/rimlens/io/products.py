@@ -11,6 +11,7 @@ import torch
 
 from rimlens import __version__
 from rimlens.io.atomic import atomic_path
+from rimlens.io.figures import _extent, plt, save_figure
 from rimlens.io.fits import write_image
 from rimlens.physics import PixelGrid
 
@@ -65,7 +66,6 @@ def write_products(out_dir: str | Path, *, observation: torch.Tensor, noise_sigm
 def reconstruction_page(path, observation, model_image, resid, source, kappa, image_grid, source_grid, chi2_nu,
                         title="", truth=None):
     """One page: observation, model, normalised residuals, source, log10 kappa (and the truth if known)."""
-    from rimlens.evaluate.figures import _extent, plt, save_figure
 
     rows = 2 if truth else 1
     fig, axes = plt.subplots(rows, 5, figsize=(19, 3.8 * rows), squeeze=False)

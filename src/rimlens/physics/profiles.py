@@ -15,14 +15,14 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import TYPE_CHECKING, TypeAlias
+from typing import TypeAlias
 
 import scipy.special
 import torch
 from torch.types import Device
 
-if TYPE_CHECKING:
-    from rimlens.physics.grid import PixelGrid
+from rimlens.physics.grid import PixelGrid
+
 
 __all__ = [
     "gaussian_deflection",
@@ -295,8 +295,6 @@ def pixelate(
     pixel centres. Parameters may be ``B x 1 x 1 x 1`` tensors to get ``B`` maps (shape ``B x 1 x N x N``).
     The map is in the units of ``fn``'s output (dimensionless for a convergence).
     """
-    from rimlens.physics.grid import PixelGrid
-
     f = int(supersample)
     fine = PixelGrid(grid.n_pixels * f, grid.pixel_scale_arcsec / f)
     x, y = fine.coordinates(torch.float64 if dtype == torch.float64 else torch.float32, device)
