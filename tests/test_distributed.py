@@ -5,14 +5,8 @@ every scenario in turn: starting torch twice per scenario would cost more than t
 rank that hangs (the failure these tests guard against) is caught by the pair's timeout.
 """
 
-import json
-import os
-import socket
-import subprocess
-import sys
-import time
-
 import pytest
+from ranks import run_two_ranks
 
 from rimlens.distributed import RankFailedError, any_rank, broadcast_object, collective_failure, rank_and_world
 from rimlens.io.atomic import claim_work_folder
@@ -83,43 +77,12 @@ with process_group("gloo") as (rank, world):
 '''
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def two_ranks(tmp_path_factory):
     """Outcomes of every scenario of WORKER, per rank: ``[rank 0's, rank 1's]``."""
     work = tmp_path_factory.mktemp("ranks")
-    (work / "worker.py").write_text(WORKER)
     claim_work_folder(work / "claimed", {"n": 99}, "test run")  # other settings than the worker's
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1",
-           "MASTER_PORT": str(_free_port())}
-    logs = [work / f"log_{rank}.txt" for rank in range(2)]  # files, not pipes: a full pipe cannot block a rank
-    procs = []
-    for rank in range(2):
-        with open(logs[rank], "w") as log:  # the child keeps its own copy of the descriptor
-            procs.append(subprocess.Popen([sys.executable, str(work / "worker.py"), str(work)], stdout=log,
-                                          stderr=subprocess.STDOUT, env={**env, "RANK": str(rank), "LOCAL_RANK": str(rank)}))
-    deadline = time.monotonic() + TIMEOUT_S
-    try:
-        for p in procs:
-            p.wait(timeout=max(deadline - time.monotonic(), 0.1))
-    except subprocess.TimeoutExpired:
-        pass
-    hung = [r for r, p in enumerate(procs) if p.poll() is None]
-    for p in procs:
-        if p.poll() is None:
-            p.kill()
-            p.wait()
-    texts = [log.read_text()[-3000:] for log in logs]
-    if hung:
-        pytest.fail(f"rank(s) {hung} still running after {TIMEOUT_S} s (hang); output:\n" + "\n".join(texts))
-    for rank, p in enumerate(procs):
-        assert p.returncode == 0, f"rank {rank} exited with {p.returncode}:\n{texts[rank]}"
-    return [json.loads((work / f"result_{r}.json").read_text()) for r in range(2)]
+    return run_two_ranks(work, WORKER, TIMEOUT_S)
 
 
 def _result(outcome):

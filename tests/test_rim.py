@@ -93,7 +93,7 @@ def test_data_workers_draw_the_same_batches(tmp_path):
     plain = Trainer(cfg, tmp_path / "plain", progress=False)
     workers = Trainer(_tiny(max_steps=3, val_every=1000, checkpoint_every=1000, val_size=4, data_workers=2),
                       tmp_path / "workers", progress=False)
-    for step, batch in enumerate(workers.batches_from(1), start=1):
+    for step, batch in enumerate(workers.batches(1), start=1):
         ref = plain.batch_for_step(step)
         assert torch.equal(batch.observation, ref.observation) and torch.equal(batch.kappa, ref.kappa)
     assert step == 2

@@ -246,7 +246,7 @@ def test_evaluate_sharded_equals_single_and_resumes(tmp_path, tiny_vaes, monkeyp
     import subprocess
     import sys
 
-    import rimlens.inference.finetune as ft_module
+    import rimlens.evaluate.report as ft_module  # the evaluation calls fine-tuning through this name
     from rimlens.cli import main
     from rimlens.data.storage import generate_dataset
 
@@ -323,3 +323,12 @@ def test_finetune_refuses_vaes_of_another_grid(tiny_rim):
     with pytest.raises(RimlensInputError, match="source VAE works on 64 px maps but the model's source grid has 32 px"):
         finetune(model, b.observation, b.psf, b.noise_sigma, load_vae("default", kind="source"),
                  load_vae("default", kind="kappa"), FinetuneOptions.refine_only())
+
+
+def test_finetune_refuses_a_batch_instead_of_using_its_first_lens(tiny_rim, tiny_vaes):
+    model, b = tiny_rim
+    src_vae = load_vae(tiny_vaes["source"][3] / "latest.pt")
+    kap_vae = load_vae(tiny_vaes["kappa"][3] / "latest.pt")
+    two = type(b).concat([b, b])
+    with pytest.raises(RimlensInputError, match=r"one observation \(1 x 1 x N x N\), got \(2, 1, 32, 32\)"):
+        finetune(model, two.observation, two.psf, two.noise_sigma, src_vae, kap_vae, FinetuneOptions.refine_only())

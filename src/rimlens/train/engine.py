@@ -172,4 +172,5 @@ def train_rim(preset: Preset, out_dir: str | Path, *, resume: bool = False, sett
             trainer.preset = with_train_settings(trainer.preset, allowed)
             trainer.cfg = trainer.preset.train
         result = trainer.train()
+        del trainer  # the DDP model must go before its process group does
     return result if rank == 0 else None
