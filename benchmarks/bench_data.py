@@ -20,11 +20,9 @@ import torch
 
 from common import machine, set_threads
 
-from rimlens.config import from_dict, get_preset
+from rimlens.config import get_preset
 from rimlens.data.lenses import LensGenerator
-from rimlens.inference.rim import rim_loss
-from rimlens.train.checkpoint import build_model
-from rimlens.train.engine import TrainConfig
+from rimlens.nn.rim import RIM, rim_loss
 
 
 def data_rate(preset, n=256, repeats=3):
@@ -39,8 +37,8 @@ def data_rate(preset, n=256, repeats=3):
 
 
 def consumption(preset, repeats=3):
-    train = from_dict(TrainConfig, preset.train)
-    model = build_model(preset).to(memory_format=torch.channels_last)
+    train = preset.train
+    model = RIM.from_preset(preset).to(memory_format=torch.channels_last)
     batch = LensGenerator(preset).draw(np.random.default_rng(0), train.batch_size)
     opt = torch.optim.Adamax(model.parameters(), lr=1e-4)
     ts = []

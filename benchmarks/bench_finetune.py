@@ -27,12 +27,11 @@ import torch
 from common import machine, set_threads
 
 from rimlens.data.storage import generate_dataset, read_lenses
-from rimlens.evaluate.figures import plt, save_figure
+from rimlens.io.figures import plt, save_figure
 from rimlens.io.atomic import atomic_path
 from rimlens.inference.finetune import FinetuneOptions, FinetuneResult, finetune, refine
 from rimlens.physics import PSF
-from rimlens.train.checkpoint import load_model
-from rimlens.train.vae import load_vae
+from rimlens.io.checkpoint import load_model, load_vae
 
 
 def errors(source, kappa, true_source, true_kappa):
@@ -53,8 +52,9 @@ def main(argv=None):
     ap.add_argument("--out", default="benchmarks/results/finetune")
     args = ap.parse_args(argv)
     set_threads()
-    model, preset, _ = load_model(args.model)
-    sv, kv = load_vae(args.source_vae, kind="source")[0], load_vae(args.kappa_vae, kind="kappa")[0]
+    model = load_model(args.model)
+    preset = model.preset
+    sv, kv = load_vae(args.source_vae, kind="source"), load_vae(args.kappa_vae, kind="kappa")
     opts = FinetuneOptions.paper() if args.paper else FinetuneOptions.fast(refine_steps=0)
     if args.max_steps is not None:
         opts = dataclasses.replace(opts, max_steps=args.max_steps)

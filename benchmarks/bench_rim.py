@@ -20,11 +20,8 @@ from common import machine, set_threads
 
 from rimlens.config import get_preset
 from rimlens.data.lenses import LensGenerator
-from rimlens.inference.rim import rim_loss
+from rimlens.nn.rim import RIM, rim_loss
 from rimlens.nn.unet import count_parameters
-from rimlens.train.checkpoint import build_model
-from rimlens.train.engine import TrainConfig
-from rimlens.config import from_dict
 
 
 def time_it(fn, repeats):
@@ -39,8 +36,8 @@ def time_it(fn, repeats):
 
 def bench(name, repeats):
     preset = get_preset(name)
-    train = from_dict(TrainConfig, preset.train)
-    model = build_model(preset)
+    train = preset.train
+    model = RIM.from_preset(preset)
     if train.channels_last:
         model = model.to(memory_format=torch.channels_last)
     gen = LensGenerator(preset)

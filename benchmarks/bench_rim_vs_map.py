@@ -22,7 +22,7 @@ from common import machine, set_threads
 from rimlens.data.storage import generate_dataset, read_lenses
 from rimlens.inference.map_fit import MAPOptions, fit_map
 from rimlens.inference.predict import reconstruct
-from rimlens.train.checkpoint import load_model, resolve_model_path
+from rimlens.io.checkpoint import load_model
 
 
 def errors(source, kappa, d, n):
@@ -42,7 +42,8 @@ def main(argv=None):
                     help="L-BFGS iterations per start, comma-separated: MAP is run at each budget")
     args = ap.parse_args(argv)
     set_threads()
-    model, preset, _ = load_model(args.model)
+    model = load_model(args.model)
+    preset = model.preset
     with tempfile.TemporaryDirectory() as tmp:
         path = generate_dataset(Path(tmp) / "test.h5", preset, args.count, args.seed, split="test", noise="high", progress=False)
         d = read_lenses(path)
@@ -55,17 +56,17 @@ def main(argv=None):
     for i in range(n):
         reconstruct(model, obs[i:i + 1], psf[i:i + 1], sig[i:i + 1])
     t_rim_single = (time.perf_counter() - t0) / n
-    rs, rk = errors(r["source"], r["kappa"], d, n)
+    rs, rk = errors(r.source, r.kappa, d, n)
     maps = []
     for iters in [int(x) for x in args.map_iterations.split(",")]:
         # one L-BFGS problem per lens (see fit_map): time per lens is the total over the set / count
         m = fit_map(model.simulator, obs.double(), psf.double(), sig.double(), options=MAPOptions(max_iterations=iters))
-        maps.append((iters, m["seconds"] / n, *errors(m["source"].float(), m["kappa"].float(), d, n), float(m["chi2_nu"].median())))
+        maps.append((iters, m.seconds / n, *errors(m.source.float(), m.kappa.float(), d, n), float(m.chi2_nu.median())))
         print(f"MAP {iters} iterations/start: {maps[-1][1]:.2f} s/lens, log10 kappa MSE {maps[-1][3]:.4f}", flush=True)
-    print(f"# RIM vs MAP, {machine()}, model {resolve_model_path(args.model).name} ({preset.name}), {n} held-out high-SNR lenses (seed {args.seed})")
+    print(f"# RIM vs MAP, {machine()}, model {model.checkpoint_path.name} ({preset.name}), {n} held-out high-SNR lenses (seed {args.seed})")
     print("| method | seconds / lens | median source MSE | median log10 kappa MSE | median chi2_nu |")
     print("|---|---|---|---|---|")
-    print(f"| RIM, one lens at a time | {t_rim_single:.3f} | {rs:.4f} | {rk:.4f} | {float(r['chi2_nu'].median()):.2f} |")
+    print(f"| RIM, one lens at a time | {t_rim_single:.3f} | {rs:.4f} | {rk:.4f} | {float(r.chi2_nu.median()):.2f} |")
     print(f"| RIM, batched | {t_rim_batched:.3f} | | | |")
     for iters, t_map, ms, mk, mc in maps:
         print(f"| MAP (L-BFGS per lens, 3 starts x {iters} iterations) | {t_map:.2f} | {ms:.4f} | {mk:.4f} | {mc:.2f} |")

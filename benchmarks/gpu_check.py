@@ -26,12 +26,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from rimlens.config import get_preset
+from rimlens.config import get_preset, with_train_settings
 from rimlens.data.lenses import LensGenerator
-from rimlens.inference.rim import rim_loss
+from rimlens.io.checkpoint import export_model
+from rimlens.nn.rim import RIM, rim_loss
 from rimlens.nn.unet import count_parameters
 from rimlens.train import Trainer
-from rimlens.train.checkpoint import build_model, export_model
 
 
 def _sync(dev):
@@ -42,7 +42,7 @@ def _sync(dev):
 def time_steps(preset, dev, batch_size: int, repeats: int = 5) -> dict:
     """Median training-step time (s) and peak memory (GiB) at ``batch_size``."""
     torch.manual_seed(0)
-    model = build_model(preset).to(dev)
+    model = RIM.from_preset(preset).to(dev)
     model.amp = dev.type == "cuda"
     batch = LensGenerator(preset).draw(np.random.default_rng(0), batch_size)
     obs, psf, sig, src, kap = (t.to(dev) for t in (batch.observation, batch.psf, batch.noise_sigma, batch.source, batch.kappa))
@@ -114,14 +114,14 @@ def main():
 
     paper = get_preset(args.paper_preset)
     res["paper_preset"] = paper.name
-    res["paper_parameters"] = count_parameters(build_model(paper))
+    res["paper_parameters"] = count_parameters(RIM.from_preset(paper))
     record()
     if not args.skip_step_timing:
         stage("paper_step_batch1", lambda: time_steps(paper, dev, 1))
         stage(f"paper_step_batch{args.paper_batch}", lambda: time_steps(paper, dev, args.paper_batch))
 
     def train(preset, name, minutes, batch, lr=None, init_from=None, val_size=None, val_every=None):
-        train_cfg = {**preset.train, "batch_size": batch, "max_minutes": minutes, "patience": 0,
+        train_cfg = {"batch_size": batch, "max_minutes": minutes, "patience": 0,
                      "data_workers": args.data_workers}
         if lr is not None:
             train_cfg.update(learning_rate=lr, decay_steps=2000, staircase=False)
@@ -129,11 +129,12 @@ def main():
             train_cfg["val_size"] = val_size
         if val_every:
             train_cfg["val_every"] = val_every
-        p = dataclasses.replace(preset, train=train_cfg)
+        p = with_train_settings(preset, train_cfg)
         t = Trainer(p, work / name, device=dev, progress=False, init_from=init_from)
         start = t.evaluate() if init_from else None
         t0 = time.perf_counter()
-        r = t.train()
+        result = t.train()
+        r = {**result.last, "step": result.step, "stop_reason": result.stop_reason}
         wall = time.perf_counter() - t0
         (out / name).mkdir(exist_ok=True)
         for f in ("metrics.csv", "training_curve.png"):
