@@ -19,7 +19,6 @@ import numpy as np
 import torch
 
 from common import machine, set_threads
-
 from rimlens.config import get_preset
 from rimlens.data.lenses import LensGenerator
 from rimlens.nn.rim import RIM, rim_loss
@@ -27,7 +26,7 @@ from rimlens.nn.rim import RIM, rim_loss
 
 def data_rate(preset, n=256, repeats=3):
     gen = LensGenerator(preset)
-    gen.particle_bank, gen.source_bank  # built once, outside the timing
+    gen.prepare()  # banks built once, outside the timing
     rates = []
     for r in range(repeats):
         t0 = time.perf_counter()

@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import statistics
 import sys
 import tempfile
 import time
@@ -25,18 +24,19 @@ import numpy as np
 import torch
 
 from common import machine, set_threads
-
 from rimlens.data.storage import generate_dataset, read_lenses
-from rimlens.io.figures import plt, save_figure
-from rimlens.io.atomic import atomic_path
 from rimlens.inference.finetune import FinetuneOptions, FinetuneResult, finetune, refine
-from rimlens.physics import PSF
+from rimlens.io.atomic import atomic_path
 from rimlens.io.checkpoint import load_model, load_vae
+from rimlens.io.figures import plt, save_figure
+from rimlens.physics import PSF
 
 
 def errors(source, kappa, true_source, true_kappa):
-    return (float(((source - true_source) ** 2).mean()),
-            float(((torch.log10(kappa.clamp_min(1e-6)) - torch.log10(true_kappa.clamp_min(1e-6))) ** 2).mean()))
+    return (
+        float(((source - true_source) ** 2).mean()),
+        float(((torch.log10(kappa.clamp_min(1e-6)) - torch.log10(true_kappa.clamp_min(1e-6))) ** 2).mean()),
+    )
 
 
 def main(argv=None):
@@ -62,14 +62,17 @@ def main(argv=None):
         opts = dataclasses.replace(opts, learning_rate=args.lr)
     refine_opts = FinetuneOptions.fast()
     with tempfile.TemporaryDirectory() as tmp:
-        d = read_lenses(generate_dataset(Path(tmp) / "t.h5", preset, args.count, args.seed, split="test", noise="high",
-                                         progress=False))
+        d = read_lenses(
+            generate_dataset(
+                Path(tmp) / "t.h5", preset, args.count, args.seed, split="test", noise="high", progress=False
+            )
+        )
     rows = []
     for i in range(args.count):
-        obs = torch.as_tensor(d["observation"][i:i + 1])
-        psf = PSF.from_kernel(torch.as_tensor(d["psf"][i:i + 1]))
-        sigma = torch.as_tensor(d["noise_sigma"][i:i + 1])
-        truth = torch.as_tensor(d["source"][i:i + 1]), torch.as_tensor(d["kappa"][i:i + 1])
+        obs = torch.as_tensor(d["observation"][i : i + 1])
+        psf = PSF.from_kernel(torch.as_tensor(d["psf"][i : i + 1]))
+        sigma = torch.as_tensor(d["noise_sigma"][i : i + 1])
+        truth = torch.as_tensor(d["source"][i : i + 1]), torch.as_tensor(d["kappa"][i : i + 1])
         r = finetune(model, obs, psf, sigma, sv, kv, opts)
         t0 = time.time()
         ref = dataclasses.replace(r, chi2_history=[], refine_steps=0)
@@ -77,21 +80,41 @@ def main(argv=None):
             refine(model.simulator, obs, psf, sigma.reshape(-1, 1, 1, 1), ref, refine_opts)
         t_refine = time.time() - t0
         t0 = time.time()
-        only = FinetuneResult(r.baseline_source, r.baseline_kappa, r.baseline_chi2_nu, r.baseline_source,
-                              r.baseline_kappa, r.baseline_chi2_nu)
+        only = FinetuneResult(
+            r.baseline_source,
+            r.baseline_kappa,
+            r.baseline_chi2_nu,
+            r.baseline_source,
+            r.baseline_kappa,
+            r.baseline_chi2_nu,
+        )
         if only.chi2_nu >= refine_opts.target_chi2_nu:
             refine(model.simulator, obs, psf, sigma.reshape(-1, 1, 1, 1), only, refine_opts)
         t_only = time.time() - t0
-        row = {"snr": float(d["snr"][i]), "chi2_baseline": r.baseline_chi2_nu, "chi2_ewc": r.chi2_nu,
-               "chi2_ewc_refine": ref.chi2_nu, "chi2_refine": only.chi2_nu, "ewc_steps": r.steps,
-               "refine_steps": ref.refine_steps, "s_ewc": r.seconds, "s_fisher": r.fisher_seconds,
-               "s_ewc_refine": r.seconds + t_refine, "s_refine": t_only,
-               "err_baseline": errors(r.baseline_source, r.baseline_kappa, *truth), "err_ewc": errors(r.source, r.kappa, *truth),
-               "err_ewc_refine": errors(ref.source, ref.kappa, *truth), "err_refine": errors(only.source, only.kappa, *truth)}
+        row = {
+            "snr": float(d["snr"][i]),
+            "chi2_baseline": r.baseline_chi2_nu,
+            "chi2_ewc": r.chi2_nu,
+            "chi2_ewc_refine": ref.chi2_nu,
+            "chi2_refine": only.chi2_nu,
+            "ewc_steps": r.steps,
+            "refine_steps": ref.refine_steps,
+            "s_ewc": r.seconds,
+            "s_fisher": r.fisher_seconds,
+            "s_ewc_refine": r.seconds + t_refine,
+            "s_refine": t_only,
+            "err_baseline": errors(r.baseline_source, r.baseline_kappa, *truth),
+            "err_ewc": errors(r.source, r.kappa, *truth),
+            "err_ewc_refine": errors(ref.source, ref.kappa, *truth),
+            "err_refine": errors(only.source, only.kappa, *truth),
+        }
         rows.append(row)
-        print(f"lens {i:2d}: SNR {row['snr']:5.0f}  chi2_nu {r.baseline_chi2_nu:6.2f} -> EWC {r.chi2_nu:6.2f} ({r.steps} steps, "
-              f"{r.seconds:4.1f} s) -> +refine {ref.chi2_nu:5.2f} ({ref.refine_steps} it, {r.seconds + t_refine:4.1f} s);"
-              f" refine alone {only.chi2_nu:5.2f} ({t_only:.1f} s)", flush=True)
+        print(
+            f"lens {i:2d}: SNR {row['snr']:5.0f}  chi2_nu {r.baseline_chi2_nu:6.2f} -> EWC {r.chi2_nu:6.2f} ({r.steps} steps, "
+            f"{r.seconds:4.1f} s) -> +refine {ref.chi2_nu:5.2f} ({ref.refine_steps} it, {r.seconds + t_refine:4.1f} s);"
+            f" refine alone {only.chi2_nu:5.2f} ({t_only:.1f} s)",
+            flush=True,
+        )
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     snr = np.array([r["snr"] for r in rows])
@@ -102,28 +125,58 @@ def main(argv=None):
     def med_err(key, j, mask=slice(None)):
         return float(np.median(np.array([r[key][j] for r in rows])[mask]))
 
-    summary = {"machine": machine(), "options": dataclasses.asdict(opts), "refine_options": dataclasses.asdict(refine_opts),
-               "count": args.count, "seed": args.seed}
-    for name, m in (("all", snr > 0), ("snr_below_50", snr < 50), ("snr_50_100", (snr >= 50) & (snr < 100)),
-                    ("snr_above_100", snr >= 100)):
+    summary = {
+        "machine": machine(),
+        "options": dataclasses.asdict(opts),
+        "refine_options": dataclasses.asdict(refine_opts),
+        "count": args.count,
+        "seed": args.seed,
+    }
+    for name, m in (
+        ("all", snr > 0),
+        ("snr_below_50", snr < 50),
+        ("snr_50_100", (snr >= 50) & (snr < 100)),
+        ("snr_above_100", snr >= 100),
+    ):
         if m.sum():
-            summary[name] = {"lenses": int(m.sum()), **{f"median_{k}": med(k, m) for k in (
-                "chi2_baseline", "chi2_ewc", "chi2_ewc_refine", "chi2_refine", "s_ewc", "s_ewc_refine", "s_refine", "ewc_steps")},
-                **{f"median_{w}_{k}": med_err(k, j, m) for k in ("err_baseline", "err_ewc", "err_ewc_refine", "err_refine")
-                   for j, w in enumerate(("source_mse", "log10_kappa_mse"))}}
+            summary[name] = {
+                "lenses": int(m.sum()),
+                **{
+                    f"median_{k}": med(k, m)
+                    for k in (
+                        "chi2_baseline",
+                        "chi2_ewc",
+                        "chi2_ewc_refine",
+                        "chi2_refine",
+                        "s_ewc",
+                        "s_ewc_refine",
+                        "s_refine",
+                        "ewc_steps",
+                    )
+                },
+                **{
+                    f"median_{w}_{k}": med_err(k, j, m)
+                    for k in ("err_baseline", "err_ewc", "err_ewc_refine", "err_refine")
+                    for j, w in enumerate(("source_mse", "log10_kappa_mse"))
+                },
+            }
     with atomic_path(out / "summary.json") as tmp:
         tmp.write_text(json.dumps({"summary": summary, "lenses": rows}, indent=1))
     a = summary["all"]
-    print(f"# fine-tuning, {machine()}, {args.count} held-out high-SNR lenses: median chi2_nu {a['median_chi2_baseline']:.2f} "
-          f"-> EWC {a['median_chi2_ewc']:.2f} -> +refine {a['median_chi2_ewc_refine']:.2f} (refine alone "
-          f"{a['median_chi2_refine']:.2f}); median {a['median_s_ewc_refine']:.1f} s per lens, {a['median_ewc_steps']:.0f} EWC steps")
+    print(
+        f"# fine-tuning, {machine()}, {args.count} held-out high-SNR lenses: median chi2_nu {a['median_chi2_baseline']:.2f} "
+        f"-> EWC {a['median_chi2_ewc']:.2f} -> +refine {a['median_chi2_ewc_refine']:.2f} (refine alone "
+        f"{a['median_chi2_refine']:.2f}); median {a['median_s_ewc_refine']:.1f} s per lens, {a['median_ewc_steps']:.0f} EWC steps"
+    )
     for name in ("snr_below_50", "snr_50_100", "snr_above_100"):
         if name in summary:
             b = summary[name]
-            print(f"#   {name}: {b['lenses']} lenses, median chi2_nu {b['median_chi2_baseline']:.2f} -> {b['median_chi2_ewc']:.2f} "
-                  f"-> {b['median_chi2_ewc_refine']:.2f} (refine alone {b['median_chi2_refine']:.2f}); log10 kappa MSE "
-                  f"{b['median_log10_kappa_mse_err_baseline']:.4f} -> {b['median_log10_kappa_mse_err_ewc_refine']:.4f}; "
-                  f"source MSE {b['median_source_mse_err_baseline']:.5f} -> {b['median_source_mse_err_ewc_refine']:.5f}")
+            print(
+                f"#   {name}: {b['lenses']} lenses, median chi2_nu {b['median_chi2_baseline']:.2f} -> {b['median_chi2_ewc']:.2f} "
+                f"-> {b['median_chi2_ewc_refine']:.2f} (refine alone {b['median_chi2_refine']:.2f}); log10 kappa MSE "
+                f"{b['median_log10_kappa_mse_err_baseline']:.4f} -> {b['median_log10_kappa_mse_err_ewc_refine']:.4f}; "
+                f"source MSE {b['median_source_mse_err_baseline']:.5f} -> {b['median_source_mse_err_ewc_refine']:.5f}"
+            )
     fig, ax = plt.subplots(figsize=(5.5, 4))
     ax.scatter(snr, [r["chi2_baseline"] for r in rows], label="RIM baseline", s=18)
     ax.scatter(snr, [r["chi2_ewc"] for r in rows], marker="x", label="EWC fine-tuned", s=22)

@@ -17,7 +17,6 @@ import numpy as np
 import torch
 
 from common import machine, set_threads
-
 from rimlens.config import get_preset
 from rimlens.data.lenses import LensGenerator
 from rimlens.nn.rim import RIM, rim_loss
@@ -66,8 +65,15 @@ def bench(name, repeats):
     t_step = time_it(step, repeats)
     t_one = time_it(one, repeats)
     t_many = time_it(many, max(2, repeats // 2))
-    return {"preset": name, "params": count_parameters(model), "T": model.config.steps, "batch": b,
-            "step_s": t_step, "latency_s": t_one, "throughput": 32 / t_many}
+    return {
+        "preset": name,
+        "params": count_parameters(model),
+        "T": model.config.steps,
+        "batch": b,
+        "step_s": t_step,
+        "latency_s": t_one,
+        "throughput": 32 / t_many,
+    }
 
 
 def main(argv=None):
@@ -79,12 +85,17 @@ def main(argv=None):
     set_threads()
     names = args.presets + (["paper128"] if args.include_paper128 else [])
     print(f"# RIM cost, {machine()}")
-    print("| preset | parameters | T | batch | training step (s) | steps/hour | reconstruction, 1 lens (s) | batched (lenses/s) |")
+    print(
+        "| preset | parameters | T | batch | training step (s) | steps/hour | reconstruction, 1 lens (s) | batched (lenses/s) |"
+    )
     print("|---|---|---|---|---|---|---|---|")
     for n in names:
         r = bench(n, args.repeats if n != "paper128" else 1)
-        print(f"| {r['preset']} | {r['params']:,} | {r['T']} | {r['batch']} | {r['step_s']:.3f} | {3600 / r['step_s']:,.0f} "
-              f"| {r['latency_s']:.3f} | {r['throughput']:.1f} |", flush=True)
+        print(
+            f"| {r['preset']} | {r['params']:,} | {r['T']} | {r['batch']} | {r['step_s']:.3f} | {3600 / r['step_s']:,.0f} "
+            f"| {r['latency_s']:.3f} | {r['throughput']:.1f} |",
+            flush=True,
+        )
     return 0
 
 

@@ -16,7 +16,6 @@ import sys
 import torch
 
 from common import compare_times, machine, set_threads
-
 from rimlens.physics import PSF, LensSimulator, PixelGrid, deflection, profiles
 
 
@@ -46,12 +45,20 @@ def caustics_case(n, batch, psf_size):
 
     scale = 7.68 / n
     cosmo = caustics.FlatLambdaCDM(name="cosmo")
-    lens = caustics.PixelatedConvergence(pixelscale=scale, cosmology=cosmo, z_l=0.5, z_s=1.5,
-                                         convergence_map=torch.zeros(n, n), shape=(n, n), name="lens")
+    lens = caustics.PixelatedConvergence(
+        pixelscale=scale,
+        cosmology=cosmo,
+        z_l=0.5,
+        z_s=1.5,
+        convergence_map=torch.zeros(n, n),
+        shape=(n, n),
+        name="lens",
+    )
     src = caustics.Pixelated(image=torch.zeros(n, n), x0=0.0, y0=0.0, pixelscale=3.0 / n, shape=(n, n), name="src")
     kern = PSF.gaussian(0.1, scale, size=psf_size).kernel[0, 0]
-    sim = caustics.LensSource(lens=lens, source=src, pixelscale=scale, pixels_x=n, psf=kern,
-                              psf_shape=tuple(kern.shape), name="sim")
+    sim = caustics.LensSource(
+        lens=lens, source=src, pixelscale=scale, pixels_x=n, psf=kern, psf_shape=tuple(kern.shape), name="sim"
+    )
     lens.convergence_map.to_dynamic()
     src.image.to_dynamic()
     g = torch.Generator().manual_seed(0)
@@ -90,8 +97,14 @@ def gaussian_accuracy(n=128, scale=0.06, sigma=0.3):
     try:
         import caustics
 
-        lens = caustics.PixelatedConvergence(pixelscale=scale, cosmology=caustics.FlatLambdaCDM(name="c"), z_l=0.5,
-                                             z_s=1.5, convergence_map=kappa, shape=(n, n))
+        lens = caustics.PixelatedConvergence(
+            pixelscale=scale,
+            cosmology=caustics.FlatLambdaCDM(name="c"),
+            z_l=0.5,
+            z_s=1.5,
+            convergence_map=kappa,
+            shape=(n, n),
+        )
         cx, cy = lens.reduced_deflection_angle(x, y)
         out["caustics"] = err(cx, cy)
     except ImportError:
@@ -103,18 +116,24 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="fewer repeats")
     args = ap.parse_args(argv)
-    threads = set_threads()
+    set_threads()
     repeats = 3 if args.quick else 7
     try:
         import caustics  # noqa: F401
+
         have_caustics = True
     except ImportError:
         have_caustics = False
     print(f"# simulator throughput, {machine()}")
     acc = gaussian_accuracy()
-    print("# Gaussian-kappa deflection, median relative error beyond 3 px (N=128, 0.06\"/px, float32): "
-          + ", ".join(f"{k} {v:.2e}" for k, v in acc.items()))
-    print(f"| N | batch | rimlens fwd (lens/s) | rimlens fwd+bwd (lens/s) |" + (" caustics fwd | caustics fwd+bwd | ratio fwd | ratio fwd+bwd |" if have_caustics else ""))
+    print(
+        '# Gaussian-kappa deflection, median relative error beyond 3 px (N=128, 0.06"/px, float32): '
+        + ", ".join(f"{k} {v:.2e}" for k, v in acc.items())
+    )
+    print(
+        "| N | batch | rimlens fwd (lens/s) | rimlens fwd+bwd (lens/s) |"
+        + (" caustics fwd | caustics fwd+bwd | ratio fwd | ratio fwd+bwd |" if have_caustics else "")
+    )
     print("|---|---|---|---|" + ("---|---|---|---|" if have_caustics else ""))
     for n in (64, 128):
         for batch in (1, 32):
@@ -125,8 +144,10 @@ def main(argv=None):
             t = compare_times(fns, repeats)
             row = f"| {n} | {batch} | {batch / t['fwd']:,.0f} | {batch / t['fb']:,.0f} |"
             if have_caustics:
-                row += (f" {batch / t['cf']:,.0f} | {batch / t['cfb']:,.0f} | {t['cf'] / t['fwd']:.1f}x"
-                        f" | {t['cfb'] / t['fb']:.1f}x |")
+                row += (
+                    f" {batch / t['cf']:,.0f} | {batch / t['cfb']:,.0f} | {t['cf'] / t['fwd']:.1f}x"
+                    f" | {t['cfb'] / t['fb']:.1f}x |"
+                )
             print(row, flush=True)
     return 0
 

@@ -11,7 +11,7 @@ import torch
 
 
 def set_threads(n: int | None = None) -> int:
-    n = int(n or os.environ.get("OMP_NUM_THREADS", 2))
+    n = int(n or os.environ.get("OMP_NUM_THREADS", "2"))
     torch.set_num_threads(n)
     return n
 

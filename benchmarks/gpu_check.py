@@ -15,7 +15,6 @@ Dry run on a CPU: ``--device cpu --paper-preset tiny --paper-train-minutes 0.2 -
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import shutil
 import statistics
@@ -45,7 +44,9 @@ def time_steps(preset, dev, batch_size: int, repeats: int = 5) -> dict:
     model = RIM.from_preset(preset).to(dev)
     model.amp = dev.type == "cuda"
     batch = LensGenerator(preset).draw(np.random.default_rng(0), batch_size)
-    obs, psf, sig, src, kap = (t.to(dev) for t in (batch.observation, batch.psf, batch.noise_sigma, batch.source, batch.kappa))
+    obs, psf, sig, src, kap = (
+        t.to(dev) for t in (batch.observation, batch.psf, batch.noise_sigma, batch.source, batch.kappa)
+    )
     opt = torch.optim.Adamax(model.parameters(), lr=1e-4, eps=1e-7)
     if dev.type == "cuda":
         torch.cuda.empty_cache()
@@ -60,9 +61,12 @@ def time_steps(preset, dev, batch_size: int, repeats: int = 5) -> dict:
         opt.step()
         _sync(dev)
         times.append(time.perf_counter() - t0)
-    res = {"batch_size": batch_size, "train_step_s_median": statistics.median(times[1:]),
-           "train_step_s_all": [round(t, 4) for t in times[1:]],
-           "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30 if dev.type == "cuda" else None}
+    res = {
+        "batch_size": batch_size,
+        "train_step_s_median": statistics.median(times[1:]),
+        "train_step_s_all": [round(t, 4) for t in times[1:]],
+        "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30 if dev.type == "cuda" else None,
+    }
     model.eval()
     with torch.no_grad():
         lat = []
@@ -121,8 +125,7 @@ def main():
         stage(f"paper_step_batch{args.paper_batch}", lambda: time_steps(paper, dev, args.paper_batch))
 
     def train(preset, name, minutes, batch, lr=None, init_from=None, val_size=None, val_every=None):
-        train_cfg = {"batch_size": batch, "max_minutes": minutes, "patience": 0,
-                     "data_workers": args.data_workers}
+        train_cfg = {"batch_size": batch, "max_minutes": minutes, "patience": 0, "data_workers": args.data_workers}
         if lr is not None:
             train_cfg.update(learning_rate=lr, decay_steps=2000, staircase=False)
         if val_size:
@@ -140,21 +143,38 @@ def main():
         for f in ("metrics.csv", "training_curve.png"):
             if (work / name / f).exists():
                 shutil.copy(work / name / f, out / name / f)
-        summary = {k: r[k] for k in ("step", "val_loss", "baseline_loss", "val_source_mse", "val_log10_kappa_mse",
-                                     "stop_reason") if k in r}
-        summary.update(batch_size=batch, steps_per_s=r["step"] / wall, lenses_per_s=r["step"] * batch / wall,
-                       best_val_loss=t.best_val, data_workers=args.data_workers)
+        summary = {
+            k: r[k]
+            for k in ("step", "val_loss", "baseline_loss", "val_source_mse", "val_log10_kappa_mse", "stop_reason")
+            if k in r
+        }
+        summary.update(
+            batch_size=batch,
+            steps_per_s=r["step"] / wall,
+            lenses_per_s=r["step"] * batch / wall,
+            best_val_loss=t.best_val,
+            data_workers=args.data_workers,
+        )
         if start is not None:
             summary["start_val_loss"] = start["val_loss"]
         return summary
 
     if args.paper_train_minutes > 0:
-        stage("paper_training", lambda: train(paper, "paper", args.paper_train_minutes, args.paper_batch,
-                                              val_size=16, val_every=50))
+        stage(
+            "paper_training",
+            lambda: train(paper, "paper", args.paper_train_minutes, args.paper_batch, val_size=16, val_every=50),
+        )
 
     def cpu64():
-        s = train(get_preset("cpu64"), "cpu64_gpu", args.train_minutes, args.train_batch, lr=args.learning_rate,
-                  init_from="default", val_every=100)
+        s = train(
+            get_preset("cpu64"),
+            "cpu64_gpu",
+            args.train_minutes,
+            args.train_batch,
+            lr=args.learning_rate,
+            init_from="default",
+            val_every=100,
+        )
         export_model(work / "cpu64_gpu", out / "cpu64_gpu")  # best.pt -> model.pt (no optimiser state)
         return s
 

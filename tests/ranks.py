@@ -24,14 +24,25 @@ def run_two_ranks(work: Path, script: str, timeout_s: float) -> list[dict]:
     Returns the two results ``[rank 0's, rank 1's]``; fails the test if a rank is still running
     after ``timeout_s`` (a hang) or exits with an error."""
     (work / "worker.py").write_text(script)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1",
-           "MASTER_PORT": str(_free_port())}
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "WORLD_SIZE": "2",
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": str(_free_port()),
+    }
     logs = [work / f"log_{rank}.txt" for rank in range(2)]  # files, not pipes: a full pipe cannot block a rank
     procs = []
     for rank in range(2):
         with open(logs[rank], "w") as log:  # the child keeps its own copy of the descriptor
-            procs.append(subprocess.Popen([sys.executable, str(work / "worker.py"), str(work)], stdout=log,
-                                          stderr=subprocess.STDOUT, env={**env, "RANK": str(rank), "LOCAL_RANK": str(rank)}))
+            procs.append(
+                subprocess.Popen(
+                    [sys.executable, str(work / "worker.py"), str(work)],
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    env={**env, "RANK": str(rank), "LOCAL_RANK": str(rank)},
+                )
+            )
     deadline = time.monotonic() + timeout_s
     try:
         for p in procs:

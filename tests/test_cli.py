@@ -39,10 +39,9 @@ def test_atomic_write_keeps_old_file_on_failure_and_normal_permissions(tmp_path)
 
     target = tmp_path / "f.txt"
     target.write_text("old")
-    with pytest.raises(RuntimeError):
-        with atomic_path(target) as tmp:
-            tmp.write_text("half")
-            raise RuntimeError("killed")
+    with pytest.raises(RuntimeError), atomic_path(target) as tmp:
+        tmp.write_text("half")
+        raise RuntimeError("killed")
     assert target.read_text() == "old" and len(list(tmp_path.iterdir())) == 1
     with atomic_path(target) as tmp:
         tmp.write_text("new")
@@ -55,8 +54,18 @@ def test_atomic_write_keeps_old_file_on_failure_and_normal_permissions(tmp_path)
 def test_bad_settings_exit_2(tmp_path):
     assert main(["train", "--preset", "tiny", "--out", str(tmp_path / "r"), "--set", "val_every=0"]) == 2
     assert main(["train", "--preset", "tiny", "--out", str(tmp_path / "r"), "--set", "batch_size=abc"]) == 2
-    assert main(["simulate", "--preset", "tiny", "--count", "2", "--kappa-mix", "sie=abc", "--out", str(tmp_path / "a.h5")]) == 2
-    assert main(["simulate", "--preset", "tiny", "--count", "2", "--kappa-mix", "sie=nan", "--out", str(tmp_path / "a.h5")]) == 2
+    assert (
+        main(
+            ["simulate", "--preset", "tiny", "--count", "2", "--kappa-mix", "sie=abc", "--out", str(tmp_path / "a.h5")]
+        )
+        == 2
+    )
+    assert (
+        main(
+            ["simulate", "--preset", "tiny", "--count", "2", "--kappa-mix", "sie=nan", "--out", str(tmp_path / "a.h5")]
+        )
+        == 2
+    )
 
 
 def test_reconstruct_an_hdf5_set_with_the_shipped_model(tmp_path):
@@ -66,7 +75,9 @@ def test_reconstruct_an_hdf5_set_with_the_shipped_model(tmp_path):
     from rimlens.config import get_preset
     from rimlens.data.storage import generate_dataset
 
-    data = generate_dataset(tmp_path / "set.h5", get_preset("cpu64"), 3, seed=9, split="test", block_size=3, progress=False)
+    data = generate_dataset(
+        tmp_path / "set.h5", get_preset("cpu64"), 3, seed=9, split="test", block_size=3, progress=False
+    )
     assert main(["reconstruct", str(data), "--out", str(tmp_path / "rec")]) == 0
     import torch
 
@@ -78,7 +89,13 @@ def test_reconstruct_an_hdf5_set_with_the_shipped_model(tmp_path):
         assert f["kappa"].shape == d["kappa"].shape and np.isfinite(f["chi2_nu"][:]).all()
         # the stored chi2_nu is the fit of the stored maps to the stored observations, recomputed here
         sim = LensSimulator(grid.image_grid, grid.source_grid)
-        model = sim.forward(torch.as_tensor(f["source"][:]), torch.as_tensor(f["kappa"][:]), PSF.from_kernel(torch.as_tensor(d["psf"][:])))
-        chi2 = reduced_chi_squared(model, torch.as_tensor(d["observation"][:]), torch.as_tensor(d["noise_sigma"][:]).reshape(-1, 1, 1, 1))
+        model = sim.forward(
+            torch.as_tensor(f["source"][:]),
+            torch.as_tensor(f["kappa"][:]),
+            PSF.from_kernel(torch.as_tensor(d["psf"][:])),
+        )
+        chi2 = reduced_chi_squared(
+            model, torch.as_tensor(d["observation"][:]), torch.as_tensor(d["noise_sigma"][:]).reshape(-1, 1, 1, 1)
+        )
         assert np.allclose(chi2.numpy(), f["chi2_nu"][:], rtol=1e-3)
     assert main(["reconstruct", str(data), "--psf", str(data), "--out", str(tmp_path / "bad")]) == 2

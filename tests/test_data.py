@@ -27,7 +27,9 @@ from rimlens.physics.resample import resample_density, resample_flux
 def test_einstein_radius_of_sis_within_5_percent(n):
     grid = PixelGrid.from_fov(n, 7.68)
     te = torch.linspace(0.5, 2.5, 9, dtype=torch.float64).reshape(-1, 1, 1, 1)
-    kappa = profiles.pixelate(profiles.sis_kappa, grid, 8, torch.float64, theta_e_arcsec=te, center_x=0.03, center_y=-0.02)
+    kappa = profiles.pixelate(
+        profiles.sis_kappa, grid, 8, torch.float64, theta_e_arcsec=te, center_x=0.03, center_y=-0.02
+    )
     est = einstein_radius(kappa, grid.pixel_scale_arcsec)
     assert torch.all((est / te.flatten() - 1).abs() < 0.05)
 
@@ -47,7 +49,7 @@ def test_resampling_conserves_flux():
     for n_out, s_out in [(32, 0.047), (100, 0.0151), (37, 0.05)]:  # down, up, non-integer, same field or smaller
         out = resample_flux(img, 0.03, n_out, s_out)
         inside = min(50 * 0.03, n_out * s_out)
-        ref = resample_flux(img, 0.03, int(round(inside / 0.03)), 0.03) if inside < 1.5 else img
+        ref = resample_flux(img, 0.03, round(inside / 0.03), 0.03) if inside < 1.5 else img
         assert torch.allclose(out.sum(dim=(-2, -1)), ref.sum(dim=(-2, -1)), rtol=1e-6)
     d = resample_density(torch.ones(1, 1, 10, 10, dtype=torch.float64), 0.1, 7, 0.13)
     assert torch.allclose(d, torch.ones_like(d))
@@ -160,12 +162,24 @@ def test_truncated_and_foreign_files_give_clear_errors(tmp_path):
 def test_killed_simulate_resumes_to_identical_file(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     # 30 blocks: enough that the kill lands long before the end
-    args = [sys.executable, "-m", "rimlens.cli", "simulate", "--preset", "tiny", "--count", "480", "--seed", "3",
-            "--block-size", "16"]
+    args = [
+        sys.executable,
+        "-m",
+        "rimlens.cli",
+        "simulate",
+        "--preset",
+        "tiny",
+        "--count",
+        "480",
+        "--seed",
+        "3",
+        "--block-size",
+        "16",
+    ]
     ref = tmp_path / "ref.h5"
-    subprocess.run(args + ["--out", str(ref)], check=True, env=env, capture_output=True)
+    subprocess.run([*args, "--out", str(ref)], check=True, env=env, capture_output=True)
     out = tmp_path / "killed.h5"
-    proc = subprocess.Popen(args + ["--out", str(out)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen([*args, "--out", str(out)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     parts = tmp_path / "killed.h5.parts"
     deadline = time.time() + 120
     while time.time() < deadline and not (parts / "block_000001.h5").exists():
@@ -174,7 +188,7 @@ def test_killed_simulate_resumes_to_identical_file(tmp_path):
     proc.wait()
     assert not out.exists() and (parts / "block_000000.h5").exists()
     done_before = sorted(p.name for p in parts.glob("block_*.h5"))
-    r = subprocess.run(args + ["--out", str(out)], env=env, capture_output=True, text=True)
+    r = subprocess.run([*args, "--out", str(out)], env=env, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     assert not parts.exists()
     a, b = read_lenses(ref), read_lenses(out)
@@ -223,6 +237,25 @@ def test_tng_maps_only_for_evaluation(tmp_path):
     assert set(batch.kappa_family) == {"tng"}
     from rimlens.cli import main
 
-    assert main(["simulate", "--preset", "tiny", "--count", "2", "--kappa-mix", "tng=1", "--out", str(tmp_path / "t.h5")]) == 2
-    assert main(["simulate", "--preset", "tiny", "--count", "2", "--kappa-mix", "tng=1", "--split", "test",
-                 "--out", str(tmp_path / "t.h5")]) == 0
+    assert (
+        main(["simulate", "--preset", "tiny", "--count", "2", "--kappa-mix", "tng=1", "--out", str(tmp_path / "t.h5")])
+        == 2
+    )
+    assert (
+        main(
+            [
+                "simulate",
+                "--preset",
+                "tiny",
+                "--count",
+                "2",
+                "--kappa-mix",
+                "tng=1",
+                "--split",
+                "test",
+                "--out",
+                str(tmp_path / "t.h5"),
+            ]
+        )
+        == 0
+    )

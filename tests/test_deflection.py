@@ -90,7 +90,7 @@ def test_sis_pixel_against_analytic_lenstronomy_style():
 
 def test_batch_and_dtype_preserved():
     kappa = torch.rand(3, 1, 16, 16)
-    ax, ay = deflection(kappa, 0.1)
+    ax, _ay = deflection(kappa, 0.1)
     assert ax.shape == (3, 1, 16, 16) and ax.dtype == torch.float32
     single = deflection(kappa[1:2], 0.1)[0]
     assert torch.allclose(ax[1:2], single, atol=1e-6)

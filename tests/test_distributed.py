@@ -6,8 +6,8 @@ rank that hangs (the failure these tests guard against) is caught by the pair's 
 """
 
 import pytest
-from ranks import run_two_ranks
 
+from ranks import run_two_ranks
 from rimlens.distributed import RankFailedError, any_rank, broadcast_object, collective_failure, rank_and_world
 from rimlens.io.atomic import claim_work_folder
 
@@ -15,7 +15,7 @@ TIMEOUT_S = 60
 
 # Run by each of the two processes; scenarios run in order, each one's outcome (result or error
 # type and message) is recorded, and rank r writes them to result_<r>.json at the end.
-WORKER = r'''
+WORKER = r"""
 import json, os, sys, traceback
 from pathlib import Path
 
@@ -74,7 +74,7 @@ with process_group("gloo") as (rank, world):
     record("any_rank_after", lambda: any_rank(rank == 0))
 
 (work / f"result_{rank}.json").write_text(json.dumps(out))
-'''
+"""
 
 
 @pytest.fixture(scope="module")

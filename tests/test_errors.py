@@ -16,14 +16,17 @@ def _good():
     return torch.rand(2, 1, 8, 8), torch.rand(2, 1, 16, 16), PSF.gaussian(0.2, 0.1)
 
 
-@pytest.mark.parametrize("kappa,match", [
-    (torch.rand(16, 16), "rank 4"),
-    (torch.rand(1, 2, 16, 16), "one channel"),
-    (torch.rand(1, 1, 16, 15), "square"),
-    (torch.full((1, 1, 8, 8), float("nan")), "NaN"),
-    (torch.full((1, 1, 8, 8), float("inf")), "NaN or infinite"),
-    (torch.ones(1, 1, 8, 8, dtype=torch.int64), "floating-point"),
-])
+@pytest.mark.parametrize(
+    "kappa,match",
+    [
+        (torch.rand(16, 16), "rank 4"),
+        (torch.rand(1, 2, 16, 16), "one channel"),
+        (torch.rand(1, 1, 16, 15), "square"),
+        (torch.full((1, 1, 8, 8), float("nan")), "NaN"),
+        (torch.full((1, 1, 8, 8), float("inf")), "NaN or infinite"),
+        (torch.ones(1, 1, 8, 8, dtype=torch.int64), "floating-point"),
+    ],
+)
 def test_deflection_bad_maps(kappa, match):
     with pytest.raises(RimlensInputError, match=match):
         deflection(kappa, 0.1)
@@ -35,10 +38,17 @@ def test_deflection_bad_scale(scale):
         deflection(torch.rand(1, 1, 8, 8), scale)
 
 
-@pytest.mark.parametrize("sigma,match", [
-    (0.0, "> 0"), (-1.0, "> 0"), (float("nan"), "NaN"), (torch.tensor([0.1, 0.1, 0.1]), "3 values"),
-    (torch.tensor([0.1, -0.1]), "> 0"), (torch.ones(2, 1, 4, 4), "noise_sigma map"),
-])
+@pytest.mark.parametrize(
+    "sigma,match",
+    [
+        (0.0, "> 0"),
+        (-1.0, "> 0"),
+        (float("nan"), "NaN"),
+        (torch.tensor([0.1, 0.1, 0.1]), "3 values"),
+        (torch.tensor([0.1, -0.1]), "> 0"),
+        (torch.ones(2, 1, 4, 4), "noise_sigma map"),
+    ],
+)
 def test_bad_noise_sigma(sim, sigma, match):
     source, kappa, psf = _good()
     with pytest.raises(RimlensInputError, match=match):

@@ -1,6 +1,5 @@
 """Figures of merit, the MAP baseline and the evaluate report."""
 
-import dataclasses
 import json
 
 import numpy as np
@@ -16,13 +15,15 @@ from rimlens.physics import LensSimulator
 def test_coherence_identity_noise_and_phase():
     g = torch.Generator().manual_seed(0)
     x = torch.randn(4, 1, 32, 32, generator=g, dtype=torch.float64)
-    f, same = coherence_spectrum(x, x)
+    _f, same = coherence_spectrum(x, x)
     assert np.allclose(same[:, ~np.isnan(same[0])], 1.0)
     _, indep = coherence_spectrum(x, torch.randn(4, 1, 32, 32, generator=g, dtype=torch.float64))
     assert np.nanmean(indep) < 0.35
     # same power, scrambled phases: the phase-sensitive coherence is low
     X = torch.fft.fft2(x[:, 0])
-    scrambled = torch.fft.ifft2(X.abs() * torch.exp(1j * torch.rand(X.shape, generator=g, dtype=torch.float64) * 6.283)).real[:, None]
+    scrambled = torch.fft.ifft2(
+        X.abs() * torch.exp(1j * torch.rand(X.shape, generator=g, dtype=torch.float64) * 6.283)
+    ).real[:, None]
     _, sc = coherence_spectrum(x, scrambled)
     assert np.nanmean(sc[:, 3:]) < 0.5
 
@@ -45,10 +46,13 @@ def test_map_fit_lowers_chi2_from_start():
     from rimlens.physics import PSF, profiles
     from rimlens.physics.likelihood import reduced_chi_squared
 
-    long = fit_map(sim, b.observation.double(), b.psf.double(), b.noise_sigma.double(), options=MAPOptions(max_iterations=150))
+    long = fit_map(
+        sim, b.observation.double(), b.psf.double(), b.noise_sigma.double(), options=MAPOptions(max_iterations=150)
+    )
     # chi2 of the starting point (SIS theta_E = 1.5", faint flat source) and of the truth
-    start_k = profiles.pixelate(profiles.sis_kappa, p.grid.image_grid, 2, torch.float64, theta_e_arcsec=1.5,
-                                center_x=1e-3, center_y=1e-3).expand(2, 1, -1, -1)
+    start_k = profiles.pixelate(
+        profiles.sis_kappa, p.grid.image_grid, 2, torch.float64, theta_e_arcsec=1.5, center_x=1e-3, center_y=1e-3
+    ).expand(2, 1, -1, -1)
     start_s = torch.nn.functional.softplus(torch.full((2, 1, 32, 32), -4.0, dtype=torch.float64))
     psf = PSF.from_kernel(b.psf.double())
     sig = b.noise_sigma.double().reshape(-1, 1, 1, 1)
@@ -66,7 +70,9 @@ def test_evaluate_report(tmp_path):
 
     preset = get_preset("tiny")
     Trainer(with_train_settings(preset, {"max_steps": 2, "val_size": 4}), tmp_path / "run", progress=False).train()
-    data = generate_dataset(tmp_path / "t.h5", preset, 8, seed=1, split="test", noise="high", block_size=8, progress=False)
+    data = generate_dataset(
+        tmp_path / "t.h5", preset, 8, seed=1, split="test", noise="high", block_size=8, progress=False
+    )
     assert main(["evaluate", str(tmp_path / "run"), str(data), "--out", str(tmp_path / "ev"), "--map", "2"]) == 0
     m = json.loads((tmp_path / "ev" / "metrics.json").read_text())
     assert m["rim"]["lenses"] == 8 and m["map"]["lenses"] == 2

@@ -12,8 +12,17 @@ from pathlib import Path
 import pytest
 
 SRC = Path(__file__).resolve().parents[1] / "src" / "rimlens"
-LAYERS = [{"errors", "distributed", "version"}, {"physics"}, {"config"}, {"nn"}, {"io"}, {"data"}, {"inference"},
-          {"train", "evaluate"}, {"cli"}]
+LAYERS = [
+    {"errors", "distributed", "version"},
+    {"physics"},
+    {"config"},
+    {"nn"},
+    {"io"},
+    {"data"},
+    {"inference"},
+    {"train", "evaluate"},
+    {"cli"},
+]
 LAYER_OF = {part: i for i, parts in enumerate(LAYERS) for part in parts}
 
 
@@ -49,14 +58,21 @@ def imports_by_part() -> dict[str, set[tuple[str, str, int]]]:
 
 
 def test_every_part_has_a_layer():
-    parts = {p.stem if p.is_file() else p.name for p in SRC.iterdir()
-             if (p.suffix == ".py" and p.name != "__init__.py") or (p.is_dir() and (p / "__init__.py").exists())}
+    parts = {
+        p.stem if p.is_file() else p.name
+        for p in SRC.iterdir()
+        if (p.suffix == ".py" and p.name != "__init__.py") or (p.is_dir() and (p / "__init__.py").exists())
+    }
     assert parts <= set(LAYER_OF), f"parts without a layer: {sorted(parts - set(LAYER_OF))}"
 
 
 def test_layers_import_one_way():
-    wrong = [f"{file}:{line}: {part} imports {other}" for part, edges in imports_by_part().items()
-             for other, file, line in sorted(edges) if LAYER_OF[other] >= LAYER_OF[part]]
+    wrong = [
+        f"{file}:{line}: {part} imports {other}"
+        for part, edges in imports_by_part().items()
+        for other, file, line in sorted(edges)
+        if LAYER_OF[other] >= LAYER_OF[part]
+    ]
     assert not wrong, "imports against the layer order:\n" + "\n".join(wrong)
 
 
@@ -66,7 +82,7 @@ def test_no_import_cycle_between_parts():
 
     def visit(node, path):
         if state.get(node) == 1:
-            pytest.fail("import cycle: " + " -> ".join([*path[path.index(node):], node]))
+            pytest.fail("import cycle: " + " -> ".join([*path[path.index(node) :], node]))
         if state.get(node) == 2:
             return
         state[node] = 1

@@ -27,9 +27,13 @@ def _lenstronomy_image(n, scale):
     kwargs_source = [dict(amp=1.0, R_sersic=0.25, n_sersic=1.0, e1=se1, e2=se2, center_x=0.08, center_y=0.04)]
     c = -(n - 1) / 2 * scale
     data = ImageData(image_data=np.zeros((n, n)), ra_at_xy_0=c, dec_at_xy_0=c, transform_pix2angle=np.eye(2) * scale)
-    model = ImageModel(data, LensPSF(psf_type="GAUSSIAN", fwhm=FWHM, truncation=5),
-                       lens_model_class=LensModel(["SIE"]), source_model_class=LightModel(["SERSIC_ELLIPSE"]),
-                       kwargs_numerics={"supersampling_factor": 1})
+    model = ImageModel(
+        data,
+        LensPSF(psf_type="GAUSSIAN", fwhm=FWHM, truncation=5),
+        lens_model_class=LensModel(["SIE"]),
+        source_model_class=LightModel(["SERSIC_ELLIPSE"]),
+        kwargs_numerics={"supersampling_factor": 1},
+    )
     # lenstronomy returns flux per pixel (surface brightness x pixel area)
     image = model.image(kwargs_lens=kwargs_lens, kwargs_source=kwargs_source) / scale**2
     return image, kwargs_source
@@ -62,8 +66,17 @@ def test_pixelated_kappa_image_matches_lenstronomy():
     sim = LensSimulator(img_grid, src_grid)
     x, y = img_grid.coordinates(torch.float64)
     # pixel-averaged (8 x 8 sub-pixels) so that the cusp's mass is right
-    kappa = profiles.pixelate(profiles.sie_kappa, img_grid, 8, torch.float64, theta_e_arcsec=THETA_E,
-                              axis_ratio=Q, phi_rad=PHI, center_x=X0, center_y=Y0)[0, 0]
+    kappa = profiles.pixelate(
+        profiles.sie_kappa,
+        img_grid,
+        8,
+        torch.float64,
+        theta_e_arcsec=THETA_E,
+        axis_ratio=Q,
+        phi_rad=PHI,
+        center_x=X0,
+        center_y=Y0,
+    )[0, 0]
     xp = (x - X0) * math.cos(PHI) + (y - Y0) * math.sin(PHI)
     yp = -(x - X0) * math.sin(PHI) + (y - Y0) * math.cos(PHI)
     kappa = torch.where(torch.sqrt(Q * xp**2 + yp**2 / Q) < 5.5, kappa, torch.zeros_like(kappa))[None, None]

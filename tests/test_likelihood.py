@@ -44,12 +44,12 @@ def test_likelihood_gradient_gradcheck():
     eta = torch.log10(kappa)
 
     def half_chi2(s, e):
-        return 0.5 * sim.chi_squared(obs, s, 10 ** e, psf, sigma, check=False).sum()
+        return 0.5 * sim.chi_squared(obs, s, 10**e, psf, sigma, check=False).sum()
 
     s = (source + 0.1).requires_grad_(True)
     e = (eta - 0.05).requires_grad_(True)
     assert torch.autograd.gradcheck(half_chi2, (s, e), eps=1e-6, atol=1e-5, rtol=1e-4)
-    g_s, g_e, chi2 = sim.likelihood_gradient(obs, s.detach(), e.detach(), psf, sigma)
+    g_s, g_e, _chi2 = sim.likelihood_gradient(obs, s.detach(), e.detach(), psf, sigma)
     ref_s, ref_e = torch.autograd.grad(half_chi2(s, e), (s, e))
     assert torch.allclose(g_s, ref_s) and torch.allclose(g_e, ref_e)
     # and against central finite differences of chi2/2 on a few source pixels
@@ -66,9 +66,11 @@ def test_batch_equals_single_calls():
     eta = torch.log10(kappa) + 0.02
     gs, ge, chi2 = sim.likelihood_gradient(obs, source, eta, psf, sigma)
     for b in range(3):
-        s1, e1, c1 = sim.likelihood_gradient(obs[b:b + 1], source[b:b + 1], eta[b:b + 1], psf.select(slice(b, b + 1)), sigma[b:b + 1])
-        assert torch.allclose(gs[b:b + 1], s1, rtol=1e-10, atol=1e-12)
-        assert torch.allclose(ge[b:b + 1], e1, rtol=1e-10, atol=1e-12)
+        s1, e1, c1 = sim.likelihood_gradient(
+            obs[b : b + 1], source[b : b + 1], eta[b : b + 1], psf.select(slice(b, b + 1)), sigma[b : b + 1]
+        )
+        assert torch.allclose(gs[b : b + 1], s1, rtol=1e-10, atol=1e-12)
+        assert torch.allclose(ge[b : b + 1], e1, rtol=1e-10, atol=1e-12)
         assert torch.allclose(chi2[b], c1[0])
 
 
@@ -89,7 +91,7 @@ def test_mask_and_huge_sigma_exclude_pixels():
 
 
 def test_float32_default_and_float64_supported():
-    sim, source, kappa, psf, sigma, g = _setup(dtype=torch.float32)
+    sim, source, kappa, psf, _sigma, _g = _setup(dtype=torch.float32)
     assert sim.forward(source, kappa, psf).dtype == torch.float32
-    sim, source, kappa, psf, sigma, g = _setup(dtype=torch.float64)
+    sim, source, kappa, psf, _sigma, _g = _setup(dtype=torch.float64)
     assert sim.forward(source, kappa, psf).dtype == torch.float64

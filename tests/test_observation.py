@@ -29,9 +29,12 @@ def files(tmp_path):
     img[45:55, 40:60] += 1.0
     psf = np.exp(-0.5 * (np.arange(9) - 4) ** 2 / 1.5**2)
     psf = psf[:, None] * psf[None, :]
-    return {"image": _write(tmp_path / "img.fits", img, {"CDELT1": -0.1 / 3600, "CDELT2": 0.1 / 3600}),
-            "psf": _write(tmp_path / "psf.fits", psf), "noise": _write(tmp_path / "noise.fits", np.full((100, 100), 0.01)),
-            "tmp": tmp_path}
+    return {
+        "image": _write(tmp_path / "img.fits", img, {"CDELT1": -0.1 / 3600, "CDELT2": 0.1 / 3600}),
+        "psf": _write(tmp_path / "psf.fits", psf),
+        "noise": _write(tmp_path / "noise.fits", np.full((100, 100), 0.01)),
+        "tmp": tmp_path,
+    }
 
 
 def test_fits_round_trip_keeps_data_and_grid(tmp_path):
@@ -65,7 +68,9 @@ def test_bad_inputs_give_clear_errors(files, tmp_path):
     with pytest.raises(RimlensInputError, match="NaN"):
         load_observation(_write(tmp_path / "nan.fits", nan), files["psf"], sigma=0.01, pixel_scale_arcsec=0.1)
     with pytest.raises(RimlensInputError, match="larger than the image"):
-        load_observation(_write(tmp_path / "small.fits", np.ones((7, 7))), files["psf"], sigma=0.01, pixel_scale_arcsec=0.1)
+        load_observation(
+            _write(tmp_path / "small.fits", np.ones((7, 7))), files["psf"], sigma=0.01, pixel_scale_arcsec=0.1
+        )
     with pytest.raises(RimlensInputError, match="differs from image shape"):
         load_observation(files["image"], files["psf"], noise_path=_write(tmp_path / "n2.fits", np.ones((50, 50))))
     with pytest.raises(RimlensInputError, match="exactly one"):
@@ -83,9 +88,20 @@ def test_cli_errors_exit_2_without_traceback(files, tmp_path, capsys):
     from rimlens.cli import main
 
     cube = _write(tmp_path / "cube.fits", np.zeros((3, 10, 10)))
-    for args in (["reconstruct", str(tmp_path / "missing.fits"), "--psf", str(files["psf"]), "--sigma", "0.01", "--out", str(tmp_path / "o")],
-                 ["reconstruct", str(cube), "--psf", str(files["psf"]), "--sigma", "0.01", "--out", str(tmp_path / "o")],
-                 ["reconstruct", str(files["image"]), "--psf", str(files["psf"]), "--sigma", "0", "--out", str(tmp_path / "o")]):
+    for args in (
+        [
+            "reconstruct",
+            str(tmp_path / "missing.fits"),
+            "--psf",
+            str(files["psf"]),
+            "--sigma",
+            "0.01",
+            "--out",
+            str(tmp_path / "o"),
+        ],
+        ["reconstruct", str(cube), "--psf", str(files["psf"]), "--sigma", "0.01", "--out", str(tmp_path / "o")],
+        ["reconstruct", str(files["image"]), "--psf", str(files["psf"]), "--sigma", "0", "--out", str(tmp_path / "o")],
+    ):
         assert main(args) == 2
         err = capsys.readouterr().err
         assert err.startswith("error:") and "Traceback" not in err and err.count("\n") == 1
@@ -137,11 +153,12 @@ def test_folder_mode_rejects_per_file_options(files, tmp_path):
     from rimlens.cli import main
 
     (tmp_path / "lenses").mkdir()
-    assert main(["reconstruct", str(tmp_path / "lenses"), "--psf", str(files["psf"]), "--out", str(tmp_path / "o")]) == 2
+    assert (
+        main(["reconstruct", str(tmp_path / "lenses"), "--psf", str(files["psf"]), "--out", str(tmp_path / "o")]) == 2
+    )
 
 
 def test_folder_of_lenses_sharded_and_resumable(tmp_path):
-    import dataclasses
     import os
     import subprocess
     import sys
@@ -162,8 +179,25 @@ def test_folder_of_lenses_sharded_and_resumable(tmp_path):
         _write(d / "psf.fits", psf[:, None] * psf[None])
         _write(d / "noise_map.fits", np.full((90, 90), 0.01))
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29529", "-m", "rimlens.cli",
-           "reconstruct", str(tmp_path / "lenses"), "--pixel-scale", "0.1", "--model", str(tmp_path / "run"), "--out", str(tmp_path / "out")]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        "29529",
+        "-m",
+        "rimlens.cli",
+        "reconstruct",
+        str(tmp_path / "lenses"),
+        "--pixel-scale",
+        "0.1",
+        "--model",
+        str(tmp_path / "run"),
+        "--out",
+        str(tmp_path / "out"),
+    ]
     r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     table = (tmp_path / "out" / "summary.csv").read_text().splitlines()
@@ -174,8 +208,21 @@ def test_folder_of_lenses_sharded_and_resumable(tmp_path):
 
     stamp = (tmp_path / "out" / "lens1" / "summary.json").stat().st_mtime_ns
     (tmp_path / "out" / "lens0" / "summary.json").unlink()
-    assert main(["reconstruct", str(tmp_path / "lenses"), "--pixel-scale", "0.1", "--model", str(tmp_path / "run"),
-                 "--out", str(tmp_path / "out")]) == 0
+    assert (
+        main(
+            [
+                "reconstruct",
+                str(tmp_path / "lenses"),
+                "--pixel-scale",
+                "0.1",
+                "--model",
+                str(tmp_path / "run"),
+                "--out",
+                str(tmp_path / "out"),
+            ]
+        )
+        == 0
+    )
     again = json.loads((tmp_path / "out" / "lens0" / "summary.json").read_text())
     assert again["chi2_nu"] == pytest.approx(first["chi2_nu"], rel=1e-5)
     assert (tmp_path / "out" / "lens1" / "summary.json").stat().st_mtime_ns == stamp

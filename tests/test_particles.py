@@ -4,8 +4,14 @@ import numpy as np
 import pytest
 import torch
 
-from rimlens.data.particles import (critical_density_msun_per_arcsec2, kappa_from_particles, rasterize,
-                                    read_tng_cutout, sample_sis, synthetic_galaxy)
+from rimlens.data.particles import (
+    critical_density_msun_per_arcsec2,
+    kappa_from_particles,
+    rasterize,
+    read_tng_cutout,
+    sample_sis,
+    synthetic_galaxy,
+)
 from rimlens.errors import RimlensInputError
 from rimlens.physics import PixelGrid
 
@@ -55,7 +61,12 @@ def test_sis_particle_halo_matches_projected_profile():
         rk = r[sel] * kpc_per_arcsec
         analytic = m_tot / (2 * np.pi * r_max * rk) * np.arctan(np.sqrt(r_max**2 - rk**2) / rk)  # M_sun / kpc^2
         analytic_kappa = analytic * kpc_per_arcsec**2 / sigma_crit
-        n_in = n * (np.pi * ((hi * kpc_per_arcsec) ** 2 - (lo * kpc_per_arcsec) ** 2)) / (2 * np.pi * r_max * 2 * hi * kpc_per_arcsec) * 2
+        n_in = (
+            n
+            * (np.pi * ((hi * kpc_per_arcsec) ** 2 - (lo * kpc_per_arcsec) ** 2))
+            / (2 * np.pi * r_max * 2 * hi * kpc_per_arcsec)
+            * 2
+        )
         shot = 1 / np.sqrt(max(n_in, 1))
         rel = abs(kappa[sel].mean() / analytic_kappa.mean() - 1)
         assert rel < max(3 * shot, 0.02), (lo, hi, rel, shot)
@@ -78,7 +89,9 @@ def test_tng_cutout_reader(tmp_path):
 
     p = tmp_path / "cutout.hdf5"
     with h5py.File(p, "w") as f:
-        f.create_group("Header").attrs.update({"HubbleParam": 0.7, "Redshift": 0.0, "MassTable": np.array([0, 0.5, 0, 0, 0, 0])})
+        f.create_group("Header").attrs.update(
+            {"HubbleParam": 0.7, "Redshift": 0.0, "MassTable": np.array([0, 0.5, 0, 0, 0, 0])}
+        )
         f.create_dataset("PartType0/Coordinates", data=np.ones((3, 3)) * 700.0)
         f.create_dataset("PartType0/Masses", data=np.ones(3) * 0.1)
         f.create_dataset("PartType1/Coordinates", data=np.zeros((2, 3)))

@@ -120,5 +120,7 @@ def test_per_example_psfs_are_applied_per_example(rng):
     psf = PSF.gaussian(torch.tensor([0.1, 0.3]), 0.05, dtype=torch.float64)
     both = psf.convolve(img)
     for b in range(2):
-        single = PSF.gaussian(float(psf_fwhm := [0.1, 0.3][b]), 0.05, size=psf.size, dtype=torch.float64).convolve(img[b:b + 1])
-        assert torch.allclose(both[b:b + 1], single, atol=1e-12), psf_fwhm
+        single = PSF.gaussian(float(psf_fwhm := [0.1, 0.3][b]), 0.05, size=psf.size, dtype=torch.float64).convolve(
+            img[b : b + 1]
+        )
+        assert torch.allclose(both[b : b + 1], single, atol=1e-12), psf_fwhm

@@ -8,9 +8,8 @@ import sys
 import pytest
 import torch
 
-from rimlens.config import get_preset
+from rimlens.config import RIMConfig, UNetConfig, get_preset, with_train_settings
 from rimlens.errors import RimlensInputError, TrainingDivergedError
-from rimlens.config import RIMConfig, UNetConfig, with_train_settings
 from rimlens.io.checkpoint import load_model, save_checkpoint
 from rimlens.nn.rim import RIM, rim_loss
 from rimlens.nn.unet import GRUUNet, count_parameters
@@ -91,8 +90,11 @@ def test_data_workers_draw_the_same_batches(tmp_path):
     also when resuming mid-run."""
     cfg = _tiny(max_steps=3, val_every=1000, checkpoint_every=1000, val_size=4)
     plain = Trainer(cfg, tmp_path / "plain", progress=False)
-    workers = Trainer(_tiny(max_steps=3, val_every=1000, checkpoint_every=1000, val_size=4, data_workers=2),
-                      tmp_path / "workers", progress=False)
+    workers = Trainer(
+        _tiny(max_steps=3, val_every=1000, checkpoint_every=1000, val_size=4, data_workers=2),
+        tmp_path / "workers",
+        progress=False,
+    )
     for step, batch in enumerate(workers.batches(1), start=1):
         ref = plain.batch_for_step(step)
         assert torch.equal(batch.observation, ref.observation) and torch.equal(batch.kappa, ref.kappa)
@@ -147,9 +149,34 @@ def test_two_process_ddp_equals_one_process(tmp_path):
     cfg = _tiny(max_steps=3, val_every=1000, checkpoint_every=1000, val_size=4, data_shards=2, dtype="float64")
     Trainer(cfg, tmp_path / "single", progress=False).train()
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
-           "-m", "rimlens.cli", "train", "--preset", "tiny", "--out", str(tmp_path / "ddp"), "--max-steps", "3", "--device", "cpu",
-           "--set", "dtype=float64", "--set", "val_every=1000", "--set", "checkpoint_every=1000", "--set", "val_size=4"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        "29517",
+        "-m",
+        "rimlens.cli",
+        "train",
+        "--preset",
+        "tiny",
+        "--out",
+        str(tmp_path / "ddp"),
+        "--max-steps",
+        "3",
+        "--device",
+        "cpu",
+        "--set",
+        "dtype=float64",
+        "--set",
+        "val_every=1000",
+        "--set",
+        "checkpoint_every=1000",
+        "--set",
+        "val_size=4",
+    ]
     r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-2000:]
     a, b = _weights(tmp_path / "single" / "latest.pt"), _weights(tmp_path / "ddp" / "latest.pt")
@@ -170,8 +197,12 @@ def test_corrupt_and_incompatible_checkpoints(tmp_path):
         load_model(tmp_path / "junk.pt")
     ckpt = torch.load(good, weights_only=True)
     other = get_preset("tiny")
-    other = dataclasses.replace(other, model=dataclasses.replace(other.model, unet=dataclasses.replace(other.model.unet, filters=(4, 8, 16))))
-    save_checkpoint(tmp_path / "mismatch.pt", {**{k: v for k, v in ckpt.items() if k != "format"}, "preset": other.to_json()})
+    other = dataclasses.replace(
+        other, model=dataclasses.replace(other.model, unet=dataclasses.replace(other.model.unet, filters=(4, 8, 16)))
+    )
+    save_checkpoint(
+        tmp_path / "mismatch.pt", {**{k: v for k, v in ckpt.items() if k != "format"}, "preset": other.to_json()}
+    )
     with pytest.raises(RimlensInputError, match="does not match"):
         load_model(tmp_path / "mismatch.pt")
     torch.save({"something": 1}, tmp_path / "foreign.pt")
@@ -190,7 +221,9 @@ def test_predict_cli(tmp_path):
 
     Trainer(_tiny(max_steps=2, val_every=1000, val_size=4), tmp_path / "run", progress=False).train()
     data = generate_dataset(tmp_path / "d.h5", get_preset("tiny"), 6, seed=9, block_size=6, progress=False)
-    assert main(["predict", str(tmp_path / "run"), str(data), "--out", str(tmp_path / "rec.h5"), "--batch-size", "4"]) == 0
+    assert (
+        main(["predict", str(tmp_path / "run"), str(data), "--out", str(tmp_path / "rec.h5"), "--batch-size", "4"]) == 0
+    )
     import h5py
 
     with h5py.File(tmp_path / "rec.h5") as f:
@@ -209,8 +242,24 @@ def test_sharded_predict_equals_single_and_resumes(tmp_path):
     data = generate_dataset(tmp_path / "d.h5", get_preset("tiny"), 10, seed=4, block_size=10, progress=False)
     predict_file(tmp_path / "run", data, tmp_path / "single.h5", batch_size=3, progress=False)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29523",
-           "-m", "rimlens.cli", "predict", str(tmp_path / "run"), str(data), "--out", str(tmp_path / "ddp.h5"), "--batch-size", "3"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        "29523",
+        "-m",
+        "rimlens.cli",
+        "predict",
+        str(tmp_path / "run"),
+        str(data),
+        "--out",
+        str(tmp_path / "ddp.h5"),
+        "--batch-size",
+        "3",
+    ]
     r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     with h5py.File(tmp_path / "single.h5") as a, h5py.File(tmp_path / "ddp.h5") as b:
@@ -235,7 +284,6 @@ def test_sharded_predict_equals_single_and_resumes(tmp_path):
         P.reconstruct = real
     parts = tmp_path / "res.h5.parts"
     assert (parts / "chunk_000000000_3.h5").exists() and not (tmp_path / "res.h5").exists()
-    stamp = (parts / "chunk_000000000_3.h5").stat().st_mtime_ns
     done = []
     P.reconstruct = lambda *a, **k: done.append(1) or real(*a, **k)
     try:
@@ -252,7 +300,9 @@ def test_sharded_predict_equals_single_and_resumes(tmp_path):
     with pytest.raises(RimlensInputError, match="interrupted reconstruction run"):
         predict_file(tmp_path / "run2", data, tmp_path / "other.h5", batch_size=3, progress=False)
     # a data set on another grid is refused
-    other_grid = dataclasses.replace(get_preset("tiny"), grid=dataclasses.replace(get_preset("tiny").grid, image_fov_arcsec=6.0))
+    other_grid = dataclasses.replace(
+        get_preset("tiny"), grid=dataclasses.replace(get_preset("tiny").grid, image_fov_arcsec=6.0)
+    )
     data2 = generate_dataset(tmp_path / "d2.h5", other_grid, 2, seed=4, block_size=2, progress=False)
     with pytest.raises(RimlensInputError, match="differs from the model"):
         predict_file(tmp_path / "run", data2, tmp_path / "x.h5", progress=False)
@@ -276,6 +326,7 @@ def test_bf16_autocast_path_runs_and_returns_float32():
     import numpy as np
 
     from rimlens.data.lenses import LensGenerator
+
     p = get_preset("tiny")
     torch.manual_seed(0)
     model = RIM.from_preset(p)

@@ -8,15 +8,15 @@ processes sharing one model; both must end at the same step, and a hang fails on
 
 import pytest
 import torch
-from ranks import run_two_ranks
 
+from ranks import run_two_ranks
 from rimlens.config import get_preset, with_train_settings
 from rimlens.errors import TrainingDivergedError
 from rimlens.train import Trainer
 
 TIMEOUT_S = 150
 
-WORKER = r'''
+WORKER = r"""
 import gc, json, sys, time, traceback
 from pathlib import Path
 
@@ -75,7 +75,7 @@ with process_group("gloo") as (rank, world):
     scenario("patience", {"val_every": 1, "patience": 2}, worse_on_rank_1)
 
 (work / f"result_{rank}.json").write_text(json.dumps(out))
-'''
+"""
 
 
 @pytest.fixture(scope="module")
@@ -105,8 +105,13 @@ def test_early_stopping_on_one_rank_stops_every_rank(two_ranks):
 def test_nan_gradients_with_a_finite_loss_stop_training(tmp_path):
     """A finite loss whose gradients are NaN (e.g. through a 0 * inf) must not update the weights:
     ``n > clip_norm`` is False for a NaN norm, so a per-tensor clip alone would let it through."""
-    t = Trainer(with_train_settings(get_preset("tiny"), {"max_steps": 5, "val_every": 1000, "checkpoint_every": 2,
-                                                         "val_size": 2}), tmp_path / "run", progress=False)
+    t = Trainer(
+        with_train_settings(
+            get_preset("tiny"), {"max_steps": 5, "val_every": 1000, "checkpoint_every": 2, "val_size": 2}
+        ),
+        tmp_path / "run",
+        progress=False,
+    )
     real = t.loss
 
     hooked = []
@@ -134,8 +139,13 @@ def test_resume_overrides_reach_the_saved_configuration(tmp_path):
 
     preset = with_train_settings(get_preset("tiny"), {"max_steps": 2, "val_every": 1000, "val_size": 2})
     train_rim(preset, tmp_path / "run", progress=False)
-    r = train_rim(preset, tmp_path / "run", resume=True, settings={"max_steps": 3, "learning_rate": 5e-3, "batch_size": 2},
-                  progress=False)
+    r = train_rim(
+        preset,
+        tmp_path / "run",
+        resume=True,
+        settings={"max_steps": 3, "learning_rate": 5e-3, "batch_size": 2},
+        progress=False,
+    )
     assert r is not None and r.step == 3
     ckpt = torch.load(tmp_path / "run" / "latest.pt", weights_only=True)
     from rimlens.config import preset_from_json

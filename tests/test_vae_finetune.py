@@ -6,14 +6,13 @@ import numpy as np
 import pytest
 import torch
 
-from rimlens.config import get_preset, with_train_settings
+from rimlens.config import VAEConfig, get_preset, with_train_settings
 from rimlens.errors import RimlensInputError, TrainingDivergedError
-from rimlens.inference.finetune import FinetuneOptions, fisher_diagonal, finetune
-from rimlens.config import VAEConfig
+from rimlens.inference.finetune import FinetuneOptions, finetune, fisher_diagonal
+from rimlens.io.checkpoint import load_vae
 from rimlens.nn.vae import VAE
 from rimlens.physics import PSF
 from rimlens.train import Trainer
-from rimlens.io.checkpoint import load_vae
 from rimlens.train.vae import VAETrainer
 
 
@@ -22,8 +21,13 @@ def tiny_vaes(tmp_path_factory):
     root = tmp_path_factory.mktemp("vae")
     out = {}
     for kind in ("source", "kappa"):
-        t = VAETrainer(kind, get_preset("tiny"), root / kind, train={"max_steps": 500, "val_every": 500, "batch_size": 16,
-                                                                      "learning_rate": 1e-3, "val_size": 32}, progress=False)
+        t = VAETrainer(
+            kind,
+            get_preset("tiny"),
+            root / kind,
+            train={"max_steps": 500, "val_every": 500, "batch_size": 16, "learning_rate": 1e-3, "val_size": 32},
+            progress=False,
+        )
         first = t.evaluate()
         last = t.train().last
         out[kind] = (t, first, last, root / kind)
@@ -31,7 +35,7 @@ def tiny_vaes(tmp_path_factory):
 
 
 def test_vae_loss_falls_and_reconstructs_better_than_mean(tiny_vaes):
-    for kind, (t, first, last, _) in tiny_vaes.items():
+    for kind, (_t, first, last, _) in tiny_vaes.items():
         assert last["val_loss"] < first["val_loss"], kind
         # encode -> decode reproduces maps of the training distribution better than the mean map
         assert last["train_reconstruction_error"] < last["train_mean_map_error"], (kind, last)
@@ -76,8 +80,17 @@ def test_fisher_is_finite_and_non_negative(tiny_rim, tiny_vaes):
     src_vae = load_vae(tiny_vaes["source"][3] / "latest.pt")
     kap_vae = load_vae(tiny_vaes["kappa"][3] / "latest.pt")
     out = model(b.observation, b.psf, b.noise_sigma)
-    f = fisher_diagonal(model, b.observation, PSF.from_kernel(b.psf), b.noise_sigma, src_vae, kap_vae,
-                        out.source[-1].detach(), out.log10_kappa[-1].detach(), FinetuneOptions(n_samples=4))
+    f = fisher_diagonal(
+        model,
+        b.observation,
+        PSF.from_kernel(b.psf),
+        b.noise_sigma,
+        src_vae,
+        kap_vae,
+        out.source[-1].detach(),
+        out.log10_kappa[-1].detach(),
+        FinetuneOptions(n_samples=4),
+    )
     assert all(torch.isfinite(x).all() and (x >= 0).all() for x in f)
     assert sum(float(x.sum()) for x in f) > 0
 
@@ -87,8 +100,15 @@ def test_finetune_lambda_limits_and_never_worse(tiny_rim, tiny_vaes):
     src_vae = load_vae(tiny_vaes["source"][3] / "latest.pt")
     kap_vae = load_vae(tiny_vaes["kappa"][3] / "latest.pt")
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    free = finetune(model, b.observation, b.psf, b.noise_sigma, src_vae, kap_vae,
-                    FinetuneOptions(ewc_lambda=0.0, learning_rate=1e-4, n_samples=2, max_steps=15, target_chi2_nu=0.0))
+    free = finetune(
+        model,
+        b.observation,
+        b.psf,
+        b.noise_sigma,
+        src_vae,
+        kap_vae,
+        FinetuneOptions(ewc_lambda=0.0, learning_rate=1e-4, n_samples=2, max_steps=15, target_chi2_nu=0.0),
+    )
     assert free.chi2_nu <= free.baseline_chi2_nu
     assert free.chi2_nu < free.baseline_chi2_nu  # lambda = 0: the fit improves
     assert min(free.chi2_history[1:]) < free.chi2_history[0]
@@ -96,8 +116,15 @@ def test_finetune_lambda_limits_and_never_worse(tiny_rim, tiny_vaes):
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     # a huge lambda pins the weights to phi0: RMSprop steps have size ~lr, so with lambda = 0 the
     # weights drift further and further while a huge lambda keeps them within a few lr
-    pinned = finetune(model, b.observation, b.psf, b.noise_sigma, src_vae, kap_vae,
-                      FinetuneOptions(ewc_lambda=1e12, learning_rate=1e-4, n_samples=2, max_steps=15, target_chi2_nu=0.0))
+    pinned = finetune(
+        model,
+        b.observation,
+        b.psf,
+        b.noise_sigma,
+        src_vae,
+        kap_vae,
+        FinetuneOptions(ewc_lambda=1e12, learning_rate=1e-4, n_samples=2, max_steps=15, target_chi2_nu=0.0),
+    )
     assert pinned.chi2_nu <= pinned.baseline_chi2_nu
     assert pinned.weight_change <= 5e-4 < free.weight_change
 
@@ -107,18 +134,31 @@ def test_fisher_vmap_equals_loop(tiny_rim, tiny_vaes):
     src_vae = load_vae(tiny_vaes["source"][3] / "latest.pt")
     kap_vae = load_vae(tiny_vaes["kappa"][3] / "latest.pt")
     out = model(b.observation, b.psf, b.noise_sigma)
-    args = (model, b.observation, PSF.from_kernel(b.psf), b.noise_sigma, src_vae, kap_vae,
-            out.source[-1].detach(), out.log10_kappa[-1].detach())
+    args = (
+        model,
+        b.observation,
+        PSF.from_kernel(b.psf),
+        b.noise_sigma,
+        src_vae,
+        kap_vae,
+        out.source[-1].detach(),
+        out.log10_kappa[-1].detach(),
+    )
     loop = fisher_diagonal(*args, FinetuneOptions(n_samples=6, per_sample="loop"))
     vm = fisher_diagonal(*args, FinetuneOptions(n_samples=6, per_sample="vmap", sample_chunk=4))
-    for a, v in zip(loop, vm):
+    for a, v in zip(loop, vm, strict=True):
         assert torch.allclose(a, v, rtol=1e-4, atol=1e-6 * float(a.abs().max()) + 1e-12)
 
 
 def test_vae_samples_as_training_family(tiny_vaes):
     p = get_preset("tiny")
-    data = dataclasses.replace(p.data, source_mix={"vae": 0.8, "cosmos": 0.2}, kappa_mix={"vae": 0.8, "sie": 0.2},
-                               source_vae=str(tiny_vaes["source"][3] / "latest.pt"), kappa_vae=str(tiny_vaes["kappa"][3] / "latest.pt"))
+    data = dataclasses.replace(
+        p.data,
+        source_mix={"vae": 0.8, "cosmos": 0.2},
+        kappa_mix={"vae": 0.8, "sie": 0.2},
+        source_vae=str(tiny_vaes["source"][3] / "latest.pt"),
+        kappa_vae=str(tiny_vaes["kappa"][3] / "latest.pt"),
+    )
     from rimlens.data.lenses import LensGenerator
 
     gen = LensGenerator(dataclasses.replace(p, data=data))
@@ -158,8 +198,26 @@ def test_evaluate_with_finetuning(tmp_path, tiny_vaes):
     p = get_preset("tiny")
     Trainer(with_train_settings(p, {"max_steps": 2, "val_size": 4}), tmp_path / "run", progress=False).train()
     data = generate_dataset(tmp_path / "t.h5", p, 4, seed=3, split="test", noise="high", block_size=4, progress=False)
-    assert main(["evaluate", str(tmp_path / "run"), str(data), "--out", str(tmp_path / "ev"), "--finetune", "2",
-                 "--finetune-steps", "3", "--source-vae", str(tiny_vaes["source"][3] / "latest.pt"), "--kappa-vae", str(tiny_vaes["kappa"][3] / "latest.pt")]) == 0
+    assert (
+        main(
+            [
+                "evaluate",
+                str(tmp_path / "run"),
+                str(data),
+                "--out",
+                str(tmp_path / "ev"),
+                "--finetune",
+                "2",
+                "--finetune-steps",
+                "3",
+                "--source-vae",
+                str(tiny_vaes["source"][3] / "latest.pt"),
+                "--kappa-vae",
+                str(tiny_vaes["kappa"][3] / "latest.pt"),
+            ]
+        )
+        == 0
+    )
     m = json.loads((tmp_path / "ev" / "metrics.json").read_text())
     assert m["finetuned"]["lenses"] == 2 and m["finetuned"]["chi2_nu_median"] > 0
     # like-for-like: the RIM on the same two lenses, and fine-tuning is never worse than it
@@ -168,8 +226,24 @@ def test_evaluate_with_finetuning(tmp_path, tiny_vaes):
     assert m["finetuned"]["options"]["max_steps"] == 3 and m["finetuned"]["options"]["refine_steps"] > 0
     report = (tmp_path / "ev" / "report.md").read_text()
     assert "fine-tuned RIM + pixel refinement" in report and "RIM on the same 2" in report
-    assert main(["evaluate", str(tmp_path / "run"), str(data), "--out", str(tmp_path / "ev2"), "--finetune", "1",
-                 "--source-vae", str(tmp_path / "missing.pt"), "--kappa-vae", str(tmp_path / "missing.pt")]) == 2
+    assert (
+        main(
+            [
+                "evaluate",
+                str(tmp_path / "run"),
+                str(data),
+                "--out",
+                str(tmp_path / "ev2"),
+                "--finetune",
+                "1",
+                "--source-vae",
+                str(tmp_path / "missing.pt"),
+                "--kappa-vae",
+                str(tmp_path / "missing.pt"),
+            ]
+        )
+        == 2
+    )
 
 
 def test_pixel_refinement_stops_at_the_noise_level(tiny_rim, tiny_vaes):
@@ -183,7 +257,9 @@ def test_pixel_refinement_stops_at_the_noise_level(tiny_rim, tiny_vaes):
     src_vae = load_vae(tiny_vaes["source"][3] / "latest.pt")
     kap_vae = load_vae(tiny_vaes["kappa"][3] / "latest.pt")
     # through finetune(): no weight fine-tuning asked for, the refinement improves the RIM estimate
-    r = finetune(model, b.observation, b.psf, b.noise_sigma, src_vae, kap_vae, FinetuneOptions(max_steps=0, refine_steps=50))
+    r = finetune(
+        model, b.observation, b.psf, b.noise_sigma, src_vae, kap_vae, FinetuneOptions(max_steps=0, refine_steps=50)
+    )
     assert r.baseline_chi2_nu > 1.2  # the tiny RIM is far from the noise: the stage has work to do
     assert r.ewc_chi2_nu == r.baseline_chi2_nu and r.steps == 0
     assert r.refine_steps >= 1 and r.chi2_nu < r.baseline_chi2_nu and len(r.chi2_history) == 1 + r.refine_steps
@@ -208,19 +284,42 @@ def test_finetune_options_and_adam(tiny_rim, tiny_vaes):
     model, b = tiny_rim
     src_vae = load_vae(tiny_vaes["source"][3] / "latest.pt")
     kap_vae = load_vae(tiny_vaes["kappa"][3] / "latest.pt")
-    r = finetune(model, b.observation, b.psf, b.noise_sigma, src_vae, kap_vae,
-                 FinetuneOptions(optimizer="adam", learning_rate=1e-4, n_samples=2, max_steps=5, target_chi2_nu=0.0))
+    r = finetune(
+        model,
+        b.observation,
+        b.psf,
+        b.noise_sigma,
+        src_vae,
+        kap_vae,
+        FinetuneOptions(optimizer="adam", learning_rate=1e-4, n_samples=2, max_steps=5, target_chi2_nu=0.0),
+    )
     assert r.chi2_nu <= r.baseline_chi2_nu and r.steps == 5 and r.weight_change > 0
-    rms = finetune(model, b.observation, b.psf, b.noise_sigma, src_vae, kap_vae,
-                   FinetuneOptions(optimizer="rmsprop", learning_rate=1e-4, n_samples=2, max_steps=5, target_chi2_nu=0.0))
-    assert rms.weight_change != r.weight_change  # a different optimiser really ran (RMSprop's first steps are ~3x larger)
+    rms = finetune(
+        model,
+        b.observation,
+        b.psf,
+        b.noise_sigma,
+        src_vae,
+        kap_vae,
+        FinetuneOptions(optimizer="rmsprop", learning_rate=1e-4, n_samples=2, max_steps=5, target_chi2_nu=0.0),
+    )
+    assert (
+        rms.weight_change != r.weight_change
+    )  # a different optimiser really ran (RMSprop's first steps are ~3x larger)
     with pytest.raises(RimlensInputError, match="n_samples"):
         FinetuneOptions(n_samples=0)
     with pytest.raises(RimlensInputError, match="refine_steps"):
         FinetuneOptions(refine_steps=-1)
     with pytest.raises(RimlensInputError, match="optimizer"):
-        finetune(model, b.observation, b.psf, b.noise_sigma, src_vae, kap_vae,
-                 FinetuneOptions(optimizer="sgd", n_samples=2, max_steps=1, target_chi2_nu=0.0))
+        finetune(
+            model,
+            b.observation,
+            b.psf,
+            b.noise_sigma,
+            src_vae,
+            kap_vae,
+            FinetuneOptions(optimizer="sgd", n_samples=2, max_steps=1, target_chi2_nu=0.0),
+        )
     assert FinetuneOptions.paper() == FinetuneOptions()
     fast = FinetuneOptions.fast()
     assert fast.refine_steps > 0 and fast.max_steps < FinetuneOptions().max_steps
@@ -253,16 +352,45 @@ def test_evaluate_sharded_equals_single_and_resumes(tmp_path, tiny_vaes, monkeyp
     p = get_preset("tiny")
     Trainer(with_train_settings(p, {"max_steps": 2, "val_size": 4}), tmp_path / "run", progress=False).train()
     data = generate_dataset(tmp_path / "t.h5", p, 5, seed=5, split="test", noise="high", block_size=5, progress=False)
-    vae_args = ["--source-vae", str(tiny_vaes["source"][3] / "latest.pt"), "--kappa-vae", str(tiny_vaes["kappa"][3] / "latest.pt")]
-    args = [str(tmp_path / "run"), str(data), "--finetune", "3", "--finetune-mode", "refine", "--map", "3",
-            "--batch-size", "2", *vae_args]
+    vae_args = [
+        "--source-vae",
+        str(tiny_vaes["source"][3] / "latest.pt"),
+        "--kappa-vae",
+        str(tiny_vaes["kappa"][3] / "latest.pt"),
+    ]
+    args = [
+        str(tmp_path / "run"),
+        str(data),
+        "--finetune",
+        "3",
+        "--finetune-mode",
+        "refine",
+        "--map",
+        "3",
+        "--batch-size",
+        "2",
+        *vae_args,
+    ]
     assert main(["evaluate", *args, "--out", str(tmp_path / "single")]) == 0
     single = json.loads((tmp_path / "single" / "metrics.json").read_text())
     assert not (tmp_path / "single" / "work").exists()  # per-chunk results removed once the report is written
 
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29531",
-           "-m", "rimlens.cli", "evaluate", *args, "--out", str(tmp_path / "ddp")]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        "29531",
+        "-m",
+        "rimlens.cli",
+        "evaluate",
+        *args,
+        "--out",
+        str(tmp_path / "ddp"),
+    ]
     r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-2000:]
     ddp = json.loads((tmp_path / "ddp" / "metrics.json").read_text())
@@ -296,14 +424,32 @@ def test_evaluate_sharded_equals_single_and_resumes(tmp_path, tiny_vaes, monkeyp
         monkeypatch.setattr(ft_module, "finetune", dies_on_second)
         calls.clear()
         main(["evaluate", *args, "--out", str(tmp_path / "mixed")])
-    other = [str(tmp_path / "run"), str(data), "--finetune", "3", "--finetune-mode", "fast", "--finetune-steps", "1", "--map", "3",
-             "--batch-size", "2", *vae_args]
+    other = [
+        str(tmp_path / "run"),
+        str(data),
+        "--finetune",
+        "3",
+        "--finetune-mode",
+        "fast",
+        "--finetune-steps",
+        "1",
+        "--map",
+        "3",
+        "--batch-size",
+        "2",
+        *vae_args,
+    ]
     assert main(["evaluate", *other, "--out", str(tmp_path / "mixed")]) == 2
 
 
 def test_vae_training_stops_at_a_non_finite_loss(tmp_path, monkeypatch):
-    t = VAETrainer("kappa", get_preset("tiny"), tmp_path / "v", train={"max_steps": 10, "val_every": 2, "batch_size": 4,
-                                                                         "val_size": 4}, progress=False)
+    t = VAETrainer(
+        "kappa",
+        get_preset("tiny"),
+        tmp_path / "v",
+        train={"max_steps": 10, "val_every": 2, "batch_size": 4, "val_size": 4},
+        progress=False,
+    )
     real, calls = t.model.loss, []
 
     def diverges(*a, **k):
@@ -321,8 +467,15 @@ def test_vae_training_stops_at_a_non_finite_loss(tmp_path, monkeypatch):
 def test_finetune_refuses_vaes_of_another_grid(tiny_rim):
     model, b = tiny_rim  # 32-px tiny RIM; the shipped VAEs work on 64-px maps
     with pytest.raises(RimlensInputError, match="source VAE works on 64 px maps but the model's source grid has 32 px"):
-        finetune(model, b.observation, b.psf, b.noise_sigma, load_vae("default", kind="source"),
-                 load_vae("default", kind="kappa"), FinetuneOptions.refine_only())
+        finetune(
+            model,
+            b.observation,
+            b.psf,
+            b.noise_sigma,
+            load_vae("default", kind="source"),
+            load_vae("default", kind="kappa"),
+            FinetuneOptions.refine_only(),
+        )
 
 
 def test_finetune_refuses_a_batch_instead_of_using_its_first_lens(tiny_rim, tiny_vaes):

@@ -49,7 +49,32 @@ _PUBLIC = {
     "evaluate_testset": "rimlens.evaluate",
 }
 
-__all__ = ["__version__", *sorted(_PUBLIC)]
+__all__ = [
+    "PSF",
+    "RIM",
+    "FinetuneOptions",
+    "LensGenerator",
+    "LensSimulator",
+    "PixelGrid",
+    "Preset",
+    "RimlensInputError",
+    "Trainer",
+    "TrainingDivergedError",
+    "__version__",
+    "deflection",
+    "evaluate_testset",
+    "finetune",
+    "fit_map",
+    "get_preset",
+    "load_model",
+    "load_observation",
+    "load_vae",
+    "prepare_observation",
+    "reconstruct",
+    "reconstruct_observation",
+    "reconstruct_prepared",
+    "rim_loss",
+]
 
 
 def __getattr__(name: str) -> Any:

@@ -49,13 +49,23 @@ def _with_finetune_options(fn):
     options = [
         click.option("--source-vae", default=None, help="Source VAE checkpoint (default: the shipped one)."),
         click.option("--kappa-vae", default=None, help="log10-kappa VAE checkpoint (default: the shipped one)."),
-        click.option("--finetune-mode", type=click.Choice(["fast", "paper", "refine"]), default="fast", show_default=True,
-                     help="fast: EWC with 50 Fisher samples, RMSprop lr 1e-5, <= 200 steps, then pixel refinement; "
-                          "paper: 100 samples, lr 1e-6, <= 2000 steps; refine: pixel refinement of the RIM estimate only."),
-        click.option("--finetune-steps", type=click.IntRange(min=0), default=None, help="Override the fine-tuning step limit."),
-        click.option("--refine/--no-refine", default=None,
-                     help="After fine-tuning, refine the maps in pixel space until chi2_nu < 1 (not in the paper; "
-                          "default: on with --finetune-mode fast, off with paper)."),
+        click.option(
+            "--finetune-mode",
+            type=click.Choice(["fast", "paper", "refine"]),
+            default="fast",
+            show_default=True,
+            help="fast: EWC with 50 Fisher samples, RMSprop lr 1e-5, <= 200 steps, then pixel refinement; "
+            "paper: 100 samples, lr 1e-6, <= 2000 steps; refine: pixel refinement of the RIM estimate only.",
+        ),
+        click.option(
+            "--finetune-steps", type=click.IntRange(min=0), default=None, help="Override the fine-tuning step limit."
+        ),
+        click.option(
+            "--refine/--no-refine",
+            default=None,
+            help="After fine-tuning, refine the maps in pixel space until chi2_nu < 1 (not in the paper; "
+            "default: on with --finetune-mode fast, off with paper).",
+        ),
     ]
     for option in reversed(options):
         fn = option(fn)
@@ -85,14 +95,35 @@ def cli():
 @click.option("--sigma", type=float, default=None, help="One noise sigma for all pixels (instead of --noise).")
 @click.option("--pixel-scale", type=float, default=None, help="arcsec / pixel (default: from the header).")
 @click.option("--mask", "mask_path", type=FILE, default=None, help="FITS mask: non-zero = use the pixel.")
-@click.option("--center", type=float, nargs=2, default=None, metavar="X Y",
-              help="Lens centre in arcsec from the image centre (default: the image centre).")
+@click.option(
+    "--center",
+    type=float,
+    nargs=2,
+    default=None,
+    metavar="X Y",
+    help="Lens centre in arcsec from the image centre (default: the image centre).",
+)
 @click.option("--model", default="default", show_default=True, help="Checkpoint, run folder or 'default'.")
 @click.option("--finetune", is_flag=True, help="Fine-tune the RIM on this observation (EWC prior, needs the VAEs).")
 @_with_finetune_options
 @click.option("--out", "out_dir", type=FOLDER, required=True)
-def reconstruct(image, psf_path, noise_path, sigma, pixel_scale, mask_path, center, model, finetune, source_vae,
-                kappa_vae, finetune_mode, finetune_steps, refine, out_dir):
+def reconstruct(
+    image,
+    psf_path,
+    noise_path,
+    sigma,
+    pixel_scale,
+    mask_path,
+    center,
+    model,
+    finetune,
+    source_vae,
+    kappa_vae,
+    finetune_mode,
+    finetune_steps,
+    refine,
+    out_dir,
+):
     """Reconstruct the convergence and the source of a lens image (FITS) and write FITS/PNG/JSON products.
 
     IMAGE may also be a folder of lenses, one sub-folder each holding image.fits, psf.fits and
@@ -101,39 +132,71 @@ def reconstruct(image, psf_path, noise_path, sigma, pixel_scale, mask_path, cent
     An HDF5 lens set (from `rimlens simulate`) is reconstructed into OUT/reconstructions.h5, as `predict`.
     """
     if image.suffix.lower() in (".h5", ".hdf5"):  # a simulated set: batched, resumable, sharded (as `predict`)
-        _refuse({"--psf": psf_path, "--noise": noise_path, "--mask": mask_path, "--center": center, "--sigma": sigma,
-                 "--pixel-scale": pixel_scale, "--finetune": finetune},
-                "an HDF5 lens set (it holds its own PSFs and noise; fine-tune a set with `rimlens evaluate --finetune N`)")
+        _refuse(
+            {
+                "--psf": psf_path,
+                "--noise": noise_path,
+                "--mask": mask_path,
+                "--center": center,
+                "--sigma": sigma,
+                "--pixel-scale": pixel_scale,
+                "--finetune": finetune,
+            },
+            "an HDF5 lens set (it holds its own PSFs and noise; fine-tune a set with `rimlens evaluate --finetune N`)",
+        )
         _predict(model, image, out_dir / "reconstructions.h5", 32)
         return
     rim = load_model(model)
     setup = _finetune_setup(source_vae, kappa_vae, finetune_mode, finetune_steps, refine, rim) if finetune else None
     if image.is_dir():
-        _refuse({"--psf": psf_path, "--noise": noise_path, "--mask": mask_path, "--center": center},
-                "a folder of lenses (each sub-folder holds its own files)")
+        _refuse(
+            {"--psf": psf_path, "--noise": noise_path, "--mask": mask_path, "--center": center},
+            "a folder of lenses (each sub-folder holds its own files)",
+        )
         with process_group():
-            done = reconstruct_folder(rim, image, out_dir, sigma=sigma, pixel_scale_arcsec=pixel_scale, finetune_with=setup,
-                                      on_error=lambda name, msg: click.echo(f"error: {name}: {msg}", err=True))
+            done = reconstruct_folder(
+                rim,
+                image,
+                out_dir,
+                sigma=sigma,
+                pixel_scale_arcsec=pixel_scale,
+                finetune_with=setup,
+                on_error=lambda name, msg: click.echo(f"error: {name}: {msg}", err=True),
+            )
         if done is not None:
             click.echo(f"reconstructed {done.done}/{done.lenses} lenses; table in {done.table}")
         return
     if psf_path is None:
         raise RimlensInputError("--psf is required")
-    s = reconstruct_observation(rim, image, psf_path, out_dir, noise=noise_path, sigma=sigma, pixel_scale_arcsec=pixel_scale,
-                                mask=mask_path, center_arcsec=tuple(center) if center else None, finetune_with=setup)
+    s = reconstruct_observation(
+        rim,
+        image,
+        psf_path,
+        out_dir,
+        noise=noise_path,
+        sigma=sigma,
+        pixel_scale_arcsec=pixel_scale,
+        mask=mask_path,
+        center_arcsec=tuple(center) if center else None,
+        finetune_with=setup,
+    )
     click.echo(f"chi2_nu {s['chi2_nu']:.3f} (baseline {s['baseline_chi2_nu']:.3f}); products in {out_dir}")
 
 
 @cli.command()
-@click.option("--out", "out_dir", type=FOLDER, default=Path("demo_output"), show_default=True, help="Folder for the products.")
+@click.option(
+    "--out", "out_dir", type=FOLDER, default=Path("demo_output"), show_default=True, help="Folder for the products."
+)
 @click.option("--model", default="default", show_default=True, help="Checkpoint, run folder or 'default'.")
 @click.option("--seed", type=int, default=7, show_default=True, help="Seed of the simulated held-out lens.")
 def demo(out_dir: Path, model: str, seed: int):
     """Reconstruct the real HST lens SLACS J2303+1422 and a held-out simulated lens with the shipped model."""
     r = run_demo(load_model(model), out_dir, seed)
     click.echo(f"SLACS J2303+1422: chi2_nu {r.slacs['chi2_nu']:.2f}, products in {out_dir / 'slacs2303'}")
-    click.echo(f"simulated lens: chi2_nu {r.simulated['chi2_nu']:.2f}, source MSE {r.simulated['source_mse']:.4f}, "
-               f"log10 kappa MSE {r.simulated['log10_kappa_mse']:.4f}; products in {out_dir / 'simulated'}")
+    click.echo(
+        f"simulated lens: chi2_nu {r.simulated['chi2_nu']:.2f}, source MSE {r.simulated['source_mse']:.4f}, "
+        f"log10 kappa MSE {r.simulated['log10_kappa_mse']:.4f}; products in {out_dir / 'simulated'}"
+    )
     click.echo(f"done in {r.seconds:.1f} s")
 
 
@@ -142,19 +205,42 @@ def demo(out_dir: Path, model: str, seed: int):
 @click.option("--count", type=click.IntRange(min=1), required=True, help="Number of validated lenses.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Same seed, same data, bit for bit.")
 @click.option("--out", "out_path", type=FILE, required=True, help="Output HDF5 file.")
-@click.option("--split", type=click.Choice(["train", "test"]), default="train", show_default=True,
-              help="Which galaxies (COSMOS split by galaxy) and particle-galaxy stream.")
-@click.option("--noise", type=click.Choice(["train", "high", "medium", "low"]), default=None,
-              help="Noise recipe (high/medium/low = the paper's test sets); default: the preset's.")
+@click.option(
+    "--split",
+    type=click.Choice(["train", "test"]),
+    default="train",
+    show_default=True,
+    help="Which galaxies (COSMOS split by galaxy) and particle-galaxy stream.",
+)
+@click.option(
+    "--noise",
+    type=click.Choice(["train", "high", "medium", "low"]),
+    default=None,
+    help="Noise recipe (high/medium/low = the paper's test sets); default: the preset's.",
+)
 @click.option("--block-size", type=click.IntRange(min=1), default=64, show_default=True)
-@click.option("--kappa-mix", multiple=True, metavar="FAMILY=WEIGHT",
-              help="Convergence families (sie, sie_substructure, particles, vae; tng for test sets only).")
+@click.option(
+    "--kappa-mix",
+    multiple=True,
+    metavar="FAMILY=WEIGHT",
+    help="Convergence families (sie, sie_substructure, particles, vae; tng for test sets only).",
+)
 @click.option("--source-mix", multiple=True, metavar="FAMILY=WEIGHT", help="Source families (cosmos, parametric, vae).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing finished file.")
 def simulate(preset, count, seed, out_path, split, noise, block_size, kappa_mix, source_mix, overwrite):
     """Simulate validated lenses into an HDF5 file (an interrupted run resumes when re-run)."""
-    s = simulate_lenses(out_path, preset, count, seed, split=split, noise=noise, block_size=block_size,
-                        kappa_mix=_parse_settings(kappa_mix), source_mix=_parse_settings(source_mix), overwrite=overwrite)
+    s = simulate_lenses(
+        out_path,
+        preset,
+        count,
+        seed,
+        split=split,
+        noise=noise,
+        block_size=block_size,
+        kappa_mix=_parse_settings(kappa_mix),
+        source_mix=_parse_settings(source_mix),
+        overwrite=overwrite,
+    )
     reasons = ", ".join(f"{k} {v}" for k, v in s.rejected.items())
     click.echo(f"wrote {s.count} lenses to {s.path} ({s.drawn} drawn; rejected: {reasons})")
 
@@ -179,26 +265,55 @@ def show(path, out_png, count, start):
 @click.option("--lr", type=float, default=None, help="Initial learning rate.")
 @click.option("--seed", type=int, default=None)
 @click.option("--device", default=None, help="torch device (default: cuda if available, else cpu).")
-@click.option("--set", "settings", multiple=True, metavar="KEY=VALUE",
-              help="Override any training setting (rimlens.config.TrainConfig), e.g. --set val_every=500.")
-@click.option("--init-from", default=None, help="Start from these weights (e.g. 'default' to keep training the shipped model).")
+@click.option(
+    "--set",
+    "settings",
+    multiple=True,
+    metavar="KEY=VALUE",
+    help="Override any training setting (rimlens.config.TrainConfig), e.g. --set val_every=500.",
+)
+@click.option(
+    "--init-from", default=None, help="Start from these weights (e.g. 'default' to keep training the shipped model)."
+)
 def train(preset, out_dir, resume, max_steps, max_minutes, batch_size, lr, seed, device, settings, init_from):
     """Train a RIM (single process, or multi-GPU / multi-node under torchrun)."""
-    overrides = {k: v for k, v in {"max_steps": max_steps, "max_minutes": max_minutes, "batch_size": batch_size,
-                                   "learning_rate": lr, "seed": seed}.items() if v is not None}
-    result = train_rim(get_preset(preset), out_dir, resume=resume, settings={**overrides, **_parse_settings(settings)},
-                       device=device, init_from=init_from)
+    overrides = {
+        k: v
+        for k, v in {
+            "max_steps": max_steps,
+            "max_minutes": max_minutes,
+            "batch_size": batch_size,
+            "learning_rate": lr,
+            "seed": seed,
+        }.items()
+        if v is not None
+    }
+    result = train_rim(
+        get_preset(preset),
+        out_dir,
+        resume=resume,
+        settings={**overrides, **_parse_settings(settings)},
+        device=device,
+        init_from=init_from,
+    )
     if result is not None:
-        click.echo(f"stopped at step {result.step} ({result.stop_reason}); validation loss {result.val_loss:.4g}; "
-                   f"checkpoints in {out_dir}")
+        click.echo(
+            f"stopped at step {result.step} ({result.stop_reason}); validation loss {result.val_loss:.4g}; "
+            f"checkpoints in {out_dir}"
+        )
 
 
 @cli.command()
 @click.argument("model")
 @click.argument("data", type=FILE)
 @click.option("--out", "out_path", type=FILE, required=True, help="Output HDF5.")
-@click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True,
-              help="Lenses per chunk (the unit of resumption and of sharding).")
+@click.option(
+    "--batch-size",
+    type=click.IntRange(min=1),
+    default=32,
+    show_default=True,
+    help="Lenses per chunk (the unit of resumption and of sharding).",
+)
 def predict(model, data, out_path, batch_size):
     """Reconstruct every lens of DATA (a rimlens HDF5 file) with MODEL (checkpoint, run folder or 'default').
 
@@ -235,32 +350,56 @@ def train_vae_cmd(kind, preset, out_dir, resume, max_steps, max_minutes, setting
     """Train the source or log10-kappa VAE (priors for fine-tuning and a training-data family)."""
     limits = {k: v for k, v in {"max_steps": max_steps, "max_minutes": max_minutes}.items() if v is not None}
     trainer, result = train_vae(kind, preset, out_dir, resume=resume, settings={**limits, **_parse_settings(settings)})
-    click.echo(f"{trainer.kind} VAE: step {result.step}, validation loss {result.val_loss:.4g}; checkpoints in {out_dir}")
+    click.echo(
+        f"{trainer.kind} VAE: step {result.step}, validation loss {result.val_loss:.4g}; checkpoints in {out_dir}"
+    )
 
 
 @cli.command()
 @click.argument("model")
 @click.argument("testset", type=FILE)
 @click.option("--out", "out_dir", type=FOLDER, required=True)
-@click.option("--map", "n_map", type=click.IntRange(min=0), default=0, show_default=True,
-              help="Also fit the classical MAP baseline to the first N lenses.")
-@click.option("--finetune", "n_finetune", type=click.IntRange(min=0), default=0, show_default=True,
-              help="Also fine-tune the RIM on the first N lenses (needs the VAEs).")
+@click.option(
+    "--map",
+    "n_map",
+    type=click.IntRange(min=0),
+    default=0,
+    show_default=True,
+    help="Also fit the classical MAP baseline to the first N lenses.",
+)
+@click.option(
+    "--finetune",
+    "n_finetune",
+    type=click.IntRange(min=0),
+    default=0,
+    show_default=True,
+    help="Also fine-tune the RIM on the first N lenses (needs the VAEs).",
+)
 @_with_finetune_options
 @click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True)
-def evaluate(model, testset, out_dir, n_map, n_finetune, source_vae, kappa_vae, finetune_mode, finetune_steps, refine,
-             batch_size):
+def evaluate(
+    model, testset, out_dir, n_map, n_finetune, source_vae, kappa_vae, finetune_mode, finetune_steps, refine, batch_size
+):
     """The paper's evaluation on a test set: chi2 distribution and vs SNR, coherence spectra, loss statistics, gallery."""
     setup = _finetune_setup(source_vae, kappa_vae, finetune_mode, finetune_steps, refine) if n_finetune else None
     with process_group():  # under torchrun the ranks share the lenses
-        m = evaluate_testset(model, testset, out_dir, batch_size=batch_size, n_map=n_map, n_finetune=n_finetune,
-                             vaes=(setup.source_vae, setup.kappa_vae) if setup else None,
-                             finetune_options=setup.options if setup else None)
+        m = evaluate_testset(
+            model,
+            testset,
+            out_dir,
+            batch_size=batch_size,
+            n_map=n_map,
+            n_finetune=n_finetune,
+            vaes=(setup.source_vae, setup.kappa_vae) if setup else None,
+            finetune_options=setup.options if setup else None,
+        )
     if m is None:  # not rank 0: rank 0 writes the report
         return
     r = m["rim"]
-    click.echo(f"RIM: log10 loss {r['log10_loss_mean']:.2f} +- {r['log10_loss_std']:.2f}, median chi2_nu "
-               f"{r['chi2_nu_median']:.2f}, {r['seconds_per_lens'] * 1e3:.0f} ms/lens; report in {out_dir / 'report.md'}")
+    click.echo(
+        f"RIM: log10 loss {r['log10_loss_mean']:.2f} +- {r['log10_loss_std']:.2f}, median chi2_nu "
+        f"{r['chi2_nu_median']:.2f}, {r['seconds_per_lens'] * 1e3:.0f} ms/lens; report in {out_dir / 'report.md'}"
+    )
     if "map" in m:
         click.echo(f"MAP: log10 loss {m['map']['log10_loss_mean']:.2f}, {m['map']['seconds_per_lens']:.2f} s/lens")
 
@@ -274,8 +413,10 @@ def evaluate(model, testset, out_dir, n_map, n_finetune, source_vae, kappa_vae, 
 def fit_map_cmd(data, out_path, count, regularization, max_iterations):
     """Classical MAP fit (pixelated source and log10 kappa with smoothness priors, L-BFGS, several starts)."""
     r = fit_map_file(data, out_path, count, MAPOptions(regularization=regularization, max_iterations=max_iterations))
-    click.echo(f"fitted {r.chi2_nu.shape[0]} lenses in {r.seconds:.1f} s (median chi2_nu {float(r.chi2_nu.median()):.2f}); "
-               f"wrote {out_path}")
+    click.echo(
+        f"fitted {r.chi2_nu.shape[0]} lenses in {r.seconds:.1f} s (median chi2_nu {float(r.chi2_nu.median()):.2f}); "
+        f"wrote {out_path}"
+    )
 
 
 def main(argv=None) -> int:

@@ -97,14 +97,17 @@ class DataConfig:
     def __post_init__(self):
         if self.noise not in NOISE_RECIPES:
             raise RimlensInputError(f"unknown noise recipe {self.noise!r}; choose from {sorted(NOISE_RECIPES)}")
-        for name, mix, allowed in (("source_mix", self.source_mix, {"cosmos", "parametric", "vae"}),
-                                   ("kappa_mix", self.kappa_mix, {"sie", "sie_substructure", "particles", "vae", "tng"})):
+        for name, mix, allowed in (
+            ("source_mix", self.source_mix, {"cosmos", "parametric", "vae"}),
+            ("kappa_mix", self.kappa_mix, {"sie", "sie_substructure", "particles", "vae", "tng"}),
+        ):
             bad = set(mix) - allowed
             if bad or not mix or any(v < 0 for v in mix.values()) or sum(mix.values()) <= 0:
                 raise RimlensInputError(f"{name} must map {sorted(allowed)} to non-negative weights, got {mix}")
 
 
 # ---------------------------------------------------------------- models
+
 
 @dataclass(frozen=True)
 class UNetConfig:
@@ -178,11 +181,20 @@ class VAEConfig:
 # vanishes; seen at learning rates 1e-3 and 1e-4), while a linear output learns at once. We train
 # with a linear output and clamp samples to [0, 1].
 SOURCE_VAE = dict(levels=3, convs_per_level=2, filters=16, latent=32, output="linear", sample_range=(0.0, 1.0))
-KAPPA_VAE = dict(levels=4, convs_per_level=1, filters=16, latent=16, output="linear", beta_start=0.1, beta_end=0.2,
-                 beta_warmup_steps=5000)
+KAPPA_VAE = dict(
+    levels=4,
+    convs_per_level=1,
+    filters=16,
+    latent=16,
+    output="linear",
+    beta_start=0.1,
+    beta_end=0.2,
+    beta_warmup_steps=5000,
+)
 
 
 # ---------------------------------------------------------------- training
+
 
 def _check_int(owner: str, name: str, value, minimum: int) -> None:
     if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
@@ -222,7 +234,11 @@ class LoopConfig:
         _check_int(owner, "patience", self.patience, 0)
         for name in ("learning_rate", "decay_rate"):
             _check_positive(owner, name, getattr(self, name))
-        if isinstance(self.max_minutes, bool) or not isinstance(self.max_minutes, (int, float)) or not self.max_minutes >= 0:
+        if (
+            isinstance(self.max_minutes, bool)
+            or not isinstance(self.max_minutes, (int, float))
+            or not self.max_minutes >= 0
+        ):
             raise RimlensInputError(f"training setting max_minutes must be a number >= 0, got {self.max_minutes!r}")
 
     def lr_at(self, step: int) -> float:

@@ -16,8 +16,15 @@ import os
 import torch
 import torch.distributed as dist
 
-__all__ = ["RankFailedError", "any_rank", "barrier", "broadcast_object", "collective_failure", "process_group",
-           "rank_and_world"]
+__all__ = [
+    "RankFailedError",
+    "any_rank",
+    "barrier",
+    "broadcast_object",
+    "collective_failure",
+    "process_group",
+    "rank_and_world",
+]
 
 
 class RankFailedError(RuntimeError):

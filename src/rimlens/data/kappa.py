@@ -52,13 +52,17 @@ def einstein_radius(kappa: torch.Tensor, pixel_scale: float) -> torch.Tensor:
     the lens centre, inside which the mean convergence is 1 (0 if even the central pixel has
     mean kappa < 1). Exact for circular lenses; the usual effective definition otherwise."""
     radius, mean = einstein_profile(kappa, pixel_scale)
-    return _radius_at_mean(radius, mean, torch.ones(kappa.shape[0], dtype=torch.float64, device=kappa.device)).to(kappa.dtype)
+    return _radius_at_mean(radius, mean, torch.ones(kappa.shape[0], dtype=torch.float64, device=kappa.device)).to(
+        kappa.dtype
+    )
 
 
 def _radius_at_mean(radius, mean, level):
     """First radius where ``mean`` falls below ``level`` (linear interpolation)."""
     below = mean < level[:, None]
-    idx = torch.where(below.any(dim=1), below.double().argmax(dim=1), torch.full_like(level, mean.shape[1] - 1, dtype=torch.long))
+    idx = torch.where(
+        below.any(dim=1), below.double().argmax(dim=1), torch.full_like(level, mean.shape[1] - 1, dtype=torch.long)
+    )
     i1 = idx.clamp_min(1)
     i0 = i1 - 1
     m0, m1 = mean.gather(1, i0[:, None])[:, 0], mean.gather(1, i1[:, None])[:, 0]
@@ -68,7 +72,9 @@ def _radius_at_mean(radius, mean, level):
     return torch.where(idx == 0, torch.zeros_like(out), out)
 
 
-def rescale_to_einstein_radius(kappa: torch.Tensor, pixel_scale: float, theta_e_arcsec) -> tuple[torch.Tensor, torch.Tensor]:
+def rescale_to_einstein_radius(
+    kappa: torch.Tensor, pixel_scale: float, theta_e_arcsec
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Multiply each map by the factor that gives it the requested Einstein radius.
 
     Since the enclosed mean scales linearly with the map, the factor is ``1 / mean_kappa(<theta_E)``.
@@ -77,7 +83,9 @@ def rescale_to_einstein_radius(kappa: torch.Tensor, pixel_scale: float, theta_e_
         ``(rescaled kappa, factors (B,))``.
     """
     radius, mean = einstein_profile(kappa, pixel_scale)
-    target = torch.as_tensor(theta_e_arcsec, dtype=torch.float64, device=kappa.device).reshape(-1).expand(kappa.shape[0])
+    target = (
+        torch.as_tensor(theta_e_arcsec, dtype=torch.float64, device=kappa.device).reshape(-1).expand(kappa.shape[0])
+    )
     if bool((target > radius[:, -1]).any()):
         raise RimlensInputError("requested Einstein radius is larger than the map")
     # mean kappa at radius = target, by interpolation in the (increasing) radius
@@ -116,8 +124,13 @@ class AnalyticKappaConfig:
     supersample: int = 2
 
 
-def analytic_kappa(grid: PixelGrid, rng: np.random.Generator, batch: int, config: AnalyticKappaConfig = AnalyticKappaConfig(),
-                   dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, dict]:
+def analytic_kappa(
+    grid: PixelGrid,
+    rng: np.random.Generator,
+    batch: int,
+    config: AnalyticKappaConfig = AnalyticKappaConfig(),
+    dtype: torch.dtype = torch.float32,
+) -> tuple[torch.Tensor, dict]:
     """Draw ``batch`` SIE convergence maps (optionally with subhaloes and multipoles).
 
     Returns:

@@ -11,8 +11,13 @@ import numpy as np
 import torch
 
 from rimlens.config import NOISE_RECIPES, DataConfig, GridConfig, Preset, ValidationConfig
-from rimlens.data.kappa import (AnalyticKappaConfig, analytic_kappa, random_dihedral, rescale_to_einstein_radius,
-                                tng_evaluation_maps)
+from rimlens.data.kappa import (
+    AnalyticKappaConfig,
+    analytic_kappa,
+    random_dihedral,
+    rescale_to_einstein_radius,
+    tng_evaluation_maps,
+)
 from rimlens.data.particles import kappa_from_particles, synthetic_galaxy
 from rimlens.data.random import child_rng, truncated_normal
 from rimlens.data.sources import ParametricSourceConfig, SourceBank, parametric_sources
@@ -29,8 +34,9 @@ def psf_kernel_size(grid: PixelGrid, max_fwhm_arcsec: float) -> int:
     return max(3, 2 * math.ceil(4 * max_fwhm_arcsec * FWHM_TO_SIGMA / grid.pixel_scale_arcsec) + 1)
 
 
-def validate_lenses(noiseless: torch.Tensor, source: torch.Tensor, kappa: torch.Tensor, grid: GridConfig,
-                    config: ValidationConfig) -> dict[str, torch.Tensor]:
+def validate_lenses(
+    noiseless: torch.Tensor, source: torch.Tensor, kappa: torch.Tensor, grid: GridConfig, config: ValidationConfig
+) -> dict[str, torch.Tensor]:
     """The four checks of censai_as_run.md section 2.4, per lens.
 
     Returns:
@@ -45,7 +51,7 @@ def validate_lenses(noiseless: torch.Tensor, source: torch.Tensor, kappa: torch.
     n = img_g.n_pixels
     w = max(1, math.ceil(config.edge_width_arcsec / img_g.pixel_scale_arcsec - 1e-9))
     edge = torch.ones(n, n, dtype=torch.bool)
-    edge[w:n - w, w:n - w] = False
+    edge[w : n - w, w : n - w] = False
     edge_max = (noiseless[:, 0] * edge).flatten(1).amax(1)
     bright_area = (source > 0.1).flatten(1).sum(1).double() * src_g.pixel_scale_arcsec**2
     return {
@@ -76,15 +82,20 @@ class LensBatch:
     def __len__(self) -> int:
         return self.observation.shape[0]
 
-    def select(self, idx) -> "LensBatch":
-        return LensBatch(**{k: getattr(self, k)[idx] for k in self.FIELDS},
-                         source_family=self.source_family[np.asarray(idx)], kappa_family=self.kappa_family[np.asarray(idx)])
+    def select(self, idx) -> LensBatch:
+        return LensBatch(
+            **{k: getattr(self, k)[idx] for k in self.FIELDS},
+            source_family=self.source_family[np.asarray(idx)],
+            kappa_family=self.kappa_family[np.asarray(idx)],
+        )
 
     @staticmethod
-    def concat(batches: list["LensBatch"]) -> "LensBatch":
-        return LensBatch(**{k: torch.cat([getattr(b, k) for b in batches]) for k in LensBatch.FIELDS},
-                         source_family=np.concatenate([b.source_family for b in batches]),
-                         kappa_family=np.concatenate([b.kappa_family for b in batches]))
+    def concat(batches: list[LensBatch]) -> LensBatch:
+        return LensBatch(
+            **{k: torch.cat([getattr(b, k) for b in batches]) for k in LensBatch.FIELDS},
+            source_family=np.concatenate([b.source_family for b in batches]),
+            kappa_family=np.concatenate([b.kappa_family for b in batches]),
+        )
 
 
 class LensGenerator:
@@ -97,8 +108,9 @@ class LensGenerator:
         noise: override of the preset's noise recipe (``train``, ``high``, ``medium``, ``low``).
     """
 
-    def __init__(self, preset: Preset, split: str = "train", bank_seed: int = 0, noise: str | None = None,
-                 vae_sampler=None):
+    def __init__(
+        self, preset: Preset, split: str = "train", bank_seed: int = 0, noise: str | None = None, vae_sampler=None
+    ):
         if split not in ("train", "test"):
             raise RimlensInputError(f"split must be 'train' or 'test', got {split!r}")
         self.preset, self.split = preset, split
@@ -111,14 +123,16 @@ class LensGenerator:
         self.image_grid, self.source_grid = self.grid.image_grid, self.grid.source_grid
         self.simulator = LensSimulator(self.image_grid, self.source_grid)
         self.psf_size = psf_kernel_size(self.image_grid, self.data.psf_fwhm_arcsec.high)
-        if vae_sampler is None and ("vae" in self.data.source_mix or "vae" in self.data.kappa_mix):
-            if self.data.source_vae or self.data.kappa_vae:
-                vae_sampler = VAESampler(self.data.source_vae or None, self.data.kappa_vae or None)
+        wants_vae = "vae" in self.data.source_mix or "vae" in self.data.kappa_mix
+        if vae_sampler is None and wants_vae and (self.data.source_vae or self.data.kappa_vae):
+            vae_sampler = VAESampler(self.data.source_vae or None, self.data.kappa_vae or None)
         self.vae_sampler = vae_sampler
         self.source_weights = self._weights(self.data.source_mix)
         self.kappa_weights = self._weights(self.data.kappa_mix)
         if split == "train" and self.kappa_weights.get("tng", 0) > 0:
-            raise RimlensInputError("the TNG100 maps are for evaluation only: the 'tng' family is refused for training data")
+            raise RimlensInputError(
+                "the TNG100 maps are for evaluation only: the 'tng' family is refused for training data"
+            )
         self._source_bank = None
         self._particle_bank = None
         self.bank_seed = bank_seed + (0 if split == "train" else 1_000_003)
@@ -143,7 +157,6 @@ class LensGenerator:
     def particle_bank(self) -> torch.Tensor:
         """Convergence maps of synthetic particle galaxies, un-rescaled (``K x 1 x N x N``)."""
         if self._particle_bank is None:
-    
             rng = child_rng(self.bank_seed, 7)
             maps = []
             for _ in range(self.data.particle_bank_size):
@@ -152,7 +165,7 @@ class LensGenerator:
             self._particle_bank = torch.stack(maps)[:, None].float()
         return self._particle_bank
 
-    def prepare(self) -> "LensGenerator":
+    def prepare(self) -> LensGenerator:
         """Build now the banks the configured mix draws from (otherwise built on first use): call it
         before forking DataLoader workers so they share one bank instead of each building its own."""
         if self.source_weights.get("cosmos", 0) > 0:
@@ -187,8 +200,11 @@ class LensGenerator:
             if fam in ("sie", "sie_substructure"):
                 cfg = AnalyticKappaConfig(theta_e_range=tuple(self.data.theta_e_range))
                 if fam == "sie_substructure":
-                    cfg = AnalyticKappaConfig(theta_e_range=tuple(self.data.theta_e_range), subhalo_mean_count=4.0,
-                                              multipole_max_amplitude=0.05)
+                    cfg = AnalyticKappaConfig(
+                        theta_e_range=tuple(self.data.theta_e_range),
+                        subhalo_mean_count=4.0,
+                        multipole_max_amplitude=0.05,
+                    )
                 k, params = analytic_kappa(self.image_grid, rng, len(idx), cfg)
                 out[idx] = k
                 theta_e[idx] = torch.as_tensor(params["theta_e"], dtype=torch.float32)
@@ -197,7 +213,6 @@ class LensGenerator:
                     bank = self.particle_bank
                     base = random_dihedral(bank[rng.integers(0, len(bank), len(idx))], rng)
                 elif fam == "tng":  # evaluation only (refused for training in __init__)
-            
                     maps = tng_evaluation_maps(self.image_grid)
                     base = random_dihedral(maps[rng.integers(0, len(maps), len(idx))], rng)
                 else:  # vae
@@ -241,7 +256,9 @@ class LensGenerator:
                 n_kept += len(good)
             if n_kept >= batch:
                 return LensBatch.concat(kept)
-        raise RimlensInputError(f"validation rejected almost every lens ({dict(self.rejections)}); check the configuration")
+        raise RimlensInputError(
+            f"validation rejected almost every lens ({dict(self.rejections)}); check the configuration"
+        )
 
     def stats(self) -> dict:
         """Counts of drawn candidates and of rejections per reason (a lens may fail several)."""

@@ -20,7 +20,6 @@ from pathlib import Path
 import astropy.units as u
 import h5py
 import numpy as np
-import torch
 from astropy.constants import G, c
 from astropy.cosmology import Planck18
 from scipy.spatial import cKDTree
@@ -35,7 +34,9 @@ N_NEIGHBOURS = 64
 
 
 @functools.lru_cache(maxsize=32)
-def critical_density_msun_per_arcsec2(z_lens: float = 0.5, z_source: float = 1.5, cosmology=None) -> tuple[float, float]:
+def critical_density_msun_per_arcsec2(
+    z_lens: float = 0.5, z_source: float = 1.5, cosmology=None
+) -> tuple[float, float]:
     """``(Sigma_crit in M_sun / arcsec^2, kpc per arcsec at z_lens)`` for a cosmology (Planck18 default)."""
     if cosmology is None:
         cosmology = Planck18
@@ -65,8 +66,14 @@ def _pixel_weights(coord: np.ndarray, width: np.ndarray, grid: PixelGrid) -> np.
     return np.diff(cdf, axis=1)
 
 
-def rasterize(x_arcsec: np.ndarray, y_arcsec: np.ndarray, mass: np.ndarray, width_arcsec: np.ndarray,
-              grid: PixelGrid, chunk: int = 200_000) -> np.ndarray:
+def rasterize(
+    x_arcsec: np.ndarray,
+    y_arcsec: np.ndarray,
+    mass: np.ndarray,
+    width_arcsec: np.ndarray,
+    grid: PixelGrid,
+    chunk: int = 200_000,
+) -> np.ndarray:
     """Projected mass per pixel area (``N x N``, mass / arcsec^2) of Gaussian particles.
 
     ``Sigma = W_y^T diag(m) W_x / s^2`` where ``W`` are the per-axis pixel fractions: exact pixel
@@ -79,16 +86,24 @@ def rasterize(x_arcsec: np.ndarray, y_arcsec: np.ndarray, mass: np.ndarray, widt
         raise RimlensInputError("particle data must be finite, with widths > 0")
     out = np.zeros((grid.n_pixels, grid.n_pixels))
     for s in range(0, len(x), chunk):
-        wx = _pixel_weights(x[s:s + chunk], w[s:s + chunk], grid)
-        wy = _pixel_weights(y[s:s + chunk], w[s:s + chunk], grid)
-        out += (wy * m[s:s + chunk, None]).T @ wx
+        wx = _pixel_weights(x[s : s + chunk], w[s : s + chunk], grid)
+        wy = _pixel_weights(y[s : s + chunk], w[s : s + chunk], grid)
+        out += (wy * m[s : s + chunk, None]).T @ wx
     return out / grid.pixel_scale_arcsec**2
 
 
-def kappa_from_particles(positions_kpc: np.ndarray, masses_msun: np.ndarray, grid: PixelGrid, *,
-                         z_lens: float = 0.5, z_source: float = 1.5, cosmology=None,
-                         projection: np.ndarray | None = None, center_kpc: np.ndarray | None = None,
-                         margin: float = 0.05) -> np.ndarray:
+def kappa_from_particles(
+    positions_kpc: np.ndarray,
+    masses_msun: np.ndarray,
+    grid: PixelGrid,
+    *,
+    z_lens: float = 0.5,
+    z_source: float = 1.5,
+    cosmology=None,
+    projection: np.ndarray | None = None,
+    center_kpc: np.ndarray | None = None,
+    margin: float = 0.05,
+) -> np.ndarray:
     """Convergence map (``N x N``) of a particle galaxy.
 
     Args:
@@ -116,7 +131,7 @@ def kappa_from_particles(positions_kpc: np.ndarray, masses_msun: np.ndarray, gri
         center = _projected_peak(xy, mass, grid)
     else:
         c = np.asarray(center_kpc, dtype=np.float64)
-        c = (np.asarray(projection) @ c if projection is not None else c)
+        c = np.asarray(projection) @ c if projection is not None else c
         center = c[:2] / kpc_per_arcsec
     xy = xy - center
     half = grid.fov_arcsec / 2 * (1 + 2 * margin)
@@ -131,7 +146,13 @@ def _projected_peak(xy, mass, grid, bins: int = 188):
     med = np.median(xy, axis=0)
     half = 1.5 * grid.fov_arcsec
     sel = np.all(np.abs(xy - med) < half, axis=1)
-    h, ex, ey = np.histogram2d(xy[sel, 0], xy[sel, 1], bins=bins, range=[[med[0] - half, med[0] + half], [med[1] - half, med[1] + half]], weights=mass[sel])
+    h, ex, ey = np.histogram2d(
+        xy[sel, 0],
+        xy[sel, 1],
+        bins=bins,
+        range=[[med[0] - half, med[0] + half], [med[1] - half, med[1] + half]],
+        weights=mass[sel],
+    )
     i, j = np.unravel_index(np.argmax(h), h.shape)
     return np.array([(ex[i] + ex[i + 1]) / 2, (ey[j] + ey[j + 1]) / 2])
 

@@ -7,7 +7,9 @@ import numpy as np
 from scipy.stats import truncnorm
 
 
-def truncated_normal(rng: np.random.Generator, mean: float, std: float, low: float, high: float, size=None) -> np.ndarray:
+def truncated_normal(
+    rng: np.random.Generator, mean: float, std: float, low: float, high: float, size=None
+) -> np.ndarray:
     """Draws from a normal(mean, std) truncated to [low, high] (scipy's truncnorm convention)."""
     a, b = (low - mean) / std, (high - mean) / std
     return truncnorm.rvs(a, b, loc=mean, scale=std, size=size, random_state=rng)

@@ -17,10 +17,10 @@ from importlib import resources
 from pathlib import Path
 
 import numpy as np
-from astropy.io import fits
-from astropy.table import Table
 import torch
 import torch.nn.functional as F
+from astropy.io import fits
+from astropy.table import Table
 
 from rimlens.errors import RimlensInputError
 from rimlens.physics import PixelGrid, profiles
@@ -38,8 +38,9 @@ class GalaxyStamp:
     mag: float = float("nan")
 
 
-def read_real_galaxy_catalog(catalog_path: str | Path, image_dir: str | Path | None = None,
-                             hdu_override: dict[int, int] | None = None) -> list[GalaxyStamp]:
+def read_real_galaxy_catalog(
+    catalog_path: str | Path, image_dir: str | Path | None = None, hdu_override: dict[int, int] | None = None
+) -> list[GalaxyStamp]:
     """Read every galaxy of a GalSim RealGalaxy catalogue (catalogue FITS table + image FITS files).
 
     Args:
@@ -93,11 +94,14 @@ def shipped_cosmos_stamps() -> list[GalaxyStamp]:
     catalogue's wrong GAL_HDU values are corrected from ``index.csv``)."""
     root = resources.files("rimlens.data") / "cosmos"
     with resources.as_file(root) as root:
-        index = list(csv.DictReader(open(root / "index.csv")))
+        with open(root / "index.csv") as fh:
+            index = list(csv.DictReader(fh))
         stamps = []
-        for subset, catalog in [("btk_cosmos_ext26_example", "real_galaxy_catalog_26_extension_example.fits"),
-                                ("paltas_cosmos23.5_test", "real_galaxy_catalog_23.5.fits"),
-                                ("slsim_cosmos23.5_test", "real_galaxy_catalog_23.5.fits")]:
+        for subset, catalog in [
+            ("btk_cosmos_ext26_example", "real_galaxy_catalog_26_extension_example.fits"),
+            ("paltas_cosmos23.5_test", "real_galaxy_catalog_23.5.fits"),
+            ("slsim_cosmos23.5_test", "real_galaxy_catalog_23.5.fits"),
+        ]:
             override = {int(r["ident"]): int(r["hdu"]) for r in index if r["subset"] == subset}
             stamps += read_real_galaxy_catalog(root / subset / catalog, hdu_override=override)
     return stamps
@@ -126,12 +130,12 @@ def preprocess_stamp(stamp: GalaxyStamp, grid: PixelGrid, background_sigmas: flo
     # integer-pixel recentring on the centroid (no interpolation of the real pixels)
     yy, xx = np.indices(img.shape)
     cy, cx = (img * yy).sum() / img.sum(), (img * xx).sum() / img.sum()
-    dy, dx = int(round(cy - (img.shape[0] - 1) / 2)), int(round(cx - (img.shape[1] - 1) / 2))
+    dy, dx = round(cy - (img.shape[0] - 1) / 2), round(cx - (img.shape[1] - 1) / 2)
     pad = max(abs(dy), abs(dx)) + 1
     # per-axis padding keeps each axis' parity, so the centroid lands on the canvas centre exactly
     # (up to the integer rounding above); the canvas may be non-square, the resampling handles it
     canvas = np.zeros((img.shape[0] + 2 * pad, img.shape[1] + 2 * pad))
-    canvas[pad - dy:pad - dy + img.shape[0], pad - dx:pad - dx + img.shape[1]] = img
+    canvas[pad - dy : pad - dy + img.shape[0], pad - dx : pad - dx + img.shape[1]] = img
     t = torch.as_tensor(canvas)[None, None]
     out = resample_density(t, stamp.pixel_scale_arcsec, grid.n_pixels, grid.pixel_scale_arcsec)
     return out / out.max()
@@ -155,14 +159,24 @@ class SourceBank:
         test_fraction: fraction of galaxies (by identifier hash) in the test split.
     """
 
-    def __init__(self, grid: PixelGrid, split: str = "train", stamps: list[GalaxyStamp] | None = None,
-                 min_peak_snr: float = 10.0, test_fraction: float = 0.2, oversample: int = 2):
+    def __init__(
+        self,
+        grid: PixelGrid,
+        split: str = "train",
+        stamps: list[GalaxyStamp] | None = None,
+        min_peak_snr: float = 10.0,
+        test_fraction: float = 0.2,
+        oversample: int = 2,
+    ):
         if split not in ("train", "test", "all"):
             raise RimlensInputError(f"split must be train, test or all, got {split!r}")
         stamps = shipped_cosmos_stamps() if stamps is None else stamps
         fine = PixelGrid(grid.n_pixels * oversample, grid.pixel_scale_arcsec / oversample)
-        keep = [s for s in stamps if peak_snr_of_stamp(s) >= min_peak_snr
-                and (split == "all" or _split_of(s.ident, test_fraction) == split)]
+        keep = [
+            s
+            for s in stamps
+            if peak_snr_of_stamp(s) >= min_peak_snr and (split == "all" or _split_of(s.ident, test_fraction) == split)
+        ]
         if not keep:
             raise RimlensInputError(f"no galaxies left in split {split!r} with peak SNR >= {min_peak_snr}")
         self.grid, self.oversample = grid, oversample
@@ -172,7 +186,9 @@ class SourceBank:
     def __len__(self) -> int:
         return len(self.idents)
 
-    def draw(self, rng: np.random.Generator, batch: int, augment: bool = True, dtype=torch.float32) -> tuple[torch.Tensor, np.ndarray]:
+    def draw(
+        self, rng: np.random.Generator, batch: int, augment: bool = True, dtype=torch.float32
+    ) -> tuple[torch.Tensor, np.ndarray]:
         """``batch`` sources on the source grid and the identifiers of the galaxies used.
 
         Augmentation: random rotation (any angle), flip, zoom in [0.8, 1.25] and shift of up to
@@ -212,8 +228,14 @@ class ParametricSourceConfig:
     clump_amplitude: tuple[float, float] = (0.1, 1.0)
 
 
-def parametric_sources(grid: PixelGrid, rng: np.random.Generator, batch: int,
-                       config: ParametricSourceConfig = ParametricSourceConfig(), dtype=torch.float32, supersample: int = 2) -> torch.Tensor:
+def parametric_sources(
+    grid: PixelGrid,
+    rng: np.random.Generator,
+    batch: int,
+    config: ParametricSourceConfig = ParametricSourceConfig(),
+    dtype=torch.float32,
+    supersample: int = 2,
+) -> torch.Tensor:
     """``batch`` peak-normalised parametric sources ``B x 1 x M x M`` (pixel-averaged)."""
     c = config
 
@@ -243,7 +265,9 @@ def parametric_sources(grid: PixelGrid, rng: np.random.Generator, batch: int,
         img = torch.exp(-bn * ((r / t(r_eff)) ** (1 / t(n)) - 1))
         img = img / img.amax(dim=(-2, -1), keepdim=True)
         if len(owner):
-            blobs = t(camp)[:, 0] * torch.exp(-0.5 * ((x - t(cx)[:, 0]) ** 2 + (y - t(cy)[:, 0]) ** 2) / t(cs)[:, 0] ** 2)
+            blobs = t(camp)[:, 0] * torch.exp(
+                -0.5 * ((x - t(cx)[:, 0]) ** 2 + (y - t(cy)[:, 0]) ** 2) / t(cs)[:, 0] ** 2
+            )
             img = img.index_add(0, torch.as_tensor(owner), blobs[:, None])
         return img
 

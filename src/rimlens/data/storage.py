@@ -33,8 +33,15 @@ from rimlens.errors import RimlensInputError
 from rimlens.io.atomic import atomic_path, claim_work_folder
 from rimlens.io.figures import lens_panels
 
-__all__ = ["LensDataset", "SimulationSummary", "generate_dataset", "open_lens_file", "read_lenses", "show_lenses",
-           "simulate_lenses"]
+__all__ = [
+    "LensDataset",
+    "SimulationSummary",
+    "generate_dataset",
+    "open_lens_file",
+    "read_lenses",
+    "show_lenses",
+    "simulate_lenses",
+]
 
 FORMAT = "rimlens-lenses-1"
 ARRAYS = ("observation", "source", "kappa", "psf", "psf_fwhm", "noise_sigma", "snr", "theta_e")
@@ -44,7 +51,7 @@ STRINGS = ("source_family", "kappa_family")
 def _write_batch(h5: h5py.File, batch: LensBatch, compression: str | None = "gzip") -> None:
     for k in ARRAYS:
         a = getattr(batch, k).detach().cpu().numpy().astype(np.float32)
-        chunks = (1,) + a.shape[1:] if a.ndim > 1 else None
+        chunks = (1, *a.shape[1:]) if a.ndim > 1 else None
         h5.create_dataset(k, data=a, chunks=chunks, compression=compression if a.ndim > 1 else None)
     for k in STRINGS:
         h5.create_dataset(k, data=np.asarray(getattr(batch, k), dtype="S"))
@@ -54,8 +61,18 @@ def _read_arrays(h5: h5py.File, sl=slice(None)) -> dict:
     return {k: h5[k][sl] for k in ARRAYS + STRINGS}
 
 
-def generate_dataset(path: str | Path, preset: Preset, count: int, seed: int, *, split: str = "train",
-                     noise: str | None = None, block_size: int = 64, progress: bool = True, bank_seed: int | None = None) -> Path:
+def generate_dataset(
+    path: str | Path,
+    preset: Preset,
+    count: int,
+    seed: int,
+    *,
+    split: str = "train",
+    noise: str | None = None,
+    block_size: int = 64,
+    progress: bool = True,
+    bank_seed: int | None = None,
+) -> Path:
     """Generate ``count`` validated lenses into ``path`` (resumable; see module docstring).
 
     Returns:
@@ -65,9 +82,15 @@ def generate_dataset(path: str | Path, preset: Preset, count: int, seed: int, *,
     if count < 1:
         raise RimlensInputError(f"count must be >= 1, got {count}")
     parts = path.with_name(path.name + ".parts")
-    settings = {"preset": preset.to_json(), "count": count, "seed": seed, "split": split,
-                "noise": noise or preset.data.noise, "block_size": block_size,
-                "bank_seed": seed if bank_seed is None else bank_seed}
+    settings = {
+        "preset": preset.to_json(),
+        "count": count,
+        "seed": seed,
+        "split": split,
+        "noise": noise or preset.data.noise,
+        "block_size": block_size,
+        "bank_seed": seed if bank_seed is None else bank_seed,
+    }
     # build the generator first: a configuration error must not leave a parts folder behind
     gen = LensGenerator(preset, split=split, bank_seed=settings["bank_seed"], noise=settings["noise"])
     claim_work_folder(parts, settings, "simulation")
@@ -82,11 +105,10 @@ def generate_dataset(path: str | Path, preset: Preset, count: int, seed: int, *,
         gen.rejections.clear()
         gen.n_drawn = 0
         batch = gen.draw(child_rng(seed, b), size)
-        with atomic_path(block) as tmp:
-            with h5py.File(tmp, "w") as h5:
-                _write_batch(h5, batch, compression=None)
-                for k, v in gen.stats().items():
-                    h5.attrs[k] = v
+        with atomic_path(block) as tmp, h5py.File(tmp, "w") as h5:
+            _write_batch(h5, batch, compression=None)
+            for k, v in gen.stats().items():
+                h5.attrs[k] = v
         bar.update(size)
     bar.close()
     _assemble(path, parts, n_blocks, settings, preset)
@@ -107,30 +129,47 @@ class SimulationSummary:
 def _mix(name: str, weights: dict | None) -> dict | None:
     if not weights:
         return None
-    bad = {k: v for k, v in weights.items()
-           if isinstance(v, bool) or not isinstance(v, (int, float)) or not v >= 0 or v == float("inf")}
+    bad = {
+        k: v
+        for k, v in weights.items()
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not v >= 0 or v == float("inf")
+    }
     if bad:
         raise RimlensInputError(f"--{name.replace('_', '-')} weights must be finite numbers >= 0, got {bad}")
     return {k: float(v) for k, v in weights.items()}
 
 
-def simulate_lenses(path: str | Path, preset_name: str, count: int, seed: int, *, split: str = "train",
-                    noise: str | None = None, block_size: int = 64, kappa_mix: dict | None = None,
-                    source_mix: dict | None = None, overwrite: bool = False, progress: bool = True) -> SimulationSummary:
+def simulate_lenses(
+    path: str | Path,
+    preset_name: str,
+    count: int,
+    seed: int,
+    *,
+    split: str = "train",
+    noise: str | None = None,
+    block_size: int = 64,
+    kappa_mix: dict | None = None,
+    source_mix: dict | None = None,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> SimulationSummary:
     """``rimlens simulate``: :func:`generate_dataset` for a named preset, with optional family mixes
     (``{family: weight}``), refusing to replace a finished file unless ``overwrite``."""
     path = Path(path)
     if path.exists() and not overwrite:
         raise RimlensInputError(f"{path} exists; pass --overwrite to replace it")
     preset = get_preset(preset_name)
-    mixes = {k: v for k, v in (("kappa_mix", _mix("kappa_mix", kappa_mix)), ("source_mix", _mix("source_mix", source_mix)))
-             if v is not None}
+    mixes = {
+        k: v
+        for k, v in (("kappa_mix", _mix("kappa_mix", kappa_mix)), ("source_mix", _mix("source_mix", source_mix)))
+        if v is not None
+    }
     if mixes:
         preset = dataclasses.replace(preset, data=dataclasses.replace(preset.data, **mixes))
     generate_dataset(path, preset, count, seed, split=split, noise=noise, block_size=block_size, progress=progress)
     with open_lens_file(path) as h5:
         attrs = dict(h5.attrs)
-    rejected = {k[len("stats_rejected_"):]: int(v) for k, v in attrs.items() if k.startswith("stats_rejected_")}
+    rejected = {k[len("stats_rejected_") :]: int(v) for k, v in attrs.items() if k.startswith("stats_rejected_")}
     return SimulationSummary(path, count, int(attrs["stats_drawn"]), rejected)
 
 
@@ -140,11 +179,18 @@ def show_lenses(path: str | Path, out_png: str | Path | None = None, start: int 
     path = Path(path)
     d = read_lenses(path, slice(start, start + count))
     grid = d["preset"].grid
-    rows = [{"observation": d["observation"][i, 0], "source": d["source"][i, 0], "kappa": d["kappa"][i, 0],
-             "image_scale": grid.image_grid.pixel_scale_arcsec, "source_scale": grid.source_grid.pixel_scale_arcsec,
-             "title": f"#{start + i}  SNR {d['snr'][i]:.0f}  $\\theta_E$ {d['theta_e'][i]:.2f}\"  "
-                      f"({d['kappa_family'][i].decode()}, {d['source_family'][i].decode()})"}
-            for i in range(len(d["snr"]))]
+    rows = [
+        {
+            "observation": d["observation"][i, 0],
+            "source": d["source"][i, 0],
+            "kappa": d["kappa"][i, 0],
+            "image_scale": grid.image_grid.pixel_scale_arcsec,
+            "source_scale": grid.source_grid.pixel_scale_arcsec,
+            "title": f'#{start + i}  SNR {d["snr"][i]:.0f}  $\\theta_E$ {d["theta_e"][i]:.2f}"  '
+            f"({d['kappa_family'][i].decode()}, {d['source_family'][i].decode()})",
+        }
+        for i in range(len(d["snr"]))
+    ]
     if not rows:
         raise RimlensInputError(f"{path} has no lens at index {start}")
     out_png = Path(out_png) if out_png is not None else path.with_suffix(".png")
@@ -160,22 +206,35 @@ def _assemble(path: Path, parts: Path, n_blocks: int, settings: dict, preset: Pr
                 data[k].append(v)
             for k in stats:
                 stats[k] += int(h5.attrs[k])
-    with atomic_path(path) as tmp:
-        with h5py.File(tmp, "w") as h5:
-            for k in ARRAYS:
-                a = np.concatenate(data[k])
-                h5.create_dataset(k, data=a, chunks=((1,) + a.shape[1:]) if a.ndim > 1 else None,
-                                  compression="gzip" if a.ndim > 1 else None)
-            for k in STRINGS:
-                h5.create_dataset(k, data=np.concatenate(data[k]))
-            grid = preset.grid
-            h5.attrs.update({"format": FORMAT, "rimlens_version": __version__, "preset": settings["preset"],
-                             "preset_name": preset.name, "seed": settings["seed"], "count": settings["count"],
-                             "split": settings["split"], "noise": settings["noise"], "bank_seed": settings["bank_seed"],
-                             "image_grid": json.dumps(grid.image_grid.as_dict()),
-                             "source_grid": json.dumps(grid.source_grid.as_dict()),
-                             "conventions": "B x 1 x N x N, row 0 at the bottom (FITS order), x along columns; arcsec",
-                             **{f"stats_{k}": v for k, v in stats.items()}})
+    with atomic_path(path) as tmp, h5py.File(tmp, "w") as h5:
+        for k in ARRAYS:
+            a = np.concatenate(data[k])
+            h5.create_dataset(
+                k,
+                data=a,
+                chunks=((1, *a.shape[1:])) if a.ndim > 1 else None,
+                compression="gzip" if a.ndim > 1 else None,
+            )
+        for k in STRINGS:
+            h5.create_dataset(k, data=np.concatenate(data[k]))
+        grid = preset.grid
+        h5.attrs.update(
+            {
+                "format": FORMAT,
+                "rimlens_version": __version__,
+                "preset": settings["preset"],
+                "preset_name": preset.name,
+                "seed": settings["seed"],
+                "count": settings["count"],
+                "split": settings["split"],
+                "noise": settings["noise"],
+                "bank_seed": settings["bank_seed"],
+                "image_grid": json.dumps(grid.image_grid.as_dict()),
+                "source_grid": json.dumps(grid.source_grid.as_dict()),
+                "conventions": "B x 1 x N x N, row 0 at the bottom (FITS order), x along columns; arcsec",
+                **{f"stats_{k}": v for k, v in stats.items()},
+            }
+        )
 
 
 def open_lens_file(path: str | Path) -> h5py.File:
@@ -194,7 +253,9 @@ def open_lens_file(path: str | Path) -> h5py.File:
     n = {h5[k].shape[0] for k in ARRAYS + STRINGS if k in h5}
     if missing or len(n) != 1 or n.pop() != int(h5.attrs["count"]):
         h5.close()
-        raise RimlensInputError(f"{path} is incomplete or inconsistent (missing {missing or 'nothing'}, lengths differ)")
+        raise RimlensInputError(
+            f"{path} is incomplete or inconsistent (missing {missing or 'nothing'}, lengths differ)"
+        )
     return h5
 
 

@@ -21,7 +21,9 @@ from rimlens.errors import RimlensInputError
 __all__ = ["StepBatches", "draw_step_batch", "step_batches"]
 
 
-def draw_step_batch(generator: LensGenerator, seed: int, shards: Sequence[int], shard_batch: int, step: int) -> LensBatch:
+def draw_step_batch(
+    generator: LensGenerator, seed: int, shards: Sequence[int], shard_batch: int, step: int
+) -> LensBatch:
     """The training batch of ``step``: ``shard_batch`` lenses from each shard in ``shards``, each
     drawn from its own ``(seed, shard, 0, step)`` stream (``len(shards) * shard_batch`` lenses)."""
     parts = [generator.draw(child_rng(seed, k, 0, step), shard_batch) for k in shards]
@@ -36,7 +38,9 @@ class _WorkerInputError:  # a worker's input error, carried to the main process 
 class StepBatches(torch.utils.data.Dataset):
     """Map-style dataset whose item ``i`` is the batch of step ``start + i`` (:func:`draw_step_batch`)."""
 
-    def __init__(self, generator: LensGenerator, seed: int, shards: Sequence[int], shard_batch: int, start: int, stop: int):
+    def __init__(
+        self, generator: LensGenerator, seed: int, shards: Sequence[int], shard_batch: int, start: int, stop: int
+    ):
         self.generator, self.seed, self.shards, self.shard_batch = generator, seed, list(shards), shard_batch
         self.start, self.stop = start, stop
 
@@ -80,8 +84,15 @@ class _Batches:
             shutdown()
 
 
-def step_batches(generator: LensGenerator, seed: int, shards: Sequence[int], shard_batch: int, start: int, stop: int,
-                 workers: int = 0) -> _Batches:
+def step_batches(
+    generator: LensGenerator,
+    seed: int,
+    shards: Sequence[int],
+    shard_batch: int,
+    start: int,
+    stop: int,
+    workers: int = 0,
+) -> _Batches:
     """Iterator over the batches of steps ``start .. stop - 1``; drawn by ``workers`` DataLoader
     processes ahead of the consumer when ``workers > 0`` (the same batches either way). Call
     ``.close()`` when done."""
@@ -89,6 +100,14 @@ def step_batches(generator: LensGenerator, seed: int, shards: Sequence[int], sha
         return _Batches(draw_step_batch(generator, seed, shards, shard_batch, s) for s in range(start, stop))
     generator.prepare()  # built once here, shared by the forked workers (a bad mix fails here, in-process)
     data = StepBatches(generator, seed, shards, shard_batch, start, stop)
-    loader = torch.utils.data.DataLoader(data, batch_size=None, shuffle=False, num_workers=workers, collate_fn=_keep_batch,
-                                         worker_init_fn=_one_thread_worker, prefetch_factor=4, persistent_workers=False)
+    loader = torch.utils.data.DataLoader(
+        data,
+        batch_size=None,
+        shuffle=False,
+        num_workers=workers,
+        collate_fn=_keep_batch,
+        worker_init_fn=_one_thread_worker,
+        prefetch_factor=4,
+        persistent_workers=False,
+    )
     return _Batches(iter(loader))

@@ -41,7 +41,9 @@ def coherence_spectrum(x: torch.Tensor, y: torch.Tensor, n_bins: int = 40) -> tu
     return ((edges[1:] + edges[:-1]) / 2).numpy(), out
 
 
-def lens_losses(source_hat: torch.Tensor, kappa_hat: torch.Tensor, source: torch.Tensor, kappa: torch.Tensor) -> np.ndarray:
+def lens_losses(
+    source_hat: torch.Tensor, kappa_hat: torch.Tensor, source: torch.Tensor, kappa: torch.Tensor
+) -> np.ndarray:
     """Per-lens loss of final estimates (paper Table 4): :func:`rimlens.nn.rim.rim_loss` of the maps
     ``B x 1 x N x N`` (source pixel MSE + sqrt(kappa)-weighted log10 kappa squared error), ``(B,)``."""
     return rim_loss(RIMOutput.single_step(source_hat, kappa_hat), source, kappa, reduction="none").double().numpy()

@@ -40,7 +40,10 @@ METHOD_LABELS = {"rim": "RIM", "finetuned": "fine-tuned RIM", "map": "MAP"}
 
 def _fingerprint(module: torch.nn.Module) -> list:
     """A cheap identity of a network's weights (for the settings of a resumable run)."""
-    return [int(sum(p.numel() for p in module.parameters())), float(sum(float(p.double().sum()) for p in module.parameters()))]
+    return [
+        int(sum(p.numel() for p in module.parameters())),
+        float(sum(float(p.double().sum()) for p in module.parameters())),
+    ]
 
 
 @dataclass
@@ -58,8 +61,11 @@ class TestSet:
     @classmethod
     def read(cls, path: str | Path) -> TestSet:
         d = read_lenses(path)
-        return cls(Path(path), *(torch.as_tensor(d[k]) for k in ("observation", "psf", "noise_sigma", "source", "kappa")),
-                   np.asarray(d["snr"]))
+        return cls(
+            Path(path),
+            *(torch.as_tensor(d[k]) for k in ("observation", "psf", "noise_sigma", "source", "kappa")),
+            np.asarray(d["snr"]),
+        )
 
     def __len__(self) -> int:
         return self.observation.shape[0]
@@ -81,9 +87,18 @@ class MethodResult:
         return int(self.chi2_nu.shape[0])
 
 
-def compute_methods(model: RIM, data: TestSet, work: Path, *, batch_size: int = 32, n_map: int = 0, n_finetune: int = 0,
-                    vaes: tuple[VAE, VAE] | None = None, finetune_options: FinetuneOptions | None = None,
-                    progress: bool = True) -> dict[str, MethodResult] | None:
+def compute_methods(
+    model: RIM,
+    data: TestSet,
+    work: Path,
+    *,
+    batch_size: int = 32,
+    n_map: int = 0,
+    n_finetune: int = 0,
+    vaes: tuple[VAE, VAE] | None = None,
+    finetune_options: FinetuneOptions | None = None,
+    progress: bool = True,
+) -> dict[str, MethodResult] | None:
     """Reconstruct the test set with the RIM, the first ``n_map`` lenses with the MAP baseline and
     the first ``n_finetune`` with the fine-tuned RIM (``vaes = (source_vae, kappa_vae)``).
 
@@ -93,27 +108,50 @@ def compute_methods(model: RIM, data: TestSet, work: Path, *, batch_size: int = 
     """
     obs, psf, sigma, n = data.observation, data.psf, data.noise_sigma, len(data)
     model_file = model.checkpoint_path
-    base = {"model": str(model_file.resolve()) if model_file else "", "model_weights": _fingerprint(model),
-            "data": str(data.path.resolve()), "count": n}
+    base = {
+        "model": str(model_file.resolve()) if model_file else "",
+        "model_weights": _fingerprint(model),
+        "data": str(data.path.resolve()),
+        "count": n,
+    }
 
     def rim_chunk(a: int, b: int) -> dict:
         t = time.perf_counter()
         r = reconstruct(model, obs[a:b], psf[a:b], sigma[a:b], batch_size=batch_size)
-        return {"source": r.source.numpy(), "kappa": r.kappa.numpy(), "chi2_nu": r.chi2_nu.numpy(),
-                "seconds": [time.perf_counter() - t]}
+        return {
+            "source": r.source.numpy(),
+            "kappa": r.kappa.numpy(),
+            "chi2_nu": r.chi2_nu.numpy(),
+            "seconds": [time.perf_counter() - t],
+        }
 
-    chunks = {"rim": run_chunks(n, batch_size, work / "rim", {**base, "batch_size": batch_size}, rim_chunk,
-                                "evaluation", progress, "RIM")}
+    chunks = {
+        "rim": run_chunks(
+            n, batch_size, work / "rim", {**base, "batch_size": batch_size}, rim_chunk, "evaluation", progress, "RIM"
+        )
+    }
     if n_map:
         m, map_options = min(n_map, n), MAPOptions()
 
         def map_chunk(a: int, b: int) -> dict:
             r = fit_map(model.simulator, obs[a:b].double(), psf[a:b].double(), sigma[a:b].double(), options=map_options)
-            return {"source": r.source.float().numpy(), "kappa": r.kappa.float().numpy(),
-                    "chi2_nu": r.chi2_nu.float().numpy(), "seconds": [r.seconds]}
+            return {
+                "source": r.source.float().numpy(),
+                "kappa": r.kappa.float().numpy(),
+                "chi2_nu": r.chi2_nu.float().numpy(),
+                "seconds": [r.seconds],
+            }
 
-        chunks["map"] = run_chunks(m, batch_size, work / "map", {**base, "lenses": m, "batch_size": batch_size,
-                                   "options": dataclasses.asdict(map_options)}, map_chunk, "evaluation", progress, "MAP")
+        chunks["map"] = run_chunks(
+            m,
+            batch_size,
+            work / "map",
+            {**base, "lenses": m, "batch_size": batch_size, "options": dataclasses.asdict(map_options)},
+            map_chunk,
+            "evaluation",
+            progress,
+            "MAP",
+        )
     options = finetune_options or FinetuneOptions()
     if n_finetune:
         if vaes is None:
@@ -122,11 +160,26 @@ def compute_methods(model: RIM, data: TestSet, work: Path, *, batch_size: int = 
 
         def ft_chunk(a: int, b: int) -> dict:
             f = finetune(model, obs[a:b], psf[a:b], sigma[a:b], *vaes, options)
-            return {"source": f.source.numpy(), "kappa": f.kappa.numpy(), "chi2_nu": [f.chi2_nu], "seconds": [f.seconds],
-                    "steps": [f.steps], "refine_steps": [f.refine_steps], "ewc_chi2_nu": [f.ewc_chi2_nu]}
+            return {
+                "source": f.source.numpy(),
+                "kappa": f.kappa.numpy(),
+                "chi2_nu": [f.chi2_nu],
+                "seconds": [f.seconds],
+                "steps": [f.steps],
+                "refine_steps": [f.refine_steps],
+                "ewc_chi2_nu": [f.ewc_chi2_nu],
+            }
 
-        chunks["finetuned"] = run_chunks(m, 1, work / "finetune", {**base, "lenses": m, "options": dataclasses.asdict(options),
-                                         "vaes": [_fingerprint(v) for v in vaes]}, ft_chunk, "evaluation", progress, "fine-tuning")
+        chunks["finetuned"] = run_chunks(
+            m,
+            1,
+            work / "finetune",
+            {**base, "lenses": m, "options": dataclasses.asdict(options), "vaes": [_fingerprint(v) for v in vaes]},
+            ft_chunk,
+            "evaluation",
+            progress,
+            "fine-tuning",
+        )
     if rank_and_world()[0] != 0:
         return None
     results = {}
@@ -135,20 +188,35 @@ def compute_methods(model: RIM, data: TestSet, work: Path, *, batch_size: int = 
         r = {k: np.concatenate([np.atleast_1d(p[k]) for p in parts]) for k in parts[0]}
         extra = {}
         if name == "finetuned":
-            extra = {"steps": r["steps"].tolist(), "refine_steps": r["refine_steps"].tolist(),
-                     "ewc_chi2_nu": r["ewc_chi2_nu"].tolist(), "options": dataclasses.asdict(options)}
-        results[name] = MethodResult(torch.as_tensor(r["source"]), torch.as_tensor(r["kappa"]), torch.as_tensor(r["chi2_nu"]),
-                                     float(r["seconds"].sum()) / len(r["chi2_nu"]), extra)
+            extra = {
+                "steps": r["steps"].tolist(),
+                "refine_steps": r["refine_steps"].tolist(),
+                "ewc_chi2_nu": r["ewc_chi2_nu"].tolist(),
+                "options": dataclasses.asdict(options),
+            }
+        results[name] = MethodResult(
+            torch.as_tensor(r["source"]),
+            torch.as_tensor(r["kappa"]),
+            torch.as_tensor(r["chi2_nu"]),
+            float(r["seconds"].sum()) / len(r["chi2_nu"]),
+            extra,
+        )
     return results
 
 
 def _quality(source: torch.Tensor, kappa: torch.Tensor, chi2_nu: torch.Tensor, data: TestSet) -> dict:
     k = source.shape[0]
     loss = lens_losses(source, kappa, data.source[:k], data.kappa[:k])
-    return {"lenses": k, "log10_loss_mean": float(np.log10(loss).mean()), "log10_loss_std": float(np.log10(loss).std()),
-            "source_mse_median": float(((source - data.source[:k]) ** 2).mean(dim=(1, 2, 3)).median()),
-            "log10_kappa_mse_median": float(((log10_kappa(kappa) - log10_kappa(data.kappa[:k])) ** 2).mean(dim=(1, 2, 3)).median()),
-            "chi2_nu_median": float(chi2_nu.median())}
+    return {
+        "lenses": k,
+        "log10_loss_mean": float(np.log10(loss).mean()),
+        "log10_loss_std": float(np.log10(loss).std()),
+        "source_mse_median": float(((source - data.source[:k]) ** 2).mean(dim=(1, 2, 3)).median()),
+        "log10_kappa_mse_median": float(
+            ((log10_kappa(kappa) - log10_kappa(data.kappa[:k])) ** 2).mean(dim=(1, 2, 3)).median()
+        ),
+        "chi2_nu_median": float(chi2_nu.median()),
+    }
 
 
 def aggregate(results: dict[str, MethodResult], data: TestSet) -> dict:
@@ -163,20 +231,26 @@ def aggregate(results: dict[str, MethodResult], data: TestSet) -> dict:
             k = r.lenses
             metrics[name]["rim_same_lenses"] = _quality(rim.source[:k], rim.kappa[:k], rim.chi2_nu[:k], data)
         if "steps" in r.extra:
-            metrics[name].update(median_steps=float(np.median(r.extra["steps"])),
-                                 median_refine_steps=float(np.median(r.extra["refine_steps"])),
-                                 ewc_chi2_nu_median=float(np.median(r.extra["ewc_chi2_nu"])))
+            metrics[name].update(
+                median_steps=float(np.median(r.extra["steps"])),
+                median_refine_steps=float(np.median(r.extra["refine_steps"])),
+                ewc_chi2_nu_median=float(np.median(r.extra["ewc_chi2_nu"])),
+            )
         if "options" in r.extra:
             metrics[name]["options"] = r.extra["options"]
     src, kap = data.source, data.kappa
     mean_kappa = (10 ** log10_kappa(kap).mean(0, keepdim=True)).expand_as(kap)
     mean_loss = lens_losses(src.mean(0, keepdim=True).expand_as(src), mean_kappa, src, kap)
-    metrics["mean_map_baseline"] = {"log10_loss_mean": float(np.log10(mean_loss).mean()),
-                                    "log10_loss_std": float(np.log10(mean_loss).std())}
+    metrics["mean_map_baseline"] = {
+        "log10_loss_mean": float(np.log10(mean_loss).mean()),
+        "log10_loss_std": float(np.log10(mean_loss).std()),
+    }
     return metrics
 
 
-def write_report(out: Path, results: dict[str, MethodResult], data: TestSet, metrics: dict, pixel_scales: tuple[float, float]) -> None:
+def write_report(
+    out: Path, results: dict[str, MethodResult], data: TestSet, metrics: dict, pixel_scales: tuple[float, float]
+) -> None:
     """Figures (``chi2.png``, ``coherence.png``, ``gallery.png``), ``metrics.json`` and ``report.md`` in ``out``.
     ``pixel_scales``: (image, source) arcsec / pixel, for the coherence frequencies."""
     _figures(out, results, data, pixel_scales)
@@ -185,9 +259,17 @@ def write_report(out: Path, results: dict[str, MethodResult], data: TestSet, met
     _report(out, metrics)
 
 
-def evaluate_testset(model_path: str | Path, data_path: str | Path, out_dir: str | Path, batch_size: int = 32,
-                     n_map: int = 0, progress: bool = True, n_finetune: int = 0, vaes: tuple[VAE, VAE] | None = None,
-                     finetune_options: FinetuneOptions | None = None) -> dict | None:
+def evaluate_testset(
+    model_path: str | Path,
+    data_path: str | Path,
+    out_dir: str | Path,
+    batch_size: int = 32,
+    n_map: int = 0,
+    progress: bool = True,
+    n_finetune: int = 0,
+    vaes: tuple[VAE, VAE] | None = None,
+    finetune_options: FinetuneOptions | None = None,
+) -> dict | None:
     """``rimlens evaluate``: :func:`compute_methods`, :func:`aggregate` and :func:`write_report` into
     ``out_dir``; per-chunk results stay in ``out_dir/work/`` until the report is written. Under
     ``torchrun`` the ranks share the lenses and rank 0 writes the report (other ranks return ``None``)."""
@@ -198,8 +280,17 @@ def evaluate_testset(model_path: str | Path, data_path: str | Path, out_dir: str
     assert model.preset is not None  # set by load_model
     data = TestSet.read(data_path)
     check_grids(read_lenses(data_path, slice(0, 1))["attrs"], model.preset, data_path)
-    results = compute_methods(model, data, out / "work", batch_size=batch_size, n_map=n_map, n_finetune=n_finetune,
-                              vaes=vaes, finetune_options=finetune_options, progress=progress)
+    results = compute_methods(
+        model,
+        data,
+        out / "work",
+        batch_size=batch_size,
+        n_map=n_map,
+        n_finetune=n_finetune,
+        vaes=vaes,
+        finetune_options=finetune_options,
+        progress=progress,
+    )
     if results is None:
         return None
     metrics = {"model": str(model.checkpoint_path), **aggregate(results, data)}
@@ -224,15 +315,22 @@ def _figures(out: Path, res: dict[str, MethodResult], data: TestSet, pixel_scale
         if name in res:
             ax[0].hist(res[name].chi2_nu.numpy(), bins=bins, histtype="step", lw=1.5, label=marker)
     ax[0].axvline(1, color="k", lw=0.8)
-    ax[0].axvspan(1 - 3 * np.sqrt(2 / dof), 1 + 3 * np.sqrt(2 / dof), color="k", alpha=0.15,
-                  label=rf"$\chi^2_{{{dof}}}/{dof}$ (3$\sigma$)")
+    ax[0].axvspan(
+        1 - 3 * np.sqrt(2 / dof),
+        1 + 3 * np.sqrt(2 / dof),
+        color="k",
+        alpha=0.15,
+        label=rf"$\chi^2_{{{dof}}}/{dof}$ (3$\sigma$)",
+    )
     ax[0].set_xscale("log")
     ax[0].set_xlabel(r"$\chi^2_\nu$")
     ax[0].set_ylabel("lenses")
     ax[0].legend()
     ax[1].scatter(snr, chi, s=6, label="RIM")
     if "finetuned" in res:
-        ax[1].scatter(snr[: res["finetuned"].lenses], res["finetuned"].chi2_nu.numpy(), s=10, marker="+", label="fine-tuned")
+        ax[1].scatter(
+            snr[: res["finetuned"].lenses], res["finetuned"].chi2_nu.numpy(), s=10, marker="+", label="fine-tuned"
+        )
     if "map" in res:
         ax[1].scatter(snr[: res["map"].lenses], res["map"].chi2_nu.numpy(), s=10, marker="x", label="MAP")
     ax[1].axhline(1, color="k", lw=0.8)
@@ -248,8 +346,9 @@ def _figures(out: Path, res: dict[str, MethodResult], data: TestSet, pixel_scale
     if "finetuned" in res:
         estimates["fine-tuned"] = {"source": res["finetuned"].source, log_k: log10_kappa(res["finetuned"].kappa)}
     fig, ax = plt.subplots(1, 2, figsize=(11, 4))
-    for a, (name, truth, scale) in zip(ax, [("source", src, pixel_scales[1]), (log_k, log10_kappa(kap), pixel_scales[0])],
-                                       strict=True):
+    for a, (name, truth, scale) in zip(
+        ax, [("source", src, pixel_scales[1]), (log_k, log10_kappa(kap), pixel_scales[0])], strict=True
+    ):
         for label, est in estimates.items():
             k = est[name].shape[0]
             f, g = coherence_spectrum(est[name], truth[:k])
@@ -269,12 +368,19 @@ def _figures(out: Path, res: dict[str, MethodResult], data: TestSet, pixel_scale
     picks = order[np.linspace(0, len(order) - 1, min(5, len(order))).astype(int)]
     fig, ax = plt.subplots(len(picks), 4, figsize=(13, 3 * len(picks)), squeeze=False)
     for r, i in enumerate(picks):
-        panels = [(obs[i, 0], f"obs, SNR {snr[i]:.0f}, $\\chi^2_\\nu$ {chi[i]:.2f}"), (rim.source[i, 0], "source (RIM)"),
-                  (src[i, 0], "source (truth)"),
-                  (log10_kappa(rim.kappa[i, 0]) - log10_kappa(kap[i, 0]), r"$\Delta\log_{10}\kappa$")]
+        panels = [
+            (obs[i, 0], f"obs, SNR {snr[i]:.0f}, $\\chi^2_\\nu$ {chi[i]:.2f}"),
+            (rim.source[i, 0], "source (RIM)"),
+            (src[i, 0], "source (truth)"),
+            (log10_kappa(rim.kappa[i, 0]) - log10_kappa(kap[i, 0]), r"$\Delta\log_{10}\kappa$"),
+        ]
         for c, (img, title) in enumerate(panels):
-            im = ax[r, c].imshow(img.numpy(), origin="lower", cmap="RdBu_r" if c == 3 else "magma",
-                                 **({"vmin": -0.5, "vmax": 0.5} if c == 3 else {}))
+            im = ax[r, c].imshow(
+                img.numpy(),
+                origin="lower",
+                cmap="RdBu_r" if c == 3 else "magma",
+                **({"vmin": -0.5, "vmax": 0.5} if c == 3 else {}),
+            )
             ax[r, c].set_title(title, fontsize=8)
             ax[r, c].set_xticks([])
             ax[r, c].set_yticks([])
@@ -284,23 +390,32 @@ def _figures(out: Path, res: dict[str, MethodResult], data: TestSet, pixel_scale
 
 
 def _report(out: Path, m: dict) -> None:
-    lines = ["# rimlens evaluation\n", f"Model: `{m['model']}`  \nTest set: `{m['data']}` ({m['n_lenses']} lenses)\n",
-             "| method | lenses | log10 loss (mean ± std) | median source MSE | median log10 κ MSE | median χ²_ν | seconds / lens |",
-             "|---|---|---|---|---|---|---|"]
+    lines = [
+        "# rimlens evaluation\n",
+        f"Model: `{m['model']}`  \nTest set: `{m['data']}` ({m['n_lenses']} lenses)\n",
+        "| method | lenses | log10 loss (mean ± std) | median source MSE | median log10 κ MSE | median χ²_ν | seconds / lens |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for name in ("rim", "finetuned", "map"):
         if name in m:
             r = m[name]
             label = METHOD_LABELS[name]
             if name == "finetuned" and r.get("options", {}).get("refine_steps"):
                 label += " + pixel refinement"
-            lines.append(f"| {label} | {r['lenses']} | {r['log10_loss_mean']:.2f} ± {r['log10_loss_std']:.2f} | {r['source_mse_median']:.4f} "
-                         f"| {r['log10_kappa_mse_median']:.4f} | {r['chi2_nu_median']:.2f} | {r['seconds_per_lens']:.3f} |")
+            lines.append(
+                f"| {label} | {r['lenses']} | {r['log10_loss_mean']:.2f} ± {r['log10_loss_std']:.2f} | {r['source_mse_median']:.4f} "
+                f"| {r['log10_kappa_mse_median']:.4f} | {r['chi2_nu_median']:.2f} | {r['seconds_per_lens']:.3f} |"
+            )
             if "rim_same_lenses" in r:
                 q = r["rim_same_lenses"]
-                lines.append(f"| (RIM on the same {q['lenses']}) | {q['lenses']} | {q['log10_loss_mean']:.2f} ± {q['log10_loss_std']:.2f} "
-                             f"| {q['source_mse_median']:.4f} | {q['log10_kappa_mse_median']:.4f} | {q['chi2_nu_median']:.2f} | |")
+                lines.append(
+                    f"| (RIM on the same {q['lenses']}) | {q['lenses']} | {q['log10_loss_mean']:.2f} ± {q['log10_loss_std']:.2f} "
+                    f"| {q['source_mse_median']:.4f} | {q['log10_kappa_mse_median']:.4f} | {q['chi2_nu_median']:.2f} | |"
+                )
     b = m["mean_map_baseline"]
-    lines.append(f"| mean maps (trivial) | {m['n_lenses']} | {b['log10_loss_mean']:.2f} ± {b['log10_loss_std']:.2f} | | | | |")
+    lines.append(
+        f"| mean maps (trivial) | {m['n_lenses']} | {b['log10_loss_mean']:.2f} ± {b['log10_loss_std']:.2f} | | | | |"
+    )
     lines += ["", "![chi2](chi2.png)", "", "![coherence](coherence.png)", "", "![gallery](gallery.png)", ""]
     with atomic_path(out / "report.md") as tmp:
         tmp.write_text("\n".join(lines))

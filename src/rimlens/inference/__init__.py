@@ -10,7 +10,16 @@ from rimlens.inference.pipeline import FinetuneSetup, Reconstruction, reconstruc
 from rimlens.inference.predict import BatchReconstruction, predict_file, reconstruct
 
 __all__ = [
-    "BatchReconstruction", "FinetuneOptions", "FinetuneResult", "FinetuneSetup", "MAPOptions", "MAPResult",
-    "Reconstruction", "fit_map", "predict_file", "reconstruct", "reconstruct_observation",
+    "BatchReconstruction",
+    "FinetuneOptions",
+    "FinetuneResult",
+    "FinetuneSetup",
+    "MAPOptions",
+    "MAPResult",
+    "Reconstruction",
+    "fit_map",
+    "predict_file",
+    "reconstruct",
+    "reconstruct_observation",
     "reconstruct_prepared",
 ]

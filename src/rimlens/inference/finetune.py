@@ -25,7 +25,6 @@ import time
 from dataclasses import dataclass, field
 
 import torch
-
 from torch.func import functional_call, grad, vmap
 
 from rimlens.errors import RimlensInputError, check_noise_sigma
@@ -64,12 +63,17 @@ class FinetuneOptions:
     refine_weight: float = 1.0  # weight w of the proximity prior of the refinement
 
     def __post_init__(self):
-        checks = {"ewc_lambda": self.ewc_lambda >= 0, "learning_rate": self.learning_rate >= 0,
-                  "n_samples": isinstance(self.n_samples, int) and self.n_samples >= 1,
-                  "max_steps": isinstance(self.max_steps, int) and self.max_steps >= 0,
-                  "latent_sigma": self.latent_sigma > 0, "sample_chunk": isinstance(self.sample_chunk, int) and self.sample_chunk >= 1,
-                  "refine_steps": isinstance(self.refine_steps, int) and self.refine_steps >= 0,
-                  "refine_weight": self.refine_weight >= 0, "target_chi2_nu": self.target_chi2_nu >= 0}
+        checks = {
+            "ewc_lambda": self.ewc_lambda >= 0,
+            "learning_rate": self.learning_rate >= 0,
+            "n_samples": isinstance(self.n_samples, int) and self.n_samples >= 1,
+            "max_steps": isinstance(self.max_steps, int) and self.max_steps >= 0,
+            "latent_sigma": self.latent_sigma > 0,
+            "sample_chunk": isinstance(self.sample_chunk, int) and self.sample_chunk >= 1,
+            "refine_steps": isinstance(self.refine_steps, int) and self.refine_steps >= 0,
+            "refine_weight": self.refine_weight >= 0,
+            "target_chi2_nu": self.target_chi2_nu >= 0,
+        }
         for name, ok in checks.items():
             value = getattr(self, name)
             if not ok or (isinstance(value, float) and not math.isfinite(value)):
@@ -80,7 +84,7 @@ class FinetuneOptions:
             raise RimlensInputError(f"fine-tuning per_sample must be 'vmap' or 'loop', got {self.per_sample!r}")
 
     @classmethod
-    def fast(cls, **changes) -> "FinetuneOptions":
+    def fast(cls, **changes) -> FinetuneOptions:
         """Settings measured to reach the noise level in under a minute on 2 CPU cores (see
         benchmarks/bench_finetune.py): 50 Fisher samples, RMSprop lr 1e-5, 200 steps, then up to
         300 pixel-space refinement iterations (L-BFGS, ~4 ms each)."""
@@ -89,18 +93,18 @@ class FinetuneOptions:
         return cls(**base)
 
     @classmethod
-    def refine_only(cls, **changes) -> "FinetuneOptions":
+    def refine_only(cls, **changes) -> FinetuneOptions:
         """No weight fine-tuning: only the pixel-space refinement from the RIM baseline (the
         ablation of benchmarks/bench_finetune.py: the same chi2_nu, ~0.02 s instead of ~45 s)."""
         return cls.fast(max_steps=0, **changes)
 
     @classmethod
-    def paper(cls, **changes) -> "FinetuneOptions":
+    def paper(cls, **changes) -> FinetuneOptions:
         """The paper's settings (lambda 1e5, RMSprop lr 1e-6, 100 samples, 2000 steps), no refinement."""
         return cls(**changes)
 
     @classmethod
-    def for_mode(cls, mode: str = "fast", max_steps: int | None = None, refine: bool | None = None) -> "FinetuneOptions":
+    def for_mode(cls, mode: str = "fast", max_steps: int | None = None, refine: bool | None = None) -> FinetuneOptions:
         """Options of a named mode (``fast``, ``paper`` or ``refine``), with an optional step limit and
         the pixel refinement forced on or off (``None``: the mode's default)."""
         modes = {"fast": cls.fast, "paper": cls.paper, "refine": cls.refine_only}
@@ -139,8 +143,18 @@ def _estimates(model, obs, psf, sigma, mask=None):
     return out, src, eta
 
 
-def fisher_diagonal(model: RIM, observation, psf: PSF, noise_sigma, source_vae: VAE, kappa_vae: VAE, source_hat, eta_hat,
-                    options: FinetuneOptions, mask: torch.Tensor | None = None) -> list[torch.Tensor]:
+def fisher_diagonal(
+    model: RIM,
+    observation,
+    psf: PSF,
+    noise_sigma,
+    source_vae: VAE,
+    kappa_vae: VAE,
+    source_hat,
+    eta_hat,
+    options: FinetuneOptions,
+    mask: torch.Tensor | None = None,
+) -> list[torch.Tensor]:
     """Diagonal Fisher information of the RIM weights from lenses drawn around the estimate.
 
     Per-sample gradients are computed in chunks with ``torch.func`` (vmap of grad) when possible.
@@ -149,7 +163,7 @@ def fisher_diagonal(model: RIM, observation, psf: PSF, noise_sigma, source_vae: 
     sim = model.simulator
     with torch.no_grad():
         peak = source_hat.clamp_min(0).amax().clamp_min(1e-6)
-        z_s0 = source_vae.encode((source_hat.clamp_min(0) / peak))[0]
+        z_s0 = source_vae.encode(source_hat.clamp_min(0) / peak)[0]
         z_k0 = kappa_vae.encode(eta_hat)[0]
         s_tilde = source_vae.sample(options.n_samples, gen, center=z_s0, scale=options.latent_sigma).clamp_min(0)
         s_tilde = s_tilde / s_tilde.amax(dim=(-2, -1), keepdim=True).clamp_min(1e-6) * peak
@@ -165,10 +179,10 @@ def fisher_diagonal(model: RIM, observation, psf: PSF, noise_sigma, source_vae: 
     params = [p for p in model.parameters() if p.requires_grad]
     fisher = [torch.zeros_like(p) for p in params]
     for i in range(options.n_samples):
-        out = model(y_tilde[i:i + 1], PSF.from_kernel(kernel[i:i + 1]), sig, mask=mask)
-        loss = _fisher_loss(out, s_tilde[i:i + 1], eta_tilde[i:i + 1])
+        out = model(y_tilde[i : i + 1], PSF.from_kernel(kernel[i : i + 1]), sig, mask=mask)
+        loss = _fisher_loss(out, s_tilde[i : i + 1], eta_tilde[i : i + 1])
         grads = torch.autograd.grad(loss, params)
-        for f, g in zip(fisher, grads):
+        for f, g in zip(fisher, grads, strict=True):
             f += g.detach() ** 2 / options.n_samples
     return fisher
 
@@ -180,7 +194,9 @@ def _fisher_vmap(model, y_tilde, kernel, sig, s_tilde, eta_tilde, options, mask=
     buffers = {n: b for n, b in model.named_buffers()}
 
     def loss_one(params, y, k, s_true, eta_true):
-        out = functional_call(model, (params, buffers), (y[None], PSF(k[None]), sig), {"functional": True, "mask": mask})
+        out = functional_call(
+            model, (params, buffers), (y[None], PSF(k[None]), sig), {"functional": True, "mask": mask}
+        )
         return _fisher_loss(out, s_true[None], eta_true[None])
 
     per_sample = vmap(grad(loss_one), in_dims=(None, 0, 0, 0, 0))
@@ -195,15 +211,28 @@ def _fisher_vmap(model, y_tilde, kernel, sig, s_tilde, eta_tilde, options, mask=
 
 def check_vae_grids(model: RIM, source_vae: VAE, kappa_vae: VAE) -> None:
     """Refuse VAEs whose maps do not match the RIM's source and image grids."""
-    for vae, name, n in ((source_vae, "source", model.grid.source_pixels), (kappa_vae, "kappa", model.grid.image_pixels)):
+    for vae, name, n in (
+        (source_vae, "source", model.grid.source_pixels),
+        (kappa_vae, "kappa", model.grid.image_pixels),
+    ):
         if vae.config.image_pixels != n:
-            raise RimlensInputError(f"the {name} VAE works on {vae.config.image_pixels} px maps but the model's {name} grid "
-                                    f"has {n} px; pass a matching {name} VAE")
+            raise RimlensInputError(
+                f"the {name} VAE works on {vae.config.image_pixels} px maps but the model's {name} grid "
+                f"has {n} px; pass a matching {name} VAE"
+            )
 
 
-def finetune(model: RIM, observation: torch.Tensor, psf, noise_sigma, source_vae: VAE, kappa_vae: VAE,
-             options: FinetuneOptions | None = None, mask: torch.Tensor | None = None,
-             fisher: list[torch.Tensor] | None = None) -> FinetuneResult:
+def finetune(
+    model: RIM,
+    observation: torch.Tensor,
+    psf,
+    noise_sigma,
+    source_vae: VAE,
+    kappa_vae: VAE,
+    options: FinetuneOptions | None = None,
+    mask: torch.Tensor | None = None,
+    fisher: list[torch.Tensor] | None = None,
+) -> FinetuneResult:
     """Fine-tune a copy of ``model`` on one observation (``1 x 1 x N x N``); the model is not modified.
     A batch of several observations is refused (fine-tune each lens on its own).
 
@@ -213,8 +242,9 @@ def finetune(model: RIM, observation: torch.Tensor, psf, noise_sigma, source_vae
     options = options or FinetuneOptions()
     if not isinstance(observation, torch.Tensor) or observation.ndim != 4 or observation.shape[0] != 1:
         shape = tuple(observation.shape) if isinstance(observation, torch.Tensor) else type(observation).__name__
-        raise RimlensInputError(f"finetune works on one observation (1 x 1 x N x N), got {shape}; "
-                                "fine-tune each lens of a batch on its own")
+        raise RimlensInputError(
+            f"finetune works on one observation (1 x 1 x N x N), got {shape}; fine-tune each lens of a batch on its own"
+        )
     check_vae_grids(model, source_vae, kappa_vae)
     t0 = time.time()
     psf = psf if isinstance(psf, PSF) else PSF.from_kernel(psf)
@@ -225,7 +255,9 @@ def finetune(model: RIM, observation: torch.Tensor, psf, noise_sigma, source_vae
     with torch.no_grad():
         _, s0, eta0 = _estimates(work, observation, psf, sigma, mask)
         base_src, base_eta = s0.clamp_min(0), eta0
-        base_chi2 = float(reduced_chi_squared(sim.forward(base_src, 10**base_eta, psf, check=False), observation, sigma_b, mask)[0])
+        base_chi2 = float(
+            reduced_chi_squared(sim.forward(base_src, 10**base_eta, psf, check=False), observation, sigma_b, mask)[0]
+        )
     result = FinetuneResult(base_src, 10**base_eta, base_chi2, base_src, 10**base_eta, base_chi2, [base_chi2])
     if base_chi2 < options.target_chi2_nu:
         result.ewc_chi2_nu = base_chi2
@@ -248,7 +280,11 @@ def finetune(model: RIM, observation: torch.Tensor, psf, noise_sigma, source_vae
         model_img = sim.forward(src, 10**eta, psf, check=False)
         chi2_nu = reduced_chi_squared(model_img, observation, sigma_b, mask)[0]
         with torch.no_grad():
-            reported = float(reduced_chi_squared(sim.forward(src.clamp_min(0), 10**eta, psf, check=False), observation, sigma_b, mask)[0])
+            reported = float(
+                reduced_chi_squared(
+                    sim.forward(src.clamp_min(0), 10**eta, psf, check=False), observation, sigma_b, mask
+                )[0]
+            )
         result.chi2_history.append(reported)
         if reported < best:
             best = reported
@@ -256,13 +292,13 @@ def finetune(model: RIM, observation: torch.Tensor, psf, noise_sigma, source_vae
         if reported < options.target_chi2_nu:
             result.steps = step
             break
-        penalty = sum((f * (p - a) ** 2).sum() for f, p, a in zip(fisher, params, anchor))
+        penalty = sum((f * (p - a) ** 2).sum() for f, p, a in zip(fisher, params, anchor, strict=True))
         loss = chi2_nu / 2 + options.ewc_lambda / 2 * penalty
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         result.steps = step + 1
-    result.weight_change = max(float((p.detach() - a).abs().max()) for p, a in zip(params, anchor))
+    result.weight_change = max(float((p.detach() - a).abs().max()) for p, a in zip(params, anchor, strict=True))
     result.ewc_chi2_nu = result.chi2_nu
     if options.refine_steps > 0 and result.chi2_nu >= options.target_chi2_nu:
         refine(sim, observation, psf, sigma_b, result, options, mask)
@@ -287,8 +323,9 @@ def refine(simulator, observation, psf, sigma_b, result: FinetuneResult, options
     def closure():
         opt.zero_grad()
         model_img = simulator.forward(s.clamp_min(0), 10**eta, psf, check=False)
-        loss = (0.5 * chi_squared(model_img, observation, sigma_b, mask).sum() / n_used
-                + w * (((s - s_ref) ** 2).mean() + ((eta - eta_ref) ** 2).mean()))
+        loss = 0.5 * chi_squared(model_img, observation, sigma_b, mask).sum() / n_used + w * (
+            ((s - s_ref) ** 2).mean() + ((eta - eta_ref) ** 2).mean()
+        )
         loss.backward()
         return loss
 
@@ -303,7 +340,9 @@ def refine(simulator, observation, psf, sigma_b, result: FinetuneResult, options
         previous = objective
         with torch.no_grad():
             src = s.detach().clamp_min(0)
-            chi2_nu = float(reduced_chi_squared(simulator.forward(src, 10**eta, psf, check=False), observation, sigma_b, mask)[0])
+            chi2_nu = float(
+                reduced_chi_squared(simulator.forward(src, 10**eta, psf, check=False), observation, sigma_b, mask)[0]
+            )
         result.chi2_history.append(chi2_nu)
         result.refine_steps = it + 1
         if not math.isfinite(chi2_nu):

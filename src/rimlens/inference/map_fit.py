@@ -64,7 +64,9 @@ class MAPResult:
     seconds: float
 
 
-def fit_map(simulator, observation: torch.Tensor, psf, noise_sigma, mask=None, options: MAPOptions = MAPOptions()) -> MAPResult:
+def fit_map(
+    simulator, observation: torch.Tensor, psf, noise_sigma, mask=None, options: MAPOptions = MAPOptions()
+) -> MAPResult:
     """MAP estimates for a batch of lenses, each lens its own L-BFGS problem (from every start).
 
     One L-BFGS over the summed objectives of a batch would share one line search: lenses with a
@@ -82,63 +84,111 @@ def fit_map(simulator, observation: torch.Tensor, psf, noise_sigma, mask=None, o
     sigma = sigma.reshape(-1, 1, 1, 1) if sigma.ndim <= 1 else sigma
 
     def pick(t, i):
-        return t[i:i + 1] if t.shape[0] > 1 else t
+        return t[i : i + 1] if t.shape[0] > 1 else t
 
-    fits = [_fit_one(simulator, observation[i:i + 1], PSF.from_kernel(pick(kernel, i)), pick(sigma, i),
-                     None if mask is None else pick(mask, i), options) for i in range(b)]
-    return MAPResult(**{k: torch.cat([f[k] for f in fits]) for k in ("source", "kappa", "chi2_nu", "objective")},
-                     seconds=time.time() - t0)
+    fits = [
+        _fit_one(
+            simulator,
+            observation[i : i + 1],
+            PSF.from_kernel(pick(kernel, i)),
+            pick(sigma, i),
+            None if mask is None else pick(mask, i),
+            options,
+        )
+        for i in range(b)
+    ]
+    return MAPResult(
+        **{k: torch.cat([f[k] for f in fits]) for k in ("source", "kappa", "chi2_nu", "objective")},
+        seconds=time.time() - t0,
+    )
 
 
-def fit_map_file(data: str | Path, out: str | Path, count: int | None = None,
-                 options: MAPOptions = MAPOptions()) -> MAPResult:
+def fit_map_file(
+    data: str | Path, out: str | Path, count: int | None = None, options: MAPOptions = MAPOptions()
+) -> MAPResult:
     """``rimlens fit-map``: MAP fits of the first ``count`` lenses (all if ``None``) of a lens file,
     in float64, written atomically to the HDF5 file ``out`` (``source``, ``kappa``, ``chi2_nu``,
     ``objective``; attributes: data, seconds, options)."""
     d = read_lenses(data, slice(0, count))
     grid = d["preset"].grid
     sim = LensSimulator(grid.image_grid, grid.source_grid)
-    r = fit_map(sim, torch.as_tensor(d["observation"]).double(), torch.as_tensor(d["psf"]).double(),
-                torch.as_tensor(d["noise_sigma"]).double(), options=options)
+    r = fit_map(
+        sim,
+        torch.as_tensor(d["observation"]).double(),
+        torch.as_tensor(d["psf"]).double(),
+        torch.as_tensor(d["noise_sigma"]).double(),
+        options=options,
+    )
     with atomic_path(out) as tmp, h5py.File(tmp, "w") as f:
         for k in ("source", "kappa", "chi2_nu", "objective"):
             f[k] = getattr(r, k).float().numpy()
-        f.attrs.update({"format": "rimlens-map-fits-1", "data": str(data), "seconds": r.seconds,
-                        "options": json.dumps(dataclasses.asdict(options))})
+        f.attrs.update(
+            {
+                "format": "rimlens-map-fits-1",
+                "data": str(data),
+                "seconds": r.seconds,
+                "options": json.dumps(dataclasses.asdict(options)),
+            }
+        )
     return r
 
 
 def _fit_one(simulator, observation, psf, sigma, mask, options: MAPOptions) -> dict:
     """Multi-start MAP of one lens (``1 x 1 x N x N``): the start with the lowest objective wins."""
-    m = simulator.source_grid.n_pixels
     best = None
     for theta_e in options.starts_theta_e:
-        eta = torch.log10(profiles.pixelate(profiles.sis_kappa, simulator.image_grid, 2, observation.dtype,
-                                            theta_e_arcsec=theta_e, center_x=1e-3, center_y=1e-3)).clone()
-        u = torch.full((1, 1, m, m), -4.0, dtype=observation.dtype)
-        eta.requires_grad_(True)
-        u.requires_grad_(True)
-        opt = torch.optim.LBFGS([u, eta], lr=1, max_iter=options.max_iterations, line_search_fn="strong_wolfe",
-                                tolerance_grad=1e-9, tolerance_change=1e-12, history_size=20)
-
-        def objective():
-            s = F.softplus(u)
-            model = simulator.forward(s, 10**eta, psf, check=False)
-            return (0.5 * chi_squared(model, observation, sigma, mask) + options.source_weight * _penalty(s, options.regularization)
-                    + options.kappa_weight * _penalty(eta, options.regularization))
-
-        def closure():
-            opt.zero_grad()
-            loss = objective().sum()
-            loss.backward()
-            return loss
-
-        opt.step(closure)
-        with torch.no_grad():
-            obj = objective()
-            if best is None or bool(obj < best["objective"]):
-                best = {"objective": obj, "source": F.softplus(u).clone(), "kappa": (10**eta).clone()}
+        fit = _fit_from(simulator, observation, psf, sigma, mask, options, theta_e)
+        if best is None or bool(fit["objective"] < best["objective"]):
+            best = fit
+    assert best is not None  # MAPOptions has at least one start
     with torch.no_grad():
         model = simulator.forward(best["source"], best["kappa"], psf, check=False)
         best["chi2_nu"] = reduced_chi_squared(model, observation, sigma, mask)
     return best
+
+
+def _fit_from(simulator, observation, psf, sigma, mask, options: MAPOptions, theta_e: float) -> dict:
+    """L-BFGS from one start: an SIS of Einstein radius ``theta_e`` (arcsec) and a faint flat source."""
+    m = simulator.source_grid.n_pixels
+    eta = torch.log10(
+        profiles.pixelate(
+            profiles.sis_kappa,
+            simulator.image_grid,
+            2,
+            observation.dtype,
+            theta_e_arcsec=theta_e,
+            center_x=1e-3,
+            center_y=1e-3,
+        )
+    ).clone()
+    u = torch.full((1, 1, m, m), -4.0, dtype=observation.dtype)
+    eta.requires_grad_(True)
+    u.requires_grad_(True)
+    opt = torch.optim.LBFGS(
+        [u, eta],
+        lr=1,
+        max_iter=options.max_iterations,
+        line_search_fn="strong_wolfe",
+        tolerance_grad=1e-9,
+        tolerance_change=1e-12,
+        history_size=20,
+    )
+
+    def objective():
+        s = F.softplus(u)
+        model = simulator.forward(s, 10**eta, psf, check=False)
+        return (
+            0.5 * chi_squared(model, observation, sigma, mask)
+            + options.source_weight * _penalty(s, options.regularization)
+            + options.kappa_weight * _penalty(eta, options.regularization)
+        )
+
+    def closure():
+        opt.zero_grad()
+        loss = objective().sum()
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    with torch.no_grad():
+        return {"objective": objective(), "source": F.softplus(u).clone(), "kappa": (10**eta).clone()}

@@ -30,8 +30,13 @@ from rimlens.physics.convergence import log10_kappa
 from rimlens.physics.likelihood import reduced_chi_squared
 
 __all__ = [
-    "FinetuneSetup", "FolderSummary", "Reconstruction", "reconstruct_folder", "reconstruct_observation",
-    "reconstruct_prepared", "run_demo",
+    "FinetuneSetup",
+    "FolderSummary",
+    "Reconstruction",
+    "reconstruct_folder",
+    "reconstruct_observation",
+    "reconstruct_prepared",
+    "run_demo",
 ]
 
 
@@ -44,10 +49,17 @@ class FinetuneSetup:
     options: FinetuneOptions = field(default_factory=FinetuneOptions.fast)
 
     @classmethod
-    def load(cls, source_vae: str | Path | None = None, kappa_vae: str | Path | None = None,
-             options: FinetuneOptions | None = None, model: RIM | None = None) -> FinetuneSetup:
+    def load(
+        cls,
+        source_vae: str | Path | None = None,
+        kappa_vae: str | Path | None = None,
+        options: FinetuneOptions | None = None,
+        model: RIM | None = None,
+    ) -> FinetuneSetup:
         """The VAEs from checkpoints (``None``: the shipped ones), checked against ``model``'s grids if given."""
-        setup = cls(load_vae(source_vae, kind="source"), load_vae(kappa_vae, kind="kappa"), options or FinetuneOptions.fast())
+        setup = cls(
+            load_vae(source_vae, kind="source"), load_vae(kappa_vae, kind="kappa"), options or FinetuneOptions.fast()
+        )
         if model is not None:
             check_vae_grids(model, setup.source_vae, setup.kappa_vae)
         return setup
@@ -75,16 +87,26 @@ class Reconstruction:
 
     def summary(self, finetune_options: FinetuneOptions | None = None) -> dict:
         """The JSON-ready figures of this reconstruction (``summary.json``)."""
-        out: dict = {"chi2_nu": self.chi2_nu, "baseline_chi2_nu": self.baseline_chi2_nu, "seconds": round(self.seconds, 3)}
+        out: dict = {
+            "chi2_nu": self.chi2_nu,
+            "baseline_chi2_nu": self.baseline_chi2_nu,
+            "seconds": round(self.seconds, 3),
+        }
         if self.finetune_steps is not None:
-            out.update(finetune_steps=self.finetune_steps, chi2_history=self.chi2_history, ewc_chi2_nu=self.ewc_chi2_nu,
-                       refine_steps=self.refine_steps)
+            out.update(
+                finetune_steps=self.finetune_steps,
+                chi2_history=self.chi2_history,
+                ewc_chi2_nu=self.ewc_chi2_nu,
+                refine_steps=self.refine_steps,
+            )
             if finetune_options is not None:
                 out["finetune_options"] = dataclasses.asdict(finetune_options)
         return out
 
 
-def reconstruct_prepared(model: RIM, prep: PreparedObservation, finetune_with: FinetuneSetup | None = None) -> Reconstruction:
+def reconstruct_prepared(
+    model: RIM, prep: PreparedObservation, finetune_with: FinetuneSetup | None = None
+) -> Reconstruction:
     """Reconstruct one prepared observation with the RIM, then fine-tune if ``finetune_with`` is given.
 
     Args:
@@ -102,43 +124,100 @@ def reconstruct_prepared(model: RIM, prep: PreparedObservation, finetune_with: F
         chi2 = float(reduced_chi_squared(image, prep.observation, prep.noise_sigma, prep.mask)[0])
     extra: dict = {}
     if finetune_with is not None:
-        ft = finetune(model, prep.observation, psf, prep.noise_sigma, finetune_with.source_vae, finetune_with.kappa_vae,
-                      finetune_with.options, mask=prep.mask)
+        ft = finetune(
+            model,
+            prep.observation,
+            psf,
+            prep.noise_sigma,
+            finetune_with.source_vae,
+            finetune_with.kappa_vae,
+            finetune_with.options,
+            mask=prep.mask,
+        )
         source, kappa = ft.source, ft.kappa
         with torch.no_grad():
             image = sim.forward(source, kappa, psf, check=False)
-        extra = {"chi2_nu": ft.chi2_nu, "finetune_steps": ft.steps, "chi2_history": ft.chi2_history,
-                 "ewc_chi2_nu": ft.ewc_chi2_nu, "refine_steps": ft.refine_steps}
+        extra = {
+            "chi2_nu": ft.chi2_nu,
+            "finetune_steps": ft.steps,
+            "chi2_history": ft.chi2_history,
+            "ewc_chi2_nu": ft.ewc_chi2_nu,
+            "refine_steps": ft.refine_steps,
+        }
     with torch.no_grad():
         alpha = sim.deflection(kappa, check=False)
-    return Reconstruction(**{"source": source, "kappa": kappa, "model_image": image, "alpha": alpha, "chi2_nu": chi2,
-                             "baseline_chi2_nu": chi2, "seconds": time.time() - t0, **extra})
+    return Reconstruction(
+        **{
+            "source": source,
+            "kappa": kappa,
+            "model_image": image,
+            "alpha": alpha,
+            "chi2_nu": chi2,
+            "baseline_chi2_nu": chi2,
+            "seconds": time.time() - t0,
+            **extra,
+        }
+    )
 
 
 def _model_name(model: RIM) -> str:
     return str(model.checkpoint_path) if model.checkpoint_path is not None else "(in memory)"
 
 
-def _write(model: RIM, prep: PreparedObservation, rec: Reconstruction, out_dir: Path, summary: dict,
-           finetune_with: FinetuneSetup | None, truth: dict | None = None, title: str = "") -> dict:
+def _write(
+    model: RIM,
+    prep: PreparedObservation,
+    rec: Reconstruction,
+    out_dir: Path,
+    summary: dict,
+    finetune_with: FinetuneSetup | None,
+    truth: dict | None = None,
+    title: str = "",
+) -> dict:
     grid = model.grid
-    summary = {**summary, "model": _model_name(model), "preset": model.preset.name if model.preset else "",
-               **rec.summary(finetune_with.options if finetune_with else None),
-               "flux_scale": prep.flux_scale, "center_arcsec": list(prep.center_arcsec)}
+    summary = {
+        **summary,
+        "model": _model_name(model),
+        "preset": model.preset.name if model.preset else "",
+        **rec.summary(finetune_with.options if finetune_with else None),
+        "flux_scale": prep.flux_scale,
+        "center_arcsec": list(prep.center_arcsec),
+    }
     if truth is not None:
         summary["source_mse"] = float(((rec.source - truth["source"]) ** 2).mean())
         summary["log10_kappa_mse"] = float(((log10_kappa(rec.kappa) - log10_kappa(truth["kappa"])) ** 2).mean())
-    write_products(out_dir, observation=prep.observation, noise_sigma=prep.noise_sigma, mask=prep.mask, source=rec.source,
-                   kappa=rec.kappa, model_image=rec.model_image, alpha=rec.alpha, image_grid=grid.image_grid,
-                   source_grid=grid.source_grid, chi2_nu=rec.chi2_nu, summary=summary, truth=truth, title=title)
+    write_products(
+        out_dir,
+        observation=prep.observation,
+        noise_sigma=prep.noise_sigma,
+        mask=prep.mask,
+        source=rec.source,
+        kappa=rec.kappa,
+        model_image=rec.model_image,
+        alpha=rec.alpha,
+        image_grid=grid.image_grid,
+        source_grid=grid.source_grid,
+        chi2_nu=rec.chi2_nu,
+        summary=summary,
+        truth=truth,
+        title=title,
+    )
     return summary
 
 
-def reconstruct_observation(model: RIM, image: str | Path, psf: str | Path, out_dir: str | Path, *,
-                            noise: str | Path | None = None, sigma: float | None = None,
-                            pixel_scale_arcsec: float | None = None, mask: str | Path | None = None,
-                            center_arcsec: tuple[float, float] | None = None,
-                            finetune_with: FinetuneSetup | None = None) -> dict:
+def reconstruct_observation(
+    model: RIM,
+    image: str | Path,
+    psf: str | Path,
+    out_dir: str | Path,
+    *,
+    noise: str | Path | None = None,
+    sigma: float | None = None,
+    pixel_scale_arcsec: float | None = None,
+    mask: str | Path | None = None,
+    center_arcsec: tuple[float, float] | None = None,
+    finetune_with: FinetuneSetup | None = None,
+) -> dict:
     """Reconstruct one FITS observation and write its products (FITS maps, PNG, ``summary.json``)
     into ``out_dir``. Returns the summary (``chi2_nu``, ``baseline_chi2_nu``, ``seconds``, ...)."""
     obs = load_observation(image, psf, noise, sigma, pixel_scale_arcsec, mask)
@@ -160,9 +239,16 @@ class FolderSummary:
 SUMMARY_COLUMNS = ("chi2_nu", "baseline_chi2_nu", "seconds", "used_pixels")
 
 
-def reconstruct_folder(model: RIM, folder: str | Path, out_dir: str | Path, *, sigma: float | None = None,
-                       pixel_scale_arcsec: float | None = None, finetune_with: FinetuneSetup | None = None,
-                       on_error=None) -> FolderSummary | None:
+def reconstruct_folder(
+    model: RIM,
+    folder: str | Path,
+    out_dir: str | Path,
+    *,
+    sigma: float | None = None,
+    pixel_scale_arcsec: float | None = None,
+    finetune_with: FinetuneSetup | None = None,
+    on_error=None,
+) -> FolderSummary | None:
     """Reconstruct every lens sub-folder of ``folder`` (``image.fits``, ``psf.fits`` and
     ``noise_map.fits`` unless ``sigma``) into ``out_dir/<name>/``, then write ``out_dir/summary.csv``.
 
@@ -183,9 +269,16 @@ def reconstruct_folder(model: RIM, folder: str | Path, out_dir: str | Path, *, s
             if i % world != rank or (target / "summary.json").exists():
                 continue
             try:
-                reconstruct_observation(model, lens / "image.fits", lens / "psf.fits", target,
-                                        noise=lens / "noise_map.fits" if sigma is None else None, sigma=sigma,
-                                        pixel_scale_arcsec=pixel_scale_arcsec, finetune_with=finetune_with)
+                reconstruct_observation(
+                    model,
+                    lens / "image.fits",
+                    lens / "psf.fits",
+                    target,
+                    noise=lens / "noise_map.fits" if sigma is None else None,
+                    sigma=sigma,
+                    pixel_scale_arcsec=pixel_scale_arcsec,
+                    finetune_with=finetune_with,
+                )
             except RimlensInputError as exc:
                 errors[lens.name] = str(exc)
                 if on_error is not None:
@@ -226,17 +319,41 @@ def run_demo(model: RIM, out_dir: str | Path, seed: int = 7) -> DemoResult:
         obs = load_observation(d / "image.fits", d / "psf.fits", d / "noise_map.fits", pixel_scale_arcsec=0.05)
     obs.name = "SLACS J2303+1422 (HST F814W, lens light subtracted)"
     prep = prepare_observation(obs, grid)
-    slacs = _write(model, prep, reconstruct_prepared(model, prep), out_dir / "slacs2303",
-                   {"image": "SLACS J2303+1422 (shipped)"}, None, title=obs.name)
+    slacs = _write(
+        model,
+        prep,
+        reconstruct_prepared(model, prep),
+        out_dir / "slacs2303",
+        {"image": "SLACS J2303+1422 (shipped)"},
+        None,
+        title=obs.name,
+    )
     if model.preset is None:
         raise RimlensInputError("the demo needs a model loaded from a checkpoint (it carries the data configuration)")
     lens = LensGenerator(model.preset, split="test", bank_seed=seed, noise="high").draw(child_rng(seed, 99), 1)
     n = grid.n_pixels
-    prep = PreparedObservation(lens.observation, lens.noise_sigma.reshape(1, 1, 1, 1).expand(1, 1, n, n).clone(), lens.psf,
-                               torch.ones(1, 1, n, n, dtype=torch.bool), 1.0, (0.0, 0.0), grid)
+    prep = PreparedObservation(
+        lens.observation,
+        lens.noise_sigma.reshape(1, 1, 1, 1).expand(1, 1, n, n).clone(),
+        lens.psf,
+        torch.ones(1, 1, n, n, dtype=torch.bool),
+        1.0,
+        (0.0, 0.0),
+        grid,
+    )
     snr = float(lens.snr[0])
-    simulated = _write(model, prep, reconstruct_prepared(model, prep), out_dir / "simulated",
-                       {"image": f"simulated held-out lens (seed {seed}, {lens.kappa_family[0]} lens, "
-                                 f"{lens.source_family[0]} source)", "snr": snr},
-                       None, truth={"source": lens.source, "kappa": lens.kappa}, title=f"simulated lens, SNR {snr:.0f}")
+    simulated = _write(
+        model,
+        prep,
+        reconstruct_prepared(model, prep),
+        out_dir / "simulated",
+        {
+            "image": f"simulated held-out lens (seed {seed}, {lens.kappa_family[0]} lens, "
+            f"{lens.source_family[0]} source)",
+            "snr": snr,
+        },
+        None,
+        truth={"source": lens.source, "kappa": lens.kappa},
+        title=f"simulated lens, SNR {snr:.0f}",
+    )
     return DemoResult(slacs, simulated, time.time() - t0)

@@ -40,11 +40,15 @@ class BatchReconstruction:
 
     def arrays(self) -> dict[str, np.ndarray]:
         """The fields as float32 numpy arrays, by name."""
-        return {f.name: getattr(self, f.name).detach().cpu().numpy().astype(np.float32) for f in dataclasses.fields(self)}
+        return {
+            f.name: getattr(self, f.name).detach().cpu().numpy().astype(np.float32) for f in dataclasses.fields(self)
+        }
 
 
 @torch.no_grad()
-def reconstruct(model: RIM, observation: torch.Tensor, psf, noise_sigma, mask=None, batch_size: int = 32) -> BatchReconstruction:
+def reconstruct(
+    model: RIM, observation: torch.Tensor, psf, noise_sigma, mask=None, batch_size: int = 32
+) -> BatchReconstruction:
     """Reconstruct a batch of lenses.
 
     Args:
@@ -83,9 +87,14 @@ def check_grids(attrs, preset: Preset, data_path) -> None:
     """Refuse a data file whose image or source grid differs from the model's."""
     for key, grid in (("image_grid", preset.grid.image_grid), ("source_grid", preset.grid.source_grid)):
         g = json.loads(attrs[key])
-        if g["n_pixels"] != grid.n_pixels or abs(g["pixel_scale_arcsec"] - grid.pixel_scale_arcsec) > 1e-9 * grid.pixel_scale_arcsec:
-            raise RimlensInputError(f"{data_path}: its {key.replace('_', ' ')} ({g['n_pixels']} px of {g['pixel_scale_arcsec']:.5g}\") "
-                                    f"differs from the model's ({grid.n_pixels} px of {grid.pixel_scale_arcsec:.5g}\")")
+        if (
+            g["n_pixels"] != grid.n_pixels
+            or abs(g["pixel_scale_arcsec"] - grid.pixel_scale_arcsec) > 1e-9 * grid.pixel_scale_arcsec
+        ):
+            raise RimlensInputError(
+                f'{data_path}: its {key.replace("_", " ")} ({g["n_pixels"]} px of {g["pixel_scale_arcsec"]:.5g}") '
+                f"differs from the model's ({grid.n_pixels} px of {grid.pixel_scale_arcsec:.5g}\")"
+            )
 
 
 def predict_file(model_path, data_path, out_path, batch_size: int = 32, progress: bool = True) -> Path:
@@ -105,14 +114,25 @@ def predict_file(model_path, data_path, out_path, batch_size: int = 32, progress
     with open_lens_file(data_path) as h5:
         n = int(h5.attrs["count"])
         check_grids(h5.attrs, preset, data_path)
-        settings = {"model": str(model_file.resolve()), "model_bytes": model_file.stat().st_size,
-                    "model_mtime_ns": model_file.stat().st_mtime_ns, "data": str(Path(data_path).resolve()),
-                    "count": n, "seed": int(h5.attrs["seed"]), "batch_size": batch_size}
+        settings = {
+            "model": str(model_file.resolve()),
+            "model_bytes": model_file.stat().st_size,
+            "model_mtime_ns": model_file.stat().st_mtime_ns,
+            "data": str(Path(data_path).resolve()),
+            "count": n,
+            "seed": int(h5.attrs["seed"]),
+            "batch_size": batch_size,
+        }
 
         def compute(start, stop):
             sl = slice(start, stop)
-            r = reconstruct(model, torch.as_tensor(h5["observation"][sl]), torch.as_tensor(h5["psf"][sl]),
-                            torch.as_tensor(h5["noise_sigma"][sl]), batch_size=batch_size)
+            r = reconstruct(
+                model,
+                torch.as_tensor(h5["observation"][sl]),
+                torch.as_tensor(h5["psf"][sl]),
+                torch.as_tensor(h5["noise_sigma"][sl]),
+                batch_size=batch_size,
+            )
             return r.arrays()
 
         results = run_chunks(n, batch_size, parts, settings, compute, "reconstruction run", progress, "reconstructing")
@@ -123,13 +143,21 @@ def predict_file(model_path, data_path, out_path, batch_size: int = 32, progress
     return out_path
 
 
-def _write_reconstructions(out_path: Path, results: list[dict], model_file: Path, data_path, preset: Preset, n: int) -> None:
-    with atomic_path(out_path) as tmp:
-            with h5py.File(tmp, "w") as f:
-                for k in results[0]:
-                    a = np.concatenate([r[k] for r in results], axis=1 if k == "chi2_nu_steps" else 0)
-                    f.create_dataset(k, data=a, compression="gzip" if a.ndim > 2 else None)
-                f.attrs.update({"format": "rimlens-reconstructions-1", "model": str(model_file),
-                                "data": str(data_path), "preset": preset.to_json(), "count": n,
-                                "image_grid": json.dumps(preset.grid.image_grid.as_dict()),
-                                "source_grid": json.dumps(preset.grid.source_grid.as_dict())})
+def _write_reconstructions(
+    out_path: Path, results: list[dict], model_file: Path, data_path, preset: Preset, n: int
+) -> None:
+    with atomic_path(out_path) as tmp, h5py.File(tmp, "w") as f:
+        for k in results[0]:
+            a = np.concatenate([r[k] for r in results], axis=1 if k == "chi2_nu_steps" else 0)
+            f.create_dataset(k, data=a, compression="gzip" if a.ndim > 2 else None)
+        f.attrs.update(
+            {
+                "format": "rimlens-reconstructions-1",
+                "model": str(model_file),
+                "data": str(data_path),
+                "preset": preset.to_json(),
+                "count": n,
+                "image_grid": json.dumps(preset.grid.image_grid.as_dict()),
+                "source_grid": json.dumps(preset.grid.source_grid.as_dict()),
+            }
+        )

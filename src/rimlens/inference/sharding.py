@@ -23,8 +23,16 @@ from rimlens.distributed import collective_failure, rank_and_world
 from rimlens.io.atomic import atomic_path, claim_work_folder
 
 
-def run_chunks(n: int, chunk_size: int, parts: str | Path, settings: dict, compute: Callable[[int, int], dict],
-               what: str = "run", progress: bool = True, desc: str = "working") -> list[dict] | None:
+def run_chunks(
+    n: int,
+    chunk_size: int,
+    parts: str | Path,
+    settings: dict,
+    compute: Callable[[int, int], dict],
+    what: str = "run",
+    progress: bool = True,
+    desc: str = "working",
+) -> list[dict] | None:
     """Compute ``compute(start, stop)`` for every chunk of ``range(n)``, resumably and sharded.
 
     Args:

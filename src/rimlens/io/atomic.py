@@ -23,7 +23,9 @@ def atomic_path(path: str | os.PathLike, suffix: str | None = None):
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix if suffix is not None else path.suffix + ".tmp", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(
+        prefix=f".{path.name}.", suffix=suffix if suffix is not None else path.suffix + ".tmp", dir=path.parent
+    )
     os.close(fd)
     try:
         yield Path(tmp)
@@ -60,8 +62,9 @@ def claim_work_folder(folder, settings: dict, what: str = "run") -> None:
         except (OSError, ValueError):
             old = None
         if old != settings:
-            raise RimlensInputError(f"{folder} holds an interrupted {what} with other settings; "
-                                    "delete it or repeat the same command")
+            raise RimlensInputError(
+                f"{folder} holds an interrupted {what} with other settings; delete it or repeat the same command"
+            )
         return
     folder.mkdir(parents=True)
     with atomic_path(meta) as tmp:

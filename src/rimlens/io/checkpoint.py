@@ -23,8 +23,15 @@ from rimlens.nn.rim import RIM
 from rimlens.nn.vae import VAE
 
 __all__ = [
-    "DEFAULT_MODEL", "default_model_path", "export_model", "load_checkpoint", "load_model", "load_vae",
-    "resolve_model_path", "save_checkpoint", "shipped_vae_path",
+    "DEFAULT_MODEL",
+    "default_model_path",
+    "export_model",
+    "load_checkpoint",
+    "load_model",
+    "load_vae",
+    "resolve_model_path",
+    "save_checkpoint",
+    "shipped_vae_path",
 ]
 
 FORMAT = "rimlens-checkpoint-1"
@@ -64,7 +71,9 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as exc:  # torch raises many types for truncated / foreign files
-        raise RimlensInputError(f"{path} is not a readable checkpoint (corrupt or truncated?): {type(exc).__name__}") from None
+        raise RimlensInputError(
+            f"{path} is not a readable checkpoint (corrupt or truncated?): {type(exc).__name__}"
+        ) from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT or "model" not in ckpt or "preset" not in ckpt:
         raise RimlensInputError(f"{path} is not a rimlens checkpoint")
     return ckpt
@@ -100,8 +109,9 @@ def shipped_vae_path(kind: str) -> Path:
         raise RimlensInputError(f"VAE kind must be 'source' or 'kappa', got {kind!r}")
     path = default_model_path().parent / f"vae_{kind}.pt"  # shipped beside the default RIM
     if not path.exists():
-        raise RimlensInputError(f"no {kind} VAE is shipped with this version; pass one (train it with "
-                                f"`rimlens train-vae {kind}`)")
+        raise RimlensInputError(
+            f"no {kind} VAE is shipped with this version; pass one (train it with `rimlens train-vae {kind}`)"
+        )
     return path
 
 
@@ -124,7 +134,9 @@ def load_vae(path: str | Path | None, kind: str | None = None) -> VAE:
     try:
         model.load_state_dict(ckpt["model"], strict=True)
     except RuntimeError as exc:
-        raise RimlensInputError(f"VAE checkpoint {path} does not match its configuration: {str(exc).splitlines()[0]}") from None
+        raise RimlensInputError(
+            f"VAE checkpoint {path} does not match its configuration: {str(exc).splitlines()[0]}"
+        ) from None
     model.kind = ckpt["kind"]
     return model.eval()
 
@@ -141,8 +153,13 @@ def export_model(run_dir: str | Path, out_dir: str | Path, checkpoint: str = "be
     save_checkpoint(out_dir / "model.pt", payload)
     history = json.loads(ckpt.get("history", "[]"))
     best = min(history, key=lambda h: h["val_loss"]) if history else {}
-    summary = {"checkpoint": checkpoint, "step": ckpt.get("step"), "elapsed_s": ckpt.get("elapsed_s"),
-               "validation": best, "preset": json.loads(ckpt["preset"])}
+    summary = {
+        "checkpoint": checkpoint,
+        "step": ckpt.get("step"),
+        "elapsed_s": ckpt.get("elapsed_s"),
+        "validation": best,
+        "preset": json.loads(ckpt["preset"]),
+    }
     with atomic_path(out_dir / "validation.json") as tmp:
         tmp.write_text(json.dumps(summary, indent=2))
     for name in ("metrics.csv", "training_curve.png"):

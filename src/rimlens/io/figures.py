@@ -7,10 +7,10 @@ from pathlib import Path
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
+import matplotlib.pyplot as plt
+import numpy as np
 
-from rimlens.io.atomic import atomic_path  # noqa: E402
+from rimlens.io.atomic import atomic_path
 
 
 def save_figure(fig, path: str | Path, dpi: int = 100) -> Path:
@@ -68,9 +68,11 @@ def training_curve(history: list[dict], path: str | Path) -> Path:
     ax.set_xlabel("step")
     ax.legend()
     ax = axes[1]
-    for key, base, label in [("val_source_mse", "baseline_source_mse", "source MSE"),
-                             ("val_log10_kappa_mse", "baseline_log10_kappa_mse", r"$\log_{10}\kappa$ MSE")]:
-        line, = ax.plot(steps, [h[key] for h in history], label=f"{label} (final step)")
+    for key, base, label in [
+        ("val_source_mse", "baseline_source_mse", "source MSE"),
+        ("val_log10_kappa_mse", "baseline_log10_kappa_mse", r"$\log_{10}\kappa$ MSE"),
+    ]:
+        (line,) = ax.plot(steps, [h[key] for h in history], label=f"{label} (final step)")
         ax.axhline(history[-1][base], color=line.get_color(), ls="--", label=f"{label}, mean-map baseline")
     ax.set_yscale("log")
     ax.set_xlabel("step")

@@ -52,8 +52,16 @@ def read_image(path: str | Path, name: str = "image", hdu: int | None = None) ->
     return data, header
 
 
-ARCSEC_PER_UNIT = {"deg": 3600.0, "degree": 3600.0, "degrees": 3600.0, "": 3600.0, "arcmin": 60.0,
-                   "arcsec": 1.0, "mas": 1e-3, "rad": 206264.80624709636}
+ARCSEC_PER_UNIT = {
+    "deg": 3600.0,
+    "degree": 3600.0,
+    "degrees": 3600.0,
+    "": 3600.0,
+    "arcmin": 60.0,
+    "arcsec": 1.0,
+    "mas": 1e-3,
+    "rad": 206264.80624709636,
+}
 
 
 def _number(header: dict, key: str) -> float:

@@ -35,8 +35,14 @@ class Observation:
     meta: dict = field(default_factory=dict)
 
 
-def load_observation(image_path, psf_path, noise_path=None, sigma: float | None = None,
-                     pixel_scale_arcsec: float | None = None, mask_path=None) -> Observation:
+def load_observation(
+    image_path,
+    psf_path,
+    noise_path=None,
+    sigma: float | None = None,
+    pixel_scale_arcsec: float | None = None,
+    mask_path=None,
+) -> Observation:
     """Read and check an observation from FITS files.
 
     Exactly one of ``noise_path`` (a 1-sigma map) and ``sigma`` (one value) must be given. The pixel
@@ -89,8 +95,9 @@ class PreparedObservation:
     grid: PixelGrid
 
 
-def prepare_observation(obs: Observation, grid: PixelGrid, center_arcsec: tuple[float, float] | None = None,
-                        max_psf_pixels: int = 21) -> PreparedObservation:
+def prepare_observation(
+    obs: Observation, grid: PixelGrid, center_arcsec: tuple[float, float] | None = None, max_psf_pixels: int = 21
+) -> PreparedObservation:
     """Crop/centre, resample (flux-conserving) and normalise an observation for a model grid."""
     s_in = obs.pixel_scale_arcsec
     n_in = obs.image.shape
@@ -100,8 +107,9 @@ def prepare_observation(obs: Observation, grid: PixelGrid, center_arcsec: tuple[
     half_in = (n_in[1] * s_in / 2, n_in[0] * s_in / 2)
     if abs(cx) + grid.fov_arcsec / 2 > half_in[0] + 1e-9 or abs(cy) + grid.fov_arcsec / 2 > half_in[1] + 1e-9:
         raise RimlensInputError(
-            f"the model field ({grid.fov_arcsec:.2f}\") does not fit in the image ({n_in[1] * s_in:.2f}\" x {n_in[0] * s_in:.2f}\") "
-            "around the chosen centre; give a larger cutout")
+            f'the model field ({grid.fov_arcsec:.2f}") does not fit in the image ({n_in[1] * s_in:.2f}" x {n_in[0] * s_in:.2f}") '
+            "around the chosen centre; give a larger cutout"
+        )
     img = torch.as_tensor(obs.image, dtype=torch.float64)[None, None]
     var = torch.as_tensor(obs.noise_sigma, dtype=torch.float64)[None, None] ** 2
     bad = torch.as_tensor(obs.noise_sigma >= EXCLUDE_SIGMA)
@@ -131,7 +139,9 @@ def prepare_observation(obs: Observation, grid: PixelGrid, center_arcsec: tuple[
     k_out = int(np.ceil(k_in * s_in / grid.pixel_scale_arcsec))
     k_out = min(k_out + (1 - k_out % 2), max_psf_pixels, n - 1 + (n % 2))
     k_out = max(k_out if k_out % 2 else k_out - 1, 1)
-    psf = resample_density(torch.as_tensor(obs.psf, dtype=torch.float64)[None, None], s_in, k_out, grid.pixel_scale_arcsec)
+    psf = resample_density(
+        torch.as_tensor(obs.psf, dtype=torch.float64)[None, None], s_in, k_out, grid.pixel_scale_arcsec
+    )
     if float(psf.sum()) <= 0:
         raise RimlensInputError("PSF has no positive flux after resampling")
     psf = psf / psf.sum()

@@ -19,25 +19,51 @@ from rimlens.physics import PixelGrid
 def grid_header(grid: PixelGrid, bunit: str, extra: dict | None = None) -> dict:
     """FITS cards describing a rimlens grid (offsets from the optical axis in arcsec)."""
     c = (grid.n_pixels + 1) / 2
-    h = {"BUNIT": (bunit, "map units"),
-         "CTYPE1": ("OFFSET-X", "x offset from the lens axis"), "CTYPE2": ("OFFSET-Y", "y offset from the lens axis"),
-         "CUNIT1": "arcsec", "CUNIT2": "arcsec", "CRPIX1": c, "CRPIX2": c, "CRVAL1": 0.0, "CRVAL2": 0.0,
-         "CDELT1": grid.pixel_scale_arcsec, "CDELT2": grid.pixel_scale_arcsec,
-         "PIXSCALE": (grid.pixel_scale_arcsec, "arcsec / pixel"), "FOV": (grid.fov_arcsec, "arcsec, edge to edge"),
-         "CONVENT": ("row 0 at the bottom; x along columns", "rimlens grid convention"),
-         "ORIGIN": f"rimlens {__version__}"}
+    h = {
+        "BUNIT": (bunit, "map units"),
+        "CTYPE1": ("OFFSET-X", "x offset from the lens axis"),
+        "CTYPE2": ("OFFSET-Y", "y offset from the lens axis"),
+        "CUNIT1": "arcsec",
+        "CUNIT2": "arcsec",
+        "CRPIX1": c,
+        "CRPIX2": c,
+        "CRVAL1": 0.0,
+        "CRVAL2": 0.0,
+        "CDELT1": grid.pixel_scale_arcsec,
+        "CDELT2": grid.pixel_scale_arcsec,
+        "PIXSCALE": (grid.pixel_scale_arcsec, "arcsec / pixel"),
+        "FOV": (grid.fov_arcsec, "arcsec, edge to edge"),
+        "CONVENT": ("row 0 at the bottom; x along columns", "rimlens grid convention"),
+        "ORIGIN": f"rimlens {__version__}",
+    }
     h.update(extra or {})
     return h
 
 
-def write_products(out_dir: str | Path, *, observation: torch.Tensor, noise_sigma: torch.Tensor, mask: torch.Tensor,
-                   source: torch.Tensor, kappa: torch.Tensor, model_image: torch.Tensor, alpha: torch.Tensor,
-                   image_grid: PixelGrid, source_grid: PixelGrid, chi2_nu: float, summary: dict,
-                   truth: dict | None = None, title: str = "") -> dict:
+def write_products(
+    out_dir: str | Path,
+    *,
+    observation: torch.Tensor,
+    noise_sigma: torch.Tensor,
+    mask: torch.Tensor,
+    source: torch.Tensor,
+    kappa: torch.Tensor,
+    model_image: torch.Tensor,
+    alpha: torch.Tensor,
+    image_grid: PixelGrid,
+    source_grid: PixelGrid,
+    chi2_nu: float,
+    summary: dict,
+    truth: dict | None = None,
+    title: str = "",
+) -> dict:
     """Write FITS maps, ``reconstruction.png`` and ``summary.json`` into ``out_dir``; returns the paths."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    model_card = {"MODEL": (str(summary.get("model", ""))[-68:], "RIM checkpoint"), "CHI2NU": (float(chi2_nu), "reduced chi^2")}
+    model_card = {
+        "MODEL": (str(summary.get("model", ""))[-68:], "RIM checkpoint"),
+        "CHI2NU": (float(chi2_nu), "reduced chi^2"),
+    }
     resid = ((observation - model_image) / noise_sigma).masked_fill(~mask, 0.0)
     maps = {
         "source.fits": (source, source_grid, "normalised surface brightness"),
@@ -50,26 +76,49 @@ def write_products(out_dir: str | Path, *, observation: torch.Tensor, noise_sigm
     }
     paths = {}
     for name, (arr, grid, unit) in maps.items():
-        paths[name] = str(write_image(out / name, arr[0, 0].detach().cpu().numpy(), grid_header(grid, unit, model_card)))
-    png = reconstruction_page(out / "reconstruction.png", observation, model_image, resid, source, kappa, image_grid,
-                              source_grid, chi2_nu, title, truth)
+        paths[name] = str(
+            write_image(out / name, arr[0, 0].detach().cpu().numpy(), grid_header(grid, unit, model_card))
+        )
+    png = reconstruction_page(
+        out / "reconstruction.png",
+        observation,
+        model_image,
+        resid,
+        source,
+        kappa,
+        image_grid,
+        source_grid,
+        chi2_nu,
+        title,
+        truth,
+    )
     paths["reconstruction.png"] = str(png)
-    summary = {**summary, "chi2_nu": float(chi2_nu), "products": paths, "rimlens_version": __version__,
-               "image_grid": image_grid.as_dict(), "source_grid": source_grid.as_dict(),
-               "used_pixels": int(mask.sum())}
+    summary = {
+        **summary,
+        "chi2_nu": float(chi2_nu),
+        "products": paths,
+        "rimlens_version": __version__,
+        "image_grid": image_grid.as_dict(),
+        "source_grid": source_grid.as_dict(),
+        "used_pixels": int(mask.sum()),
+    }
     with atomic_path(out / "summary.json") as tmp:
         tmp.write_text(json.dumps(summary, indent=2, sort_keys=True))
     paths["summary.json"] = str(out / "summary.json")
     return paths
 
 
-def reconstruction_page(path, observation, model_image, resid, source, kappa, image_grid, source_grid, chi2_nu,
-                        title="", truth=None):
+def reconstruction_page(
+    path, observation, model_image, resid, source, kappa, image_grid, source_grid, chi2_nu, title="", truth=None
+):
     """One page: observation, model, normalised residuals, source, log10 kappa (and the truth if known)."""
 
     rows = 2 if truth else 1
     fig, axes = plt.subplots(rows, 5, figsize=(19, 3.8 * rows), squeeze=False)
-    ei, es = _extent(image_grid.n_pixels, image_grid.pixel_scale_arcsec), _extent(source_grid.n_pixels, source_grid.pixel_scale_arcsec)
+    ei, es = (
+        _extent(image_grid.n_pixels, image_grid.pixel_scale_arcsec),
+        _extent(source_grid.n_pixels, source_grid.pixel_scale_arcsec),
+    )
 
     def show(ax, img, ext, cmap, t, **kw):
         im = ax.imshow(np.asarray(img), origin="lower", extent=ext, cmap=cmap, **kw)
@@ -81,7 +130,15 @@ def reconstruction_page(path, observation, model_image, resid, source, kappa, im
     vmax = float(np.percentile(obs, 99.8))
     show(axes[0, 0], obs, ei, "magma", title or "observation", vmin=min(0, obs.min()), vmax=vmax)
     show(axes[0, 1], model_image[0, 0].cpu().numpy(), ei, "magma", "model image", vmin=min(0, obs.min()), vmax=vmax)
-    show(axes[0, 2], resid[0, 0].cpu().numpy(), ei, "RdBu_r", rf"residuals / $\sigma$  ($\chi^2_\nu$ = {chi2_nu:.2f})", vmin=-4, vmax=4)
+    show(
+        axes[0, 2],
+        resid[0, 0].cpu().numpy(),
+        ei,
+        "RdBu_r",
+        rf"residuals / $\sigma$  ($\chi^2_\nu$ = {chi2_nu:.2f})",
+        vmin=-4,
+        vmax=4,
+    )
     show(axes[0, 3], source[0, 0].cpu().numpy(), es, "magma", "source (reconstructed)")
     lk = np.log10(np.clip(kappa[0, 0].cpu().numpy(), 1e-3, None))
     show(axes[0, 4], lk, ei, "viridis", r"$\log_{10}\kappa$ (reconstructed)", vmin=lk.min(), vmax=lk.max())

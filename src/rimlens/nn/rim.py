@@ -101,9 +101,17 @@ class RIM(nn.Module):
         v_hat = v / (1 - d ** (t + 1))
         return g / (torch.sqrt(v_hat) + self.config.epsilon), v
 
-    def forward(self, observation: torch.Tensor, psf, noise_sigma, *, steps: int | None = None,
-                differentiable_likelihood: bool = False, mask: torch.Tensor | None = None,
-                functional: bool = False) -> RIMOutput:
+    def forward(
+        self,
+        observation: torch.Tensor,
+        psf,
+        noise_sigma,
+        *,
+        steps: int | None = None,
+        differentiable_likelihood: bool = False,
+        mask: torch.Tensor | None = None,
+        functional: bool = False,
+    ) -> RIMOutput:
         """Run the RIM.
 
         Args:
@@ -123,8 +131,11 @@ class RIM(nn.Module):
         b = observation.shape[0]
         zeros = torch.zeros_like(observation)
         x = torch.cat([observation, zeros, zeros, zeros, zeros], dim=1)
-        channels_last = (not functional and x.device.type == "cpu"
-                         and next(self.unet.parameters()).is_contiguous(memory_format=torch.channels_last))
+        channels_last = (
+            not functional
+            and x.device.type == "cpu"
+            and next(self.unet.parameters()).is_contiguous(memory_format=torch.channels_last)
+        )
         if channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         delta, hidden = self._unet(x)
@@ -133,10 +144,13 @@ class RIM(nn.Module):
         v_s = v_eta = None
         for t in range(steps - 1):
             if differentiable_likelihood:
-                g_s, g_eta, chi2 = sim.likelihood_gradient(observation, s, eta, psf, noise_sigma, mask, create_graph=True, check=False)
+                g_s, g_eta, chi2 = sim.likelihood_gradient(
+                    observation, s, eta, psf, noise_sigma, mask, create_graph=True, check=False
+                )
             else:
-                g_s, g_eta, chi2 = sim.likelihood_gradient(observation, s.detach(), eta.detach(), psf, noise_sigma, mask,
-                                                           check=False, functional=functional)
+                g_s, g_eta, chi2 = sim.likelihood_gradient(
+                    observation, s.detach(), eta.detach(), psf, noise_sigma, mask, check=False, functional=functional
+                )
             if v_s is None:
                 v_s, v_eta = torch.zeros_like(g_s), torch.zeros_like(g_eta)
             g_s, v_s = self._normalise(g_s, v_s, t)

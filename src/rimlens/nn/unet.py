@@ -50,22 +50,30 @@ class GRUUNet(nn.Module):
         self.config = c = config
         act = ACTIVATIONS[c.activation]
         f = list(c.filters)
-        self.input = nn.Sequential(nn.Conv2d(c.in_channels, f[0], c.input_kernel_size, padding=c.input_kernel_size // 2), act())
+        self.input = nn.Sequential(
+            nn.Conv2d(c.in_channels, f[0], c.input_kernel_size, padding=c.input_kernel_size // 2), act()
+        )
         self.encoders = nn.ModuleList()
         self.downs = nn.ModuleList()
         self.skip_grus = nn.ModuleList()
         for i, fi in enumerate(f):
             self.encoders.append(_block(f[0] if i == 0 else f[i], fi, c.convs_per_level, c.kernel_size, act))
             nxt = f[i + 1] if i + 1 < len(f) else c.bottleneck_filters
-            self.downs.append(nn.Sequential(nn.Conv2d(fi, nxt, c.kernel_size, stride=2, padding=c.kernel_size // 2), act()))
+            self.downs.append(
+                nn.Sequential(nn.Conv2d(fi, nxt, c.kernel_size, stride=2, padding=c.kernel_size // 2), act())
+            )
             self.skip_grus.append(ConvGRU(fi, c.gru_kernel_size))
         self.bottleneck_gru = ConvGRU(c.bottleneck_filters, c.gru_kernel_size)
         self.ups = nn.ModuleList()
         self.decoders = nn.ModuleList()
         for i, fi in enumerate(f):
             prev = f[i + 1] if i + 1 < len(f) else c.bottleneck_filters
-            self.ups.append(nn.Sequential(nn.ConvTranspose2d(prev, fi, c.kernel_size, stride=2, padding=c.kernel_size // 2,
-                                                             output_padding=1), act()))
+            self.ups.append(
+                nn.Sequential(
+                    nn.ConvTranspose2d(prev, fi, c.kernel_size, stride=2, padding=c.kernel_size // 2, output_padding=1),
+                    act(),
+                )
+            )
             self.decoders.append(_block(2 * fi, fi, c.convs_per_level, c.kernel_size, act))
         self.output = nn.Conv2d(f[0], c.out_channels, 1)
         self.reset_parameters()
@@ -86,7 +94,7 @@ class GRUUNet(nn.Module):
         for i, fi in enumerate(self.config.filters):
             s = -(-n // 2**i)
             hs.append(x.new_zeros(b, fi, s, s))
-        s = -(-n // 2 ** self.config.levels)
+        s = -(-n // 2**self.config.levels)
         hs.append(x.new_zeros(b, self.config.bottleneck_filters, s, s))
         if x.is_contiguous(memory_format=torch.channels_last):
             hs = [h.contiguous(memory_format=torch.channels_last) for h in hs]
@@ -98,7 +106,7 @@ class GRUUNet(nn.Module):
         new_hidden = []
         h = self.input(x)
         skips = []
-        for enc, down, gru, mem in zip(self.encoders, self.downs, self.skip_grus, hidden[:-1]):
+        for enc, down, gru, mem in zip(self.encoders, self.downs, self.skip_grus, hidden[:-1], strict=True):
             c = enc(h)
             s = gru(c, mem)
             new_hidden.append(s)
@@ -106,7 +114,7 @@ class GRUUNet(nn.Module):
             h = down(c)
         h = self.bottleneck_gru(h, hidden[-1])
         new_hidden.append(h)
-        for up, dec, skip in zip(reversed(self.ups), reversed(self.decoders), reversed(skips)):
+        for up, dec, skip in zip(reversed(self.ups), reversed(self.decoders), reversed(skips), strict=True):
             h = up(h)
             h = dec(torch.cat([h, skip], dim=1))
         return self.output(h), new_hidden

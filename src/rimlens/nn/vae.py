@@ -77,11 +77,16 @@ class VAE(nn.Module):
         ident = ((self.expand(z) - feats) ** 2).mean(dim=1)
         c = self.config
         total = (rec + c.beta(step) * kl + c.gamma(step) * ident).mean()
-        return total, {"reconstruction": float(rec.detach().mean()), "kl": float(kl.detach().mean()), "identity": float(ident.detach().mean())}
+        return total, {
+            "reconstruction": float(rec.detach().mean()),
+            "kl": float(kl.detach().mean()),
+            "identity": float(ident.detach().mean()),
+        }
 
     @torch.no_grad()
-    def sample(self, n: int, generator: torch.Generator | None = None, center: torch.Tensor | None = None,
-               scale: float = 1.0) -> torch.Tensor:
+    def sample(
+        self, n: int, generator: torch.Generator | None = None, center: torch.Tensor | None = None, scale: float = 1.0
+    ) -> torch.Tensor:
         """Decode ``n`` latent draws ``z ~ N(center, scale^2 I)`` (center 0 by default)."""
         dev = next(self.parameters()).device
         z = torch.randn(n, self.config.latent, generator=generator, device=dev) * scale

@@ -23,7 +23,6 @@ from torch.types import Device
 
 from rimlens.physics.grid import PixelGrid
 
-
 __all__ = [
     "gaussian_deflection",
     "gaussian_kappa",

@@ -42,8 +42,15 @@ class Trainer(TrainingLoop):
         device: torch device (default: CUDA with DDP local rank if available, else CPU).
     """
 
-    def __init__(self, preset: Preset, out_dir: str | Path, resume: bool = False, device=None, progress: bool = True,
-                 init_from: str | Path | None = None):
+    def __init__(
+        self,
+        preset: Preset,
+        out_dir: str | Path,
+        resume: bool = False,
+        device=None,
+        progress: bool = True,
+        init_from: str | Path | None = None,
+    ):
         super().__init__(out_dir, progress)
         ckpt = previous_run(self.out_dir, resume)
         if ckpt is not None:
@@ -57,7 +64,7 @@ class Trainer(TrainingLoop):
         self.shard_batch = self.cfg.batch_size // shards
         if device is None:
             if torch.cuda.is_available():
-                device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+                device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
             else:
                 device = torch.device("cpu")
         self.device = torch.device(device)
@@ -67,17 +74,22 @@ class Trainer(TrainingLoop):
         if self.cfg.channels_last and self.device.type == "cpu":
             self.model = self.model.to(memory_format=torch.channels_last)
         self.model.amp = self.cfg.amp and self.device.type == "cuda"
-        self.optimizer = torch.optim.Adamax(self.model.parameters(), lr=self.cfg.learning_rate, betas=(0.9, 0.999), eps=1e-7)
+        self.optimizer = torch.optim.Adamax(
+            self.model.parameters(), lr=self.cfg.learning_rate, betas=(0.9, 0.999), eps=1e-7
+        )
         if init_from is not None and ckpt is None:
             source = load_model(init_from)
             if source.preset is None or source.preset.model != preset.model or source.preset.grid != preset.grid:
-                raise RimlensInputError(f"--init-from {init_from}: its model or grid differs from preset {preset.name!r}")
+                raise RimlensInputError(
+                    f"--init-from {init_from}: its model or grid differs from preset {preset.name!r}"
+                )
             self.model.load_state_dict(source.state_dict())
         self.restore(ckpt)
         self.ddp_model: torch.nn.Module = self.model
         if self.world > 1:
             self.ddp_model = torch.nn.parallel.DistributedDataParallel(
-                self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+                self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None
+            )
         self.generator = LensGenerator(preset, split="train", bank_seed=self.cfg.seed)
         self._val: LensBatch | None = None
         if self.rank == 0:
@@ -96,8 +108,15 @@ class Trainer(TrainingLoop):
     def batches(self, start: int):
         """The training batches of steps ``start .. max_steps - 1``; drawn by ``data_workers``
         DataLoader processes ahead of the model when configured (the same batches either way)."""
-        return step_batches(self.generator, self.cfg.seed, list(self._shards()), self.shard_batch, start, self.cfg.max_steps,
-                            self.cfg.data_workers)
+        return step_batches(
+            self.generator,
+            self.cfg.seed,
+            list(self._shards()),
+            self.shard_batch,
+            start,
+            self.cfg.max_steps,
+            self.cfg.data_workers,
+        )
 
     def validation_set(self) -> LensBatch:
         """Fixed validation lenses: held-out (test-split) galaxies, their own seed stream."""
@@ -148,14 +167,26 @@ class Trainer(TrainingLoop):
         mean_eta = log_kappa.mean(0, keepdim=True)
         const = RIMOutput(mean_src.expand_as(batch.source)[None], mean_eta.expand_as(batch.kappa)[None], torch.zeros(0))
         baseline_loss = float(rim_loss(const, batch.source, batch.kappa))
-        return {"val_loss": float(torch.cat(losses).mean()), "baseline_loss": baseline_loss,
-                "val_source_mse": float(src_mse.mean()), "val_log10_kappa_mse": float(kap_mse.mean()),
-                "baseline_source_mse": float(((batch.source - mean_src) ** 2).mean()),
-                "baseline_log10_kappa_mse": float(((log_kappa - mean_eta) ** 2).mean())}
+        return {
+            "val_loss": float(torch.cat(losses).mean()),
+            "baseline_loss": baseline_loss,
+            "val_source_mse": float(src_mse.mean()),
+            "val_log10_kappa_mse": float(kap_mse.mean()),
+            "baseline_source_mse": float(((batch.source - mean_src) ** 2).mean()),
+            "baseline_log10_kappa_mse": float(((log_kappa - mean_eta) ** 2).mean()),
+        }
 
 
-def train_rim(preset: Preset, out_dir: str | Path, *, resume: bool = False, settings: dict | None = None,
-              device=None, init_from: str | Path | None = None, progress: bool = True) -> TrainResult | None:
+def train_rim(
+    preset: Preset,
+    out_dir: str | Path,
+    *,
+    resume: bool = False,
+    settings: dict | None = None,
+    device=None,
+    init_from: str | Path | None = None,
+    progress: bool = True,
+) -> TrainResult | None:
     """``rimlens train``: train a RIM (joining the ``torchrun`` process group when there is one).
 
     ``settings`` override training settings of ``preset``; on ``--resume`` the checkpoint's

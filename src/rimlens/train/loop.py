@@ -122,9 +122,16 @@ class TrainingLoop:
 
     def payload(self) -> dict:
         """The whole checkpoint dict of the current state."""
-        return {**self.checkpoint_extras(), "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
-                "step": self.step, "best_val": self.best_val, "evals_without_improvement": self.evals_without_improvement,
-                "history": json.dumps(self.history), "elapsed_s": self.elapsed}
+        return {
+            **self.checkpoint_extras(),
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "step": self.step,
+            "best_val": self.best_val,
+            "evals_without_improvement": self.evals_without_improvement,
+            "history": json.dumps(self.history),
+            "elapsed_s": self.elapsed,
+        }
 
     def save(self, best: bool = False) -> None:
         """Write ``latest.pt`` (and ``best.pt`` first when ``best``) and the logs; rank 0 only."""
@@ -168,7 +175,8 @@ class TrainingLoop:
             raise TrainingDivergedError(
                 f"training diverged at step {self.step}: a non-finite {what} (on this or another process); nothing from "
                 f"this step on was saved (best.pt keeps the best weights). Resume from {self.out_dir / 'latest.pt'} "
-                "with a lower learning rate: --resume --set learning_rate=...")
+                "with a lower learning rate: --resume --set learning_rate=..."
+            )
         self.clip_gradients(norms)
         self.optimizer.step()
         self.step += 1
@@ -209,8 +217,13 @@ class TrainingLoop:
                     self.evals_without_improvement = 0
                 else:
                     self.evals_without_improvement += 1
-                last = {"step": self.step, "train_loss": running / max(n_running, 1), "lr": cfg.lr_at(self.step),
-                        "elapsed_s": round(self.elapsed, 1), **metrics}
+                last = {
+                    "step": self.step,
+                    "train_loss": running / max(n_running, 1),
+                    "lr": cfg.lr_at(self.step),
+                    "elapsed_s": round(self.elapsed, 1),
+                    **metrics,
+                }
                 self.history.append(last)
                 running, n_running = 0.0, 0
                 bar.set_postfix(train=f"{last['train_loss']:.4f}", val=f"{metrics['val_loss']:.4f}")

@@ -41,8 +41,15 @@ class VAETrainer(TrainingLoop):
     """Train one VAE (``kind`` 'source' or 'kappa') into ``out_dir`` (``latest.pt``, ``best.pt``,
     ``metrics.csv``); ``train`` overrides :class:`rimlens.config.VAETrainConfig` settings."""
 
-    def __init__(self, kind: str, preset: Preset, out_dir: str | Path, resume: bool = False, train: dict | None = None,
-                 progress: bool = True):
+    def __init__(
+        self,
+        kind: str,
+        preset: Preset,
+        out_dir: str | Path,
+        resume: bool = False,
+        train: dict | None = None,
+        progress: bool = True,
+    ):
         super().__init__(out_dir, progress)
         ckpt = previous_run(self.out_dir, resume)
         if ckpt is not None:
@@ -50,21 +57,29 @@ class VAETrainer(TrainingLoop):
         self.kind, self.preset = kind, preset
         self.desc = f"{kind} VAE"
         self.cfg: VAETrainConfig = from_dict(VAETrainConfig, train or {})
-        self.vae_cfg = default_vae_config(kind, preset) if ckpt is None else from_dict(VAEConfig, json.loads(ckpt["vae"]))
+        self.vae_cfg = (
+            default_vae_config(kind, preset) if ckpt is None else from_dict(VAEConfig, json.loads(ckpt["vae"]))
+        )
         torch.manual_seed(self.cfg.seed)
         self.model: VAE = VAE(self.vae_cfg)
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=self.cfg.learning_rate)
         self.restore(ckpt)
         self.gen = LensGenerator(preset, split="train", bank_seed=self.cfg.seed)
-        self.val = draw_vae_batch(LensGenerator(preset, split="test", bank_seed=self.cfg.seed), kind,
-                                  child_rng(self.cfg.seed, 10**6), self.cfg.val_size)
+        self.val = draw_vae_batch(
+            LensGenerator(preset, split="test", bank_seed=self.cfg.seed),
+            kind,
+            child_rng(self.cfg.seed, 10**6),
+            self.cfg.val_size,
+        )
         # maps from the training distribution (training galaxies and banks), for the reconstruction check
         self.train_probe = draw_vae_batch(self.gen, kind, child_rng(self.cfg.seed, 3), self.cfg.val_size)
         self.out_dir.mkdir(parents=True, exist_ok=True)
 
     def batches(self, start: int):
-        return (draw_vae_batch(self.gen, self.kind, child_rng(self.cfg.seed, 2, s), self.cfg.batch_size)
-                for s in range(start, self.cfg.max_steps))
+        return (
+            draw_vae_batch(self.gen, self.kind, child_rng(self.cfg.seed, 2, s), self.cfg.batch_size)
+            for s in range(start, self.cfg.max_steps)
+        )
 
     def loss(self, batch: torch.Tensor) -> torch.Tensor:
         self.model.train()
@@ -75,8 +90,12 @@ class VAETrainer(TrainingLoop):
         torch.nn.utils.clip_grad_value_(self.model.parameters(), self.cfg.clip_value)
 
     def checkpoint_extras(self) -> dict:
-        return {"kind": self.kind, "preset": self.preset.to_json(), "vae": json.dumps(dataclasses.asdict(self.vae_cfg)),
-                "train": json.dumps(dataclasses.asdict(self.cfg))}
+        return {
+            "kind": self.kind,
+            "preset": self.preset.to_json(),
+            "vae": json.dumps(dataclasses.asdict(self.vae_cfg)),
+            "train": json.dumps(dataclasses.asdict(self.cfg)),
+        }
 
     @torch.no_grad()
     def evaluate(self) -> dict:
@@ -94,13 +113,21 @@ class VAETrainer(TrainingLoop):
         return out
 
 
-def train_vae(kind: str, preset_name: str, out_dir: str | Path, *, resume: bool = False, settings: dict | None = None,
-              progress: bool = True) -> tuple[VAETrainer, TrainResult]:
+def train_vae(
+    kind: str,
+    preset_name: str,
+    out_dir: str | Path,
+    *,
+    resume: bool = False,
+    settings: dict | None = None,
+    progress: bool = True,
+) -> tuple[VAETrainer, TrainResult]:
     """``rimlens train-vae``: train (or, with ``resume``, continue) a VAE. On resume the checkpoint's
     configuration wins except for :attr:`VAETrainConfig.RESUME_OVERRIDES`."""
     settings = settings or {}
-    trainer = VAETrainer(kind, get_preset(preset_name), out_dir, resume=resume, train=None if resume else settings,
-                         progress=progress)
+    trainer = VAETrainer(
+        kind, get_preset(preset_name), out_dir, resume=resume, train=None if resume else settings, progress=progress
+    )
     if resume and settings:
         allowed = {k: v for k, v in settings.items() if k in VAETrainConfig.RESUME_OVERRIDES}
         trainer.cfg = from_dict(VAETrainConfig, {**dataclasses.asdict(trainer.cfg), **allowed})
