@@ -14,6 +14,8 @@ from importlib import resources
 from rimlens.errors import RimlensInputError
 from rimlens.physics import PixelGrid
 
+T = typing.TypeVar("T")
+
 
 @dataclass(frozen=True)
 class GridConfig:
@@ -309,9 +311,9 @@ class Preset:
         return json.dumps(self.to_dict(), sort_keys=True)
 
 
-def from_dict(cls, data):
+def from_dict(cls: type[T], data: typing.Any) -> T:
     """Build a (nested, frozen) dataclass from plain dicts, rejecting unknown keys."""
-    if not dataclasses.is_dataclass(cls):
+    if not (isinstance(cls, type) and dataclasses.is_dataclass(cls)):
         return data
     if not isinstance(data, dict):
         raise RimlensInputError(f"expected a table for {cls.__name__}, got {data!r}")
@@ -323,7 +325,7 @@ def from_dict(cls, data):
     kwargs = {}
     for k, v in data.items():
         t = hints[k]
-        if dataclasses.is_dataclass(t):
+        if isinstance(t, type) and dataclasses.is_dataclass(t):
             v = from_dict(t, v)
         elif isinstance(v, list):
             v = tuple(v)

@@ -61,7 +61,9 @@ def reconstruct(
     """
     sim = model.simulator
     sim._check_image(observation, "observation")
-    out = {k: [] for k in ("source", "kappa", "log10_kappa", "model_image", "chi2_nu", "chi2_nu_steps")}
+    out: dict[str, list[torch.Tensor]] = {
+        k: [] for k in ("source", "kappa", "log10_kappa", "model_image", "chi2_nu", "chi2_nu_steps")
+    }
     sigma_all = check_noise_sigma(noise_sigma, observation.shape[0], tuple(observation.shape[-2:]), like=observation)
     kernels = psf.kernel if isinstance(psf, PSF) else torch.as_tensor(psf)
     for i in range(0, observation.shape[0], batch_size):

@@ -59,6 +59,7 @@ def load_observation(
         if np.any(noise <= 0):
             raise RimlensInputError(f"noise map {noise_path} has {int((noise <= 0).sum())} pixels with sigma <= 0")
     else:
+        assert sigma is not None  # exactly one of the two was given (checked above)
         if not np.isfinite(sigma) or sigma <= 0:
             raise RimlensInputError(f"--sigma must be finite and > 0, got {sigma}")
         noise = np.full(image.shape, float(sigma))

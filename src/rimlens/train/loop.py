@@ -167,8 +167,7 @@ class TrainingLoop:
         loss = self.loss(batch)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()  # also with a non-finite loss: under DDP every rank must join the gradient all-reduce
-        params = [p for p in self.trainable() if p.grad is not None]
-        norms = [p.grad.norm() for p in params]
+        norms = [p.grad.norm() for p in self.trainable() if p.grad is not None]
         finite = bool(torch.isfinite(loss)) and bool(torch.isfinite(torch.stack(norms)).all()) if norms else True
         if any_rank(not finite):  # stop before the weights are poisoned; the last checkpoints stay good
             what = "loss" if not torch.isfinite(loss) else "gradient"
