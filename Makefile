@@ -23,7 +23,7 @@ lint: $(STAMP)
 
 test: $(STAMP)
 	$(MAKE) lint
-	OMP_NUM_THREADS=1 $(PY) -m pytest -n 2 -q
+	OMP_NUM_THREADS=1 $(PY) -m pytest -n 2 -q --durations=12
 
 bench: $(STAMP)
 	OMP_NUM_THREADS=2 $(PY) benchmarks/bench_simulator.py

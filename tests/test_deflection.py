@@ -1,4 +1,4 @@
-"""Deflection of pixelated convergence maps against closed forms (validation.md items 1-3)."""
+"""Deflection of pixelated convergence maps against closed forms (docs/validation.md items 1-3)."""
 
 import math
 
@@ -55,7 +55,7 @@ def test_deflection_direction_of_offset_mass():
 
 def test_sie_homoeoid_truncated_large_grid():
     """An SIE cut along one of its own isodensity ellipses (a homoeoid exerts no force inside it)
-    matches the analytic SIE deflection inside the cut (validation.md)."""
+    matches the analytic SIE deflection inside the cut (docs/validation.md)."""
     n, scale = 400, 0.05
     theta_e, q, phi, core = 1.0, 0.7, 0.4, 0.02
     g = PixelGrid(n, scale)

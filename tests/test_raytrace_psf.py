@@ -1,4 +1,4 @@
-"""Bilinear source sampling and PSF convolution (validation.md items 10-12)."""
+"""Bilinear source sampling and PSF convolution (docs/validation.md items 10-12)."""
 
 import numpy as np
 import pytest

@@ -29,6 +29,8 @@ from rimlens.train.vae import train_vae
 PATH = click.Path(path_type=Path)
 FILE = click.Path(dir_okay=False, path_type=Path)
 FOLDER = click.Path(file_okay=False, path_type=Path)
+POSITIVE, COUNT = click.IntRange(min=1), click.IntRange(min=0)
+SPLIT, NOISE = click.Choice(["train", "test"]), click.Choice(["train", "high", "medium", "low"])
 
 
 def _parse_settings(items) -> dict:
@@ -45,39 +47,48 @@ def _parse_settings(items) -> dict:
     return out
 
 
-def _with_finetune_options(fn):
-    options = [
-        click.option("--source-vae", default=None, help="Source VAE checkpoint (default: the shipped one)."),
-        click.option("--kappa-vae", default=None, help="log10-kappa VAE checkpoint (default: the shipped one)."),
-        click.option(
-            "--finetune-mode",
-            type=click.Choice(["fast", "paper", "refine"]),
-            default="fast",
-            show_default=True,
-            help="fast: EWC with 50 Fisher samples, RMSprop lr 1e-5, <= 200 steps, then pixel refinement; "
-            "paper: 100 samples, lr 1e-6, <= 2000 steps; refine: pixel refinement of the RIM estimate only.",
-        ),
-        click.option(
-            "--finetune-steps", type=click.IntRange(min=0), default=None, help="Override the fine-tuning step limit."
-        ),
-        click.option(
-            "--refine/--no-refine",
-            default=None,
-            help="After fine-tuning, refine the maps in pixel space until chi2_nu < 1 (not in the paper; "
-            "default: on with --finetune-mode fast, off with paper).",
-        ),
-    ]
-    for option in reversed(options):
-        fn = option(fn)
-    return fn
+def _options(*options):
+    """Apply several click options as one decorator (in the order written)."""
+
+    def apply(fn):
+        for option in reversed(options):
+            fn = option(fn)
+        return fn
+
+    return apply
 
 
-def _finetune_setup(source_vae, kappa_vae, mode, steps, refine, model=None) -> FinetuneSetup:
-    return FinetuneSetup.load(source_vae, kappa_vae, FinetuneOptions.for_mode(mode, steps, refine), model)
+MODEL = click.option("--model", default="default", show_default=True, help="Checkpoint, run folder or 'default'.")
+FINETUNE_OPTIONS = _options(
+    click.option("--source-vae", default=None, help="Source VAE checkpoint (default: the shipped one)."),
+    click.option("--kappa-vae", default=None, help="log10-kappa VAE checkpoint (default: the shipped one)."),
+    click.option(
+        "--finetune-mode",
+        type=click.Choice(["fast", "paper", "refine"]),
+        default="fast",
+        show_default=True,
+        help="fast: EWC (50 Fisher samples, lr 1e-5, <= 200 steps) + pixel refinement; paper: 100 samples, "
+        "lr 1e-6, <= 2000 steps; refine: pixel refinement of the RIM estimate only.",
+    ),
+    click.option("--finetune-steps", type=COUNT, default=None, help="Override the step limit."),
+    click.option(
+        "--refine/--no-refine",
+        default=None,
+        help="Refine in pixel space until chi2_nu < 1 after the EWC "
+        "stage (not in the paper; default: on with fast, off with paper).",
+    ),
+)
+
+
+def _finetune_setup(o: dict, model=None) -> FinetuneSetup:
+    options = FinetuneOptions.for_mode(o["finetune_mode"], o["finetune_steps"], o["refine"])
+    return FinetuneSetup.load(o["source_vae"], o["kappa_vae"], options, model)
 
 
 def _refuse(given: dict, why: str) -> None:
-    named = [name for name, value in given.items() if value]
+    """Refuse options (by parameter name) that make no sense with this input, naming their flags."""
+    flags = {p.name: p.opts[0] for p in click.get_current_context().command.params}
+    named = [flags[k] for k, v in given.items() if v]
     if named:
         raise RimlensInputError(f"{', '.join(named)} cannot be used with {why}")
 
@@ -90,40 +101,19 @@ def cli():
 
 @cli.command()
 @click.argument("image", type=PATH)
-@click.option("--psf", "psf_path", type=FILE, default=None, help="PSF FITS (odd size).")
-@click.option("--noise", "noise_path", type=FILE, default=None, help="1-sigma noise map FITS.")
+@click.option("--psf", type=FILE, default=None, help="PSF FITS (odd size).")
+@click.option("--noise", type=FILE, default=None, help="1-sigma noise map FITS.")
 @click.option("--sigma", type=float, default=None, help="One noise sigma for all pixels (instead of --noise).")
-@click.option("--pixel-scale", type=float, default=None, help="arcsec / pixel (default: from the header).")
-@click.option("--mask", "mask_path", type=FILE, default=None, help="FITS mask: non-zero = use the pixel.")
+@click.option("--pixel-scale", "pixel_scale_arcsec", type=float, default=None, help="arcsec / pixel (default: header).")
+@click.option("--mask", type=FILE, default=None, help="FITS mask: non-zero = use the pixel.")
 @click.option(
-    "--center",
-    type=float,
-    nargs=2,
-    default=None,
-    metavar="X Y",
-    help="Lens centre in arcsec from the image centre (default: the image centre).",
+    "--center", "center_arcsec", type=float, nargs=2, default=None, metavar="X Y", help="Lens centre, arcsec."
 )
-@click.option("--model", default="default", show_default=True, help="Checkpoint, run folder or 'default'.")
+@MODEL
 @click.option("--finetune", is_flag=True, help="Fine-tune the RIM on this observation (EWC prior, needs the VAEs).")
-@_with_finetune_options
+@FINETUNE_OPTIONS
 @click.option("--out", "out_dir", type=FOLDER, required=True)
-def reconstruct(
-    image,
-    psf_path,
-    noise_path,
-    sigma,
-    pixel_scale,
-    mask_path,
-    center,
-    model,
-    finetune,
-    source_vae,
-    kappa_vae,
-    finetune_mode,
-    finetune_steps,
-    refine,
-    out_dir,
-):
+def reconstruct(image: Path, model: str, finetune: bool, out_dir: Path, **o):
     """Reconstruct the convergence and the source of a lens image (FITS) and write FITS/PNG/JSON products.
 
     IMAGE may also be a folder of lenses, one sub-folder each holding image.fits, psf.fits and
@@ -131,115 +121,65 @@ def reconstruct(
     lenses are skipped), sharded over processes under torchrun, with a table OUT/summary.csv.
     An HDF5 lens set (from `rimlens simulate`) is reconstructed into OUT/reconstructions.h5, as `predict`.
     """
+    inputs = {k: o.pop(k) for k in ("psf", "noise", "sigma", "pixel_scale_arcsec", "mask", "center_arcsec")}
     if image.suffix.lower() in (".h5", ".hdf5"):  # a simulated set: batched, resumable, sharded (as `predict`)
-        _refuse(
-            {
-                "--psf": psf_path,
-                "--noise": noise_path,
-                "--mask": mask_path,
-                "--center": center,
-                "--sigma": sigma,
-                "--pixel-scale": pixel_scale,
-                "--finetune": finetune,
-            },
-            "an HDF5 lens set (it holds its own PSFs and noise; fine-tune a set with `rimlens evaluate --finetune N`)",
-        )
-        _predict(model, image, out_dir / "reconstructions.h5", 32)
-        return
+        _refuse({**inputs, "finetune": finetune}, "an HDF5 lens set (fine-tune a set with `evaluate --finetune N`)")
+        return _predict(model, image, out_dir / "reconstructions.h5", 32)
     rim = load_model(model)
-    setup = _finetune_setup(source_vae, kappa_vae, finetune_mode, finetune_steps, refine, rim) if finetune else None
+    setup = _finetune_setup(o, rim) if finetune else None
     if image.is_dir():
-        _refuse(
-            {"--psf": psf_path, "--noise": noise_path, "--mask": mask_path, "--center": center},
-            "a folder of lenses (each sub-folder holds its own files)",
-        )
+        _refuse({k: inputs[k] for k in ("psf", "noise", "mask", "center_arcsec")}, "a folder (each lens has its own)")
         with process_group():
             done = reconstruct_folder(
                 rim,
                 image,
                 out_dir,
-                sigma=sigma,
-                pixel_scale_arcsec=pixel_scale,
+                sigma=inputs["sigma"],
                 finetune_with=setup,
-                on_error=lambda name, msg: click.echo(f"error: {name}: {msg}", err=True),
+                on_error=_echo_error,
+                pixel_scale_arcsec=inputs["pixel_scale_arcsec"],
             )
         if done is not None:
             click.echo(f"reconstructed {done.done}/{done.lenses} lenses; table in {done.table}")
-        return
-    if psf_path is None:
-        raise RimlensInputError("--psf is required")
-    s = reconstruct_observation(
-        rim,
-        image,
-        psf_path,
-        out_dir,
-        noise=noise_path,
-        sigma=sigma,
-        pixel_scale_arcsec=pixel_scale,
-        mask=mask_path,
-        center_arcsec=tuple(center) if center else None,
-        finetune_with=setup,
-    )
+        return None
+    s = reconstruct_observation(rim, image, out_dir=out_dir, finetune_with=setup, **inputs)
     click.echo(f"chi2_nu {s['chi2_nu']:.3f} (baseline {s['baseline_chi2_nu']:.3f}); products in {out_dir}")
+    return None
 
 
 @cli.command()
-@click.option(
-    "--out", "out_dir", type=FOLDER, default=Path("demo_output"), show_default=True, help="Folder for the products."
-)
-@click.option("--model", default="default", show_default=True, help="Checkpoint, run folder or 'default'.")
+@click.option("--out", "out_dir", type=FOLDER, default=Path("demo_output"), show_default=True, help="Products folder.")
+@MODEL
 @click.option("--seed", type=int, default=7, show_default=True, help="Seed of the simulated held-out lens.")
 def demo(out_dir: Path, model: str, seed: int):
     """Reconstruct the real HST lens SLACS J2303+1422 and a held-out simulated lens with the shipped model."""
     r = run_demo(load_model(model), out_dir, seed)
     click.echo(f"SLACS J2303+1422: chi2_nu {r.slacs['chi2_nu']:.2f}, products in {out_dir / 'slacs2303'}")
+    s = r.simulated
     click.echo(
-        f"simulated lens: chi2_nu {r.simulated['chi2_nu']:.2f}, source MSE {r.simulated['source_mse']:.4f}, "
-        f"log10 kappa MSE {r.simulated['log10_kappa_mse']:.4f}; products in {out_dir / 'simulated'}"
+        f"simulated lens: chi2_nu {s['chi2_nu']:.2f}, source MSE {s['source_mse']:.4f}, "
+        f"log10 kappa MSE {s['log10_kappa_mse']:.4f}; products in {out_dir / 'simulated'}"
     )
     click.echo(f"done in {r.seconds:.1f} s")
 
 
 @cli.command()
 @click.option("--preset", default="cpu64", show_default=True, help="Named configuration (tiny, cpu64, paper128).")
-@click.option("--count", type=click.IntRange(min=1), required=True, help="Number of validated lenses.")
+@click.option("--count", type=POSITIVE, required=True, help="Number of validated lenses.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Same seed, same data, bit for bit.")
 @click.option("--out", "out_path", type=FILE, required=True, help="Output HDF5 file.")
+@click.option("--split", type=SPLIT, default="train", show_default=True, help="Galaxies and particle stream used.")
+@click.option("--noise", type=NOISE, default=None, help="Noise recipe (high/medium/low: the paper's test sets).")
+@click.option("--block-size", type=POSITIVE, default=64, show_default=True)
 @click.option(
-    "--split",
-    type=click.Choice(["train", "test"]),
-    default="train",
-    show_default=True,
-    help="Which galaxies (COSMOS split by galaxy) and particle-galaxy stream.",
+    "--kappa-mix", multiple=True, metavar="FAMILY=W", help="sie, sie_substructure, particles, vae, tng (tests)."
 )
-@click.option(
-    "--noise",
-    type=click.Choice(["train", "high", "medium", "low"]),
-    default=None,
-    help="Noise recipe (high/medium/low = the paper's test sets); default: the preset's.",
-)
-@click.option("--block-size", type=click.IntRange(min=1), default=64, show_default=True)
-@click.option(
-    "--kappa-mix",
-    multiple=True,
-    metavar="FAMILY=WEIGHT",
-    help="Convergence families (sie, sie_substructure, particles, vae; tng for test sets only).",
-)
-@click.option("--source-mix", multiple=True, metavar="FAMILY=WEIGHT", help="Source families (cosmos, parametric, vae).")
+@click.option("--source-mix", multiple=True, metavar="FAMILY=W", help="cosmos, parametric, vae.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing finished file.")
-def simulate(preset, count, seed, out_path, split, noise, block_size, kappa_mix, source_mix, overwrite):
+def simulate(preset: str, count: int, seed: int, out_path: Path, kappa_mix, source_mix, **o):
     """Simulate validated lenses into an HDF5 file (an interrupted run resumes when re-run)."""
     s = simulate_lenses(
-        out_path,
-        preset,
-        count,
-        seed,
-        split=split,
-        noise=noise,
-        block_size=block_size,
-        kappa_mix=_parse_settings(kappa_mix),
-        source_mix=_parse_settings(source_mix),
-        overwrite=overwrite,
+        out_path, preset, count, seed, kappa_mix=_parse_settings(kappa_mix), source_mix=_parse_settings(source_mix), **o
     )
     reasons = ", ".join(f"{k} {v}" for k, v in s.rejected.items())
     click.echo(f"wrote {s.count} lenses to {s.path} ({s.drawn} drawn; rejected: {reasons})")
@@ -249,8 +189,8 @@ def simulate(preset, count, seed, out_path, split, noise, block_size, kappa_mix,
 @click.argument("path", type=FILE)
 @click.option("--out", "out_png", type=FILE, default=None, help="PNG to write (default: PATH with .png).")
 @click.option("--count", type=click.IntRange(1, 32), default=4, show_default=True, help="Lenses to show.")
-@click.option("--start", type=click.IntRange(min=0), default=0, show_default=True, help="First lens index.")
-def show(path, out_png, count, start):
+@click.option("--start", type=COUNT, default=0, show_default=True, help="First lens index.")
+def show(path: Path, out_png: Path | None, count: int, start: int):
     """Picture of lenses in a file: observation, source, log10 kappa, with SNR and Einstein radius."""
     click.echo(f"wrote {show_lenses(path, out_png, start, count)}")
 
@@ -259,43 +199,20 @@ def show(path, out_png, count, start):
 @click.option("--preset", default="cpu64", show_default=True, help="Named configuration (tiny, cpu64, paper128).")
 @click.option("--out", "out_dir", type=FOLDER, required=True, help="Run folder.")
 @click.option("--resume", is_flag=True, help="Continue the run in --out from its latest checkpoint.")
-@click.option("--max-steps", type=click.IntRange(min=1), default=None, help="Override the preset's step limit.")
+@click.option("--max-steps", type=POSITIVE, default=None, help="Override the preset's step limit.")
 @click.option("--max-minutes", type=float, default=None, help="Stop (with a checkpoint) after this wall time.")
-@click.option("--batch-size", type=click.IntRange(min=1), default=None, help="Global batch size.")
-@click.option("--lr", type=float, default=None, help="Initial learning rate.")
+@click.option("--batch-size", type=POSITIVE, default=None, help="Global batch size.")
+@click.option("--lr", "learning_rate", type=float, default=None, help="Initial learning rate.")
 @click.option("--seed", type=int, default=None)
 @click.option("--device", default=None, help="torch device (default: cuda if available, else cpu).")
 @click.option(
-    "--set",
-    "settings",
-    multiple=True,
-    metavar="KEY=VALUE",
-    help="Override any training setting (rimlens.config.TrainConfig), e.g. --set val_every=500.",
+    "--set", "settings", multiple=True, metavar="KEY=VALUE", help="Any TrainConfig setting, e.g. val_every=500."
 )
-@click.option(
-    "--init-from", default=None, help="Start from these weights (e.g. 'default' to keep training the shipped model)."
-)
-def train(preset, out_dir, resume, max_steps, max_minutes, batch_size, lr, seed, device, settings, init_from):
+@click.option("--init-from", default=None, help="Start from these weights ('default': the shipped model's).")
+def train(preset: str, out_dir: Path, resume: bool, device, settings, init_from, **limits):
     """Train a RIM (single process, or multi-GPU / multi-node under torchrun)."""
-    overrides = {
-        k: v
-        for k, v in {
-            "max_steps": max_steps,
-            "max_minutes": max_minutes,
-            "batch_size": batch_size,
-            "learning_rate": lr,
-            "seed": seed,
-        }.items()
-        if v is not None
-    }
-    result = train_rim(
-        get_preset(preset),
-        out_dir,
-        resume=resume,
-        settings={**overrides, **_parse_settings(settings)},
-        device=device,
-        init_from=init_from,
-    )
+    given = {**{k: v for k, v in limits.items() if v is not None}, **_parse_settings(settings)}
+    result = train_rim(get_preset(preset), out_dir, resume=resume, settings=given, device=device, init_from=init_from)
     if result is not None:
         click.echo(
             f"stopped at step {result.step} ({result.stop_reason}); validation loss {result.val_loss:.4g}; "
@@ -308,13 +225,9 @@ def train(preset, out_dir, resume, max_steps, max_minutes, batch_size, lr, seed,
 @click.argument("data", type=FILE)
 @click.option("--out", "out_path", type=FILE, required=True, help="Output HDF5.")
 @click.option(
-    "--batch-size",
-    type=click.IntRange(min=1),
-    default=32,
-    show_default=True,
-    help="Lenses per chunk (the unit of resumption and of sharding).",
+    "--batch-size", type=POSITIVE, default=32, show_default=True, help="Lenses per chunk (resume/shard unit)."
 )
-def predict(model, data, out_path, batch_size):
+def predict(model: str, data: Path, out_path: Path, batch_size: int):
     """Reconstruct every lens of DATA (a rimlens HDF5 file) with MODEL (checkpoint, run folder or 'default').
 
     Resumable (finished chunks are kept in OUT.parts/); under torchrun the chunks are sharded over
@@ -333,7 +246,7 @@ def _predict(model, data, out_path, batch_size):
 @click.argument("run_dir", type=FOLDER)
 @click.option("--out", "out_dir", type=FOLDER, required=True)
 @click.option("--checkpoint", default="best.pt", show_default=True)
-def export_model_cmd(run_dir, out_dir, checkpoint):
+def export_model_cmd(run_dir: Path, out_dir: Path, checkpoint: str):
     """Package a training run (weights, configuration, log, validation metrics) for distribution."""
     click.echo(f"wrote {export_model(run_dir, out_dir, checkpoint)}")
 
@@ -343,13 +256,13 @@ def export_model_cmd(run_dir, out_dir, checkpoint):
 @click.option("--preset", default="cpu64", show_default=True)
 @click.option("--out", "out_dir", type=FOLDER, required=True)
 @click.option("--resume", is_flag=True)
-@click.option("--max-steps", type=click.IntRange(min=1), default=None)
+@click.option("--max-steps", type=POSITIVE, default=None)
 @click.option("--max-minutes", type=float, default=None)
 @click.option("--set", "settings", multiple=True, metavar="KEY=VALUE", help="Override a VAETrainConfig setting.")
-def train_vae_cmd(kind, preset, out_dir, resume, max_steps, max_minutes, settings):
+def train_vae_cmd(kind: str, preset: str, out_dir: Path, resume: bool, settings, **limits):
     """Train the source or log10-kappa VAE (priors for fine-tuning and a training-data family)."""
-    limits = {k: v for k, v in {"max_steps": max_steps, "max_minutes": max_minutes}.items() if v is not None}
-    trainer, result = train_vae(kind, preset, out_dir, resume=resume, settings={**limits, **_parse_settings(settings)})
+    given = {**{k: v for k, v in limits.items() if v is not None}, **_parse_settings(settings)}
+    trainer, result = train_vae(kind, preset, out_dir, resume=resume, settings=given)
     click.echo(
         f"{trainer.kind} VAE: step {result.step}, validation loss {result.val_loss:.4g}; checkpoints in {out_dir}"
     )
@@ -360,28 +273,16 @@ def train_vae_cmd(kind, preset, out_dir, resume, max_steps, max_minutes, setting
 @click.argument("testset", type=FILE)
 @click.option("--out", "out_dir", type=FOLDER, required=True)
 @click.option(
-    "--map",
-    "n_map",
-    type=click.IntRange(min=0),
-    default=0,
-    show_default=True,
-    help="Also fit the classical MAP baseline to the first N lenses.",
+    "--map", "n_map", type=COUNT, default=0, show_default=True, help="MAP baseline on the first N lenses too."
 )
 @click.option(
-    "--finetune",
-    "n_finetune",
-    type=click.IntRange(min=0),
-    default=0,
-    show_default=True,
-    help="Also fine-tune the RIM on the first N lenses (needs the VAEs).",
+    "--finetune", "n_finetune", type=COUNT, default=0, show_default=True, help="Fine-tuned RIM on the first N too."
 )
-@_with_finetune_options
-@click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True)
-def evaluate(
-    model, testset, out_dir, n_map, n_finetune, source_vae, kappa_vae, finetune_mode, finetune_steps, refine, batch_size
-):
+@FINETUNE_OPTIONS
+@click.option("--batch-size", type=POSITIVE, default=32, show_default=True)
+def evaluate(model: str, testset: Path, out_dir: Path, n_map: int, n_finetune: int, batch_size: int, **o):
     """The paper's evaluation on a test set: chi2 distribution and vs SNR, coherence spectra, loss statistics, gallery."""
-    setup = _finetune_setup(source_vae, kappa_vae, finetune_mode, finetune_steps, refine) if n_finetune else None
+    setup = _finetune_setup(o) if n_finetune else None
     with process_group():  # under torchrun the ranks share the lenses
         m = evaluate_testset(
             model,
@@ -407,16 +308,20 @@ def evaluate(
 @cli.command("fit-map")
 @click.argument("data", type=FILE)
 @click.option("--out", "out_path", type=FILE, required=True, help="Output HDF5.")
-@click.option("--count", type=click.IntRange(min=1), default=None, help="Only the first N lenses.")
+@click.option("--count", type=POSITIVE, default=None, help="Only the first N lenses.")
 @click.option("--regularization", type=click.Choice(["curvature", "gradient"]), default="curvature", show_default=True)
-@click.option("--max-iterations", type=click.IntRange(min=1), default=200, show_default=True)
-def fit_map_cmd(data, out_path, count, regularization, max_iterations):
+@click.option("--max-iterations", type=POSITIVE, default=200, show_default=True)
+def fit_map_cmd(data: Path, out_path: Path, count: int | None, **options):
     """Classical MAP fit (pixelated source and log10 kappa with smoothness priors, L-BFGS, several starts)."""
-    r = fit_map_file(data, out_path, count, MAPOptions(regularization=regularization, max_iterations=max_iterations))
+    r = fit_map_file(data, out_path, count, MAPOptions(**options))
     click.echo(
-        f"fitted {r.chi2_nu.shape[0]} lenses in {r.seconds:.1f} s (median chi2_nu {float(r.chi2_nu.median()):.2f}); "
-        f"wrote {out_path}"
+        f"fitted {r.chi2_nu.shape[0]} lenses in {r.seconds:.1f} s (median chi2_nu {float(r.chi2_nu.median()):.2f})"
+        f"; wrote {out_path}"
     )
+
+
+def _echo_error(*parts: str) -> None:
+    click.echo("error: " + ": ".join(parts), err=True)
 
 
 def main(argv=None) -> int:
@@ -426,10 +331,10 @@ def main(argv=None) -> int:
     try:
         cli.main(args=argv, prog_name="rimlens", standalone_mode=False)
     except RimlensInputError as exc:
-        click.echo(f"error: {exc}", err=True)
+        _echo_error(str(exc))
         return 2
     except (TrainingDivergedError, RankFailedError) as exc:
-        click.echo(f"error: {exc}", err=True)
+        _echo_error(str(exc))
         return 1
     except click.exceptions.Abort:
         click.echo("aborted", err=True)

@@ -45,7 +45,7 @@ class TruncNormal:
     high: float
 
 
-# Noise recipes of censai_as_run.md section 1.5 (sources have peak 1, so SNR ~ 1/sigma).
+# Noise recipes of docs/censai_as_run.md section 1.5 (sources have peak 1, so SNR ~ 1/sigma).
 NOISE_RECIPES = {
     "train": TruncNormal(0.01, 0.03, 0.001, 0.1),
     "high": TruncNormal(0.01, 0.03, 0.001, 0.1),
@@ -56,7 +56,7 @@ NOISE_RECIPES = {
 
 @dataclass(frozen=True)
 class ValidationConfig:
-    """Checks of censai_as_run.md section 2.4, in physical units so they carry across grids.
+    """Checks of docs/censai_as_run.md section 2.4, in physical units so they carry across grids.
 
     A lens is rejected if: its magnification proxy (area of the noiseless image above
     ``brightness_threshold`` over the area of the source above it) is below
@@ -252,7 +252,7 @@ class LoopConfig:
 
 @dataclass(frozen=True)
 class TrainConfig(LoopConfig):
-    """RIM training settings (paper values in censai_as_run.md section 5; CPU presets use a larger
+    """RIM training settings (paper values in docs/censai_as_run.md section 5; CPU presets use a larger
     learning rate and faster decay because they train for hours, not days)."""
 
     clip_norm: float = 5.0  # per-tensor gradient norm clip
@@ -275,7 +275,7 @@ class TrainConfig(LoopConfig):
 
 @dataclass(frozen=True)
 class VAETrainConfig(LoopConfig):
-    """VAE training settings (Adam, staircase decay, gradient clipping by value; censai_as_run.md
+    """VAE training settings (Adam, staircase decay, gradient clipping by value; docs/censai_as_run.md
     section 6). Checkpoints are written at each evaluation; no early stopping by default."""
 
     batch_size: int = 20

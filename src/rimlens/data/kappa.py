@@ -100,7 +100,7 @@ def rescale_to_einstein_radius(
 # ----------------------------------------------------------------------------- analytic maps
 @dataclass(frozen=True)
 class AnalyticKappaConfig:
-    """Distributions of the analytic lens family (paper Table 2 / censai_as_run.md section 2.3).
+    """Distributions of the analytic lens family (paper Table 2 / docs/censai_as_run.md section 2.3).
 
     Attributes:
         theta_e_range: Einstein radius, uniform (arcsec).
@@ -189,7 +189,7 @@ def _subhaloes(grid, rng, theta_e, x0, y0, c: AnalyticKappaConfig) -> torch.Tens
 
 
 # ----------------------------------------------------------------------------- shipped TNG maps
-TNG_PIXEL_SCALE_ARCSEC = 0.06  # 128 px over 7.68" (censai_as_run.md section 2.2)
+TNG_PIXEL_SCALE_ARCSEC = 0.06  # 128 px over 7.68" (docs/censai_as_run.md section 2.2)
 
 
 def tng_evaluation_maps(grid: PixelGrid | None = None, dtype: torch.dtype = torch.float32) -> torch.Tensor:

@@ -37,7 +37,7 @@ def psf_kernel_size(grid: PixelGrid, max_fwhm_arcsec: float) -> int:
 def validate_lenses(
     noiseless: torch.Tensor, source: torch.Tensor, kappa: torch.Tensor, grid: GridConfig, config: ValidationConfig
 ) -> dict[str, torch.Tensor]:
-    """The four checks of censai_as_run.md section 2.4, per lens.
+    """The four checks of docs/censai_as_run.md section 2.4, per lens.
 
     Returns:
         ``{reason: (B,) bool tensor that is True where the lens FAILS that check}`` for the reasons

@@ -16,7 +16,7 @@ def coherence_spectrum(x: torch.Tensor, y: torch.Tensor, n_bins: int = 40) -> tu
 
     ``x``, ``y``: ``B x 1 x N x N``. Averages over each annulus are taken *before* the modulus, so
     a reconstruction with the right power but the wrong phases scores low (the Censai script took
-    the modulus per mode, which ignores phases; censai_as_run.md section 8).
+    the modulus per mode, which ignores phases; docs/censai_as_run.md section 8).
 
     Returns:
         ``(frequency in cycles / pixel (n_bins,), coherence B x n_bins)``.

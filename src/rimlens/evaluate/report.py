@@ -42,7 +42,7 @@ def _fingerprint(module: torch.nn.Module) -> list:
     """A cheap identity of a network's weights (for the settings of a resumable run)."""
     return [
         int(sum(p.numel() for p in module.parameters())),
-        float(sum(float(p.double().sum()) for p in module.parameters())),
+        float(sum(float(p.detach().double().sum()) for p in module.parameters())),
     ]
 
 

@@ -1,5 +1,5 @@
 """Test-time fine-tuning of the RIM on one observation with an Elastic-Weight-Consolidation prior
-(paper section 2.5 / censai_as_run.md section 7).
+(paper section 2.5 / docs/censai_as_run.md section 7).
 
 1. Baseline: run the RIM; encode its source and log10 kappa with the two VAEs.
 2. Draw ``n_samples`` lenses around the baseline (latent ``z ~ N(z0, 0.3^2)``), simulate them with the
@@ -12,8 +12,8 @@
    ``chi2 / (2 n) + w [mean (s - s_ft)^2 + mean (eta - eta_ft)^2]`` (a proximity prior centred on the
    fine-tuned RIM estimate), stopping as soon as chi2_nu < target (the discrepancy principle), so it
    cannot fit the noise. The weight-space fine-tuning of a small recurrent model meets a rough
-   loss landscape (chi2_nu jumps by tens of per cent for weight changes of 1e-6) and stalls above the
-   noise at high SNR; this stage takes it the rest of the way in about a second.
+   loss landscape and stalls above the noise at high SNR; this stage takes it the rest of the way
+   (measurements: README, "Fine-tuning to the noise level").
 """
 
 from __future__ import annotations
@@ -46,7 +46,7 @@ def _fisher_loss(out: RIMOutput, source: torch.Tensor, eta: torch.Tensor) -> tor
 
 @dataclass
 class FinetuneOptions:
-    """Paper values by default (censai_as_run.md section 7)."""
+    """Paper values by default (docs/censai_as_run.md section 7)."""
 
     ewc_lambda: float = 1e5
     learning_rate: float = 1e-6
@@ -85,9 +85,8 @@ class FinetuneOptions:
 
     @classmethod
     def fast(cls, **changes) -> FinetuneOptions:
-        """Settings measured to reach the noise level in under a minute on 2 CPU cores (see
-        benchmarks/bench_finetune.py): 50 Fisher samples, RMSprop lr 1e-5, 200 steps, then up to
-        300 pixel-space refinement iterations (L-BFGS, ~4 ms each)."""
+        """The CLI's default: 50 Fisher samples, RMSprop lr 1e-5, <= 200 steps, then <= 300
+        pixel-space refinement iterations (L-BFGS); chosen by benchmarks/bench_finetune.py (README)."""
         base = dict(n_samples=50, learning_rate=1e-5, max_steps=200, refine_steps=300)
         base.update(changes)
         return cls(**base)
@@ -333,8 +332,8 @@ def refine(simulator, observation, psf, sigma_b, result: FinetuneResult, options
     for it in range(options.refine_steps):
         objective = float(opt.step(closure).detach())
         # the source clamp makes the objective kinked; when the line search then makes no progress, the
-        # curvature history is stale: restart from a gradient step (measured on 20 held-out lenses: a
-        # SNR-127 lens went from chi2_nu 7.7 to 1.03 instead of stalling)
+        # curvature history is stale: restart from a gradient step (without it the refinement
+        # stalled far above the noise on some high-SNR lenses; README, fine-tuning)
         if previous is not None and abs(previous - objective) <= 1e-12 * abs(objective):
             opt = new_lbfgs()
         previous = objective

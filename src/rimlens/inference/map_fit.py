@@ -69,9 +69,9 @@ def fit_map(
 ) -> MAPResult:
     """MAP estimates for a batch of lenses, each lens its own L-BFGS problem (from every start).
 
-    One L-BFGS over the summed objectives of a batch would share one line search: lenses with a
-    large chi2 then stall the others (measured on 20 held-out lenses: median chi2_nu 9 jointly,
-    1.2-1.3 per lens), so lenses are fitted one at a time.
+    One L-BFGS over the summed objectives of a batch would share one line search, and lenses with
+    a large chi2 would stall the others (README, "RIM against the classical MAP baseline"), so
+    lenses are fitted one at a time.
 
     Returns:
         the estimates, their chi2_nu and objectives (:class:`MAPResult`).

@@ -208,7 +208,7 @@ def _write(
 def reconstruct_observation(
     model: RIM,
     image: str | Path,
-    psf: str | Path,
+    psf: str | Path | None,
     out_dir: str | Path,
     *,
     noise: str | Path | None = None,
@@ -220,6 +220,8 @@ def reconstruct_observation(
 ) -> dict:
     """Reconstruct one FITS observation and write its products (FITS maps, PNG, ``summary.json``)
     into ``out_dir``. Returns the summary (``chi2_nu``, ``baseline_chi2_nu``, ``seconds``, ...)."""
+    if psf is None:
+        raise RimlensInputError("a PSF is required (--psf)")
     obs = load_observation(image, psf, noise, sigma, pixel_scale_arcsec, mask)
     prep = prepare_observation(obs, model.grid.image_grid, center_arcsec)
     rec = reconstruct_prepared(model, prep, finetune_with)

@@ -1,4 +1,4 @@
-"""The Recurrent Inference Machine (censai_as_run.md section 3).
+"""The Recurrent Inference Machine (docs/censai_as_run.md section 3).
 
 At step 0 the U-net sees ``[y, 0, 0, 0, 0]`` and returns the initial estimate (learned from the
 observation). At each later step it sees ``[y, s_t, eta_t, g~_s, g~_eta]`` where ``eta = log10 kappa``
@@ -168,7 +168,7 @@ class RIM(nn.Module):
 
 
 def rim_loss(output: RIMOutput, source: torch.Tensor, kappa: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
-    """The RIM's loss (paper eq. 7 / censai_as_run.md section 3), the one loss of rimlens: training,
+    """The RIM's loss (paper eq. 7 / docs/censai_as_run.md section 3), the one loss of rimlens: training,
     validation, the evaluation's figures of merit and the fine-tuning's Fisher information use it.
 
     ``loss_b = mean_t [ mean_p (s_t - s)^2 + sum_p w_p (eta_t - log10 kappa)^2 ]`` with

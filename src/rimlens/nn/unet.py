@@ -1,5 +1,5 @@
 """U-net whose skip connections and bottleneck each hold a convolutional-GRU memory
-(censai_as_run.md section 4): strided convolutions down, transposed convolutions up, tanh, an
+(docs/censai_as_run.md section 4): strided convolutions down, transposed convolutions up, tanh, an
 11 x 11 input convolution and a 1 x 1 linear output convolution. Every size is configuration.
 """
 

@@ -1,4 +1,4 @@
-"""Variational auto-encoders for sources and log10 convergence maps (censai_as_run.md section 6).
+"""Variational auto-encoders for sources and log10 convergence maps (docs/censai_as_run.md section 6).
 
 Encoder: 7x7 conv (ReLU), then ``levels`` x [``convs`` 3x3 convs + stride-2 3x3 conv] with
 LeakyReLU(0.3), flatten, two dense heads (mean, log-variance). Decoder: dense -> feature map,

@@ -13,7 +13,7 @@ convolution
 We evaluate it with FFTs on a grid padded to ``2N`` so that the circular convolution equals the
 linear one on the ``N x N`` output: no wrap-around, no approximation.
 
-Unlike the Censai code (censai_as_run.md section 1.2) there is no ``N/(N-1)`` rescaling: the kernel
+Unlike the Censai code (docs/censai_as_run.md section 1.2) there is no ``N/(N-1)`` rescaling: the kernel
 distances use the same pixel scale as the map.
 """
 
