@@ -159,6 +159,7 @@ def test_truncated_and_foreign_files_give_clear_errors(tmp_path):
         LensDataset(tmp_path / "missing.h5")
 
 
+@pytest.mark.slow
 def test_killed_simulate_resumes_to_identical_file(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     # 30 blocks: enough that the kill lands long before the end

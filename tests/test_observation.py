@@ -158,6 +158,7 @@ def test_folder_mode_rejects_per_file_options(files, tmp_path):
     )
 
 
+@pytest.mark.slow
 def test_folder_of_lenses_sharded_and_resumable(tmp_path):
     import os
     import subprocess

@@ -53,6 +53,7 @@ def test_grid_must_suit_the_unet():
         RIM(RIMConfig(unet=UNetConfig(filters=(4, 4, 4, 4, 4, 4))), p.grid)
 
 
+@pytest.mark.slow
 def test_tiny_training_beats_trivial_baseline(tmp_path):
     # ~2 minutes on one CPU core (measured: loss 0.39x the mean-map baseline at step 1200; the
     # 4-step tiny network learns the convergence first, its source error is then near the baseline's)
@@ -142,6 +143,7 @@ def test_training_stops_at_a_non_finite_loss_keeping_good_checkpoints(tmp_path, 
     assert resumed.step >= 2
 
 
+@pytest.mark.slow
 def test_two_process_ddp_equals_one_process(tmp_path):
     # float64: in float32, Adamax's sign-like first steps turn the rounding differences between one
     # all-reduced and one local gradient sum (near-zero components) into +-lr weight changes
@@ -231,6 +233,7 @@ def test_predict_cli(tmp_path):
         assert (f["kappa"][:] > 0).all()
 
 
+@pytest.mark.slow
 def test_sharded_predict_equals_single_and_resumes(tmp_path):
     import h5py
     import numpy as np

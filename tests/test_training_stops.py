@@ -15,6 +15,7 @@ from rimlens.errors import TrainingDivergedError
 from rimlens.train import Trainer
 
 TIMEOUT_S = 150
+pytestmark = pytest.mark.slow  # two processes each train three tiny runs (~35 s)
 
 WORKER = r"""
 import gc, json, sys, time, traceback

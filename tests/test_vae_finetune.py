@@ -337,6 +337,7 @@ def test_shipped_vaes_load_by_kind():
         load_vae("default")
 
 
+@pytest.mark.slow
 def test_evaluate_sharded_equals_single_and_resumes(tmp_path, tiny_vaes, monkeypatch):
     """`evaluate` under torchrun (two CPU processes) gives the single-process metrics, and a killed
     evaluation resumes without redoing the lenses it finished."""
