@@ -26,6 +26,8 @@ from rimlens.io.checkpoint import export_model, load_model
 from rimlens.train.engine import train_rim
 from rimlens.train.vae import train_vae
 
+__all__ = ["cli", "main"]
+
 PATH = click.Path(path_type=Path)
 FILE = click.Path(dir_okay=False, path_type=Path)
 FOLDER = click.Path(file_okay=False, path_type=Path)

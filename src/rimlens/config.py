@@ -14,6 +14,28 @@ from importlib import resources
 from rimlens.errors import RimlensInputError
 from rimlens.physics import PixelGrid
 
+__all__ = [
+    "KAPPA_VAE",
+    "NOISE_RECIPES",
+    "SOURCE_VAE",
+    "DataConfig",
+    "GridConfig",
+    "LoopConfig",
+    "Preset",
+    "RIMConfig",
+    "TrainConfig",
+    "TruncNormal",
+    "UNetConfig",
+    "VAEConfig",
+    "VAETrainConfig",
+    "ValidationConfig",
+    "from_dict",
+    "get_preset",
+    "preset_from_json",
+    "preset_names",
+    "with_train_settings",
+]
+
 T = typing.TypeVar("T")
 
 

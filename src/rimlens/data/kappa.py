@@ -18,6 +18,18 @@ from rimlens.errors import RimlensInputError, check_map
 from rimlens.physics import PSF, PixelGrid, profiles
 from rimlens.physics.resample import resample_density
 
+__all__ = [
+    "TNG_PIXEL_SCALE_ARCSEC",
+    "AnalyticKappaConfig",
+    "analytic_kappa",
+    "einstein_profile",
+    "einstein_radius",
+    "random_dihedral",
+    "resample_map",
+    "rescale_to_einstein_radius",
+    "tng_evaluation_maps",
+]
+
 
 # ----------------------------------------------------------------------------- Einstein radius
 def einstein_profile(kappa: torch.Tensor, pixel_scale: float):

@@ -26,6 +26,8 @@ from rimlens.errors import RimlensInputError
 from rimlens.physics import PSF, LensSimulator, PixelGrid
 from rimlens.physics.psf import FWHM_TO_SIGMA
 
+__all__ = ["REJECTION_REASONS", "LensBatch", "LensGenerator", "psf_kernel_size", "validate_lenses"]
+
 REJECTION_REASONS = ("magnification", "edge_flux", "faint_source", "low_kappa")
 
 

@@ -29,6 +29,22 @@ from scipy.special import erf
 from rimlens.errors import RimlensInputError
 from rimlens.physics import PixelGrid
 
+__all__ = [
+    "N_NEIGHBOURS",
+    "SMOOTHING_FACTOR",
+    "SyntheticGalaxyConfig",
+    "critical_density_msun_per_arcsec2",
+    "kappa_from_particles",
+    "rasterize",
+    "read_tng_cutout",
+    "sample_exponential_disk",
+    "sample_hernquist",
+    "sample_nfw",
+    "sample_sis",
+    "smoothing_lengths",
+    "synthetic_galaxy",
+]
+
 SMOOTHING_FACTOR = math.sqrt(103.0 / 1120.0)
 N_NEIGHBOURS = 64
 

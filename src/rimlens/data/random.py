@@ -6,6 +6,8 @@ from __future__ import annotations
 import numpy as np
 from scipy.stats import truncnorm
 
+__all__ = ["child_rng", "truncated_normal"]
+
 
 def truncated_normal(
     rng: np.random.Generator, mean: float, std: float, low: float, high: float, size=None

@@ -26,6 +26,17 @@ from rimlens.errors import RimlensInputError
 from rimlens.physics import PixelGrid, profiles
 from rimlens.physics.resample import resample_density
 
+__all__ = [
+    "GalaxyStamp",
+    "ParametricSourceConfig",
+    "SourceBank",
+    "parametric_sources",
+    "peak_snr_of_stamp",
+    "preprocess_stamp",
+    "read_real_galaxy_catalog",
+    "shipped_cosmos_stamps",
+]
+
 
 @dataclass
 class GalaxyStamp:

@@ -22,6 +22,8 @@ from tqdm import tqdm
 from rimlens.distributed import collective_failure, rank_and_world
 from rimlens.io.atomic import atomic_path, claim_work_folder
 
+__all__ = ["run_chunks"]
+
 
 def run_chunks(
     n: int,

@@ -10,6 +10,8 @@ from pathlib import Path
 
 from rimlens.errors import RimlensInputError
 
+__all__ = ["atomic_path", "claim_work_folder"]
+
 
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike, suffix: str | None = None):

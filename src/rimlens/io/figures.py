@@ -12,6 +12,8 @@ import numpy as np
 
 from rimlens.io.atomic import atomic_path
 
+__all__ = ["lens_panels", "save_figure", "training_curve"]
+
 
 def save_figure(fig, path: str | Path, dpi: int = 100) -> Path:
     """Write a figure as PNG atomically and close it."""

@@ -16,6 +16,8 @@ from astropy.io import fits
 from rimlens.errors import RimlensInputError
 from rimlens.io.atomic import atomic_path
 
+__all__ = ["ARCSEC_PER_UNIT", "pixel_scale_from_header", "read_image", "write_image"]
+
 
 def read_image(path: str | Path, name: str = "image", hdu: int | None = None) -> tuple[np.ndarray, dict]:
     """Read a 2-D float64 image and its header from a FITS file.

@@ -21,6 +21,8 @@ from rimlens.physics import PixelGrid
 from rimlens.physics.likelihood import EXCLUDE_SIGMA
 from rimlens.physics.resample import resample_density, resample_flux, resample_variance
 
+__all__ = ["Observation", "PreparedObservation", "load_observation", "prepare_observation"]
+
 
 @dataclass
 class Observation:

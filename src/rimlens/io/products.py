@@ -15,6 +15,8 @@ from rimlens.io.figures import _extent, plt, save_figure
 from rimlens.io.fits import write_image
 from rimlens.physics import PixelGrid
 
+__all__ = ["grid_header", "reconstruction_page", "write_products"]
+
 
 def grid_header(grid: PixelGrid, bunit: str, extra: dict | None = None) -> dict:
     """FITS cards describing a rimlens grid (offsets from the optical axis in arcsec)."""
