@@ -61,24 +61,13 @@ def _options(*options):
 
 
 MODEL = click.option("--model", default="default", show_default=True, help="Checkpoint, run folder or 'default'.")
+FINETUNE_MODES = click.Choice(["fast", "paper", "refine"])
 FINETUNE_OPTIONS = _options(
     click.option("--source-vae", default=None, help="Source VAE checkpoint (default: the shipped one)."),
     click.option("--kappa-vae", default=None, help="log10-kappa VAE checkpoint (default: the shipped one)."),
-    click.option(
-        "--finetune-mode",
-        type=click.Choice(["fast", "paper", "refine"]),
-        default="fast",
-        show_default=True,
-        help="fast: EWC (50 Fisher samples, lr 1e-5, <= 200 steps) + pixel refinement; paper: 100 samples, "
-        "lr 1e-6, <= 2000 steps; refine: pixel refinement of the RIM estimate only.",
-    ),
-    click.option("--finetune-steps", type=COUNT, default=None, help="Override the step limit."),
-    click.option(
-        "--refine/--no-refine",
-        default=None,
-        help="Refine in pixel space until chi2_nu < 1 after the EWC "
-        "stage (not in the paper; default: on with fast, off with paper).",
-    ),
+    click.option("--finetune-mode", type=FINETUNE_MODES, default="fast", help="fast, paper or refine (see README)."),
+    click.option("--finetune-steps", type=COUNT, default=None, help="Override the fine-tuning step limit."),
+    click.option("--refine/--no-refine", default=None, help="Pixel refinement after EWC (default: mode's)."),
 )
 
 

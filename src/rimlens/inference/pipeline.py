@@ -21,7 +21,11 @@ from rimlens.errors import RimlensInputError
 from rimlens.inference.finetune import FinetuneOptions, check_vae_grids, finetune
 from rimlens.io.atomic import atomic_path
 from rimlens.io.checkpoint import load_vae
-from rimlens.io.observation import PreparedObservation, load_observation, prepare_observation
+from rimlens.io.observation import (
+    PreparedObservation,
+    load_observation,
+    prepare_observation,
+)
 from rimlens.io.products import write_products
 from rimlens.nn.rim import RIM
 from rimlens.nn.vae import VAE

@@ -16,7 +16,7 @@ from astropy.io import fits
 from rimlens.errors import RimlensInputError
 from rimlens.io.atomic import atomic_path
 
-__all__ = ["ARCSEC_PER_UNIT", "pixel_scale_from_header", "read_image", "write_image"]
+__all__ = ["ARCSEC_PER_UNIT", "pixel_scale_from_header", "read_image", "wcs_rotation_deg", "write_image"]
 
 
 def read_image(path: str | Path, name: str = "image", hdu: int | None = None) -> tuple[np.ndarray, dict]:
@@ -85,17 +85,54 @@ def _unit(header: dict) -> float:
 
 def pixel_scale_from_header(header: dict) -> float | None:
     """Pixel scale in arcsec from a FITS header (CD matrix or CDELT with CUNIT, else PIXSCALE-like
-    keywords in arcsec), or None if it does not say."""
+    keywords in arcsec), or None if it does not say.
+
+    A rotated CD matrix is fine (the reconstruction lives in the image's own pixel frame, so maps
+    come out rotated like the image; :func:`wcs_rotation_deg` says by how much). Non-square or
+    skewed pixels are refused: the model's grid is square.
+    """
     if "CD1_1" in header:
         cd11 = _number(header, "CD1_1")
+        cd12 = _number(header, "CD1_2") if "CD1_2" in header else 0.0
         cd21 = _number(header, "CD2_1") if "CD2_1" in header else 0.0
-        return math.hypot(cd11, cd21) * _unit(header)
+        cd22 = _number(header, "CD2_2") if "CD2_2" in header else 0.0
+        col, row = math.hypot(cd11, cd21), math.hypot(cd12, cd22)  # lengths of the pixel's two sides
+        if "CD1_2" not in header and "CD2_2" not in header:  # only the first column given: take it
+            row = col
+        if col <= 0 or row <= 0:
+            raise RimlensInputError("the FITS CD matrix is singular; pass --pixel-scale")
+        if abs(col - row) > 1e-3 * max(col, row):
+            raise RimlensInputError(
+                f'the image has non-square pixels ({col * _unit(header):.5g}" x {row * _unit(header):.5g}"): '
+                "resample it to square pixels first"
+            )
+        skew = abs(cd11 * cd12 + cd21 * cd22) / (col * row)
+        if skew > 1e-3:
+            raise RimlensInputError(f"the image's pixel axes are skewed (cos angle {skew:.3g}): resample it first")
+        return col * _unit(header)
     if "CDELT1" in header and _number(header, "CDELT1") != 0:
+        cdelt2 = abs(_number(header, "CDELT2")) if "CDELT2" in header else abs(_number(header, "CDELT1"))
+        if abs(abs(_number(header, "CDELT1")) - cdelt2) > 1e-3 * cdelt2:
+            raise RimlensInputError(
+                "the image has non-square pixels (CDELT1 != CDELT2): resample it to square pixels first"
+            )
         return abs(_number(header, "CDELT1")) * _unit(header)
     for key in ("PIXSCALE", "PIXSCAL1", "PIXELSCL", "PIXSCL"):
         if key in header:
             return _number(header, key)
     return None
+
+
+def wcs_rotation_deg(header: dict) -> float:
+    """Angle (degrees, counter-clockwise) from the image's +y (column) axis to north, from the CD
+    matrix or CROTA2; 0 when the header has neither."""
+    if "CD1_1" in header:
+        cd12 = _number(header, "CD1_2") if "CD1_2" in header else 0.0
+        cd22 = _number(header, "CD2_2") if "CD2_2" in header else 0.0
+        return math.degrees(math.atan2(-cd12, cd22))
+    if "CROTA2" in header:
+        return _number(header, "CROTA2")
+    return 0.0
 
 
 def write_image(path: str | Path, data: np.ndarray, header: dict | None = None, overwrite: bool = True) -> Path:

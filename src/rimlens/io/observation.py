@@ -12,11 +12,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import scipy.ndimage
 import torch
 import torch.nn.functional as F
 
 from rimlens.errors import RimlensInputError
-from rimlens.io.fits import pixel_scale_from_header, read_image
+from rimlens.io.fits import pixel_scale_from_header, read_image, wcs_rotation_deg
 from rimlens.physics import PixelGrid
 from rimlens.physics.likelihood import EXCLUDE_SIGMA
 from rimlens.physics.resample import resample_density, resample_flux, resample_variance
@@ -82,12 +83,25 @@ def load_observation(
         raise RimlensInputError("the image header gives no pixel scale (CD/CDELT/PIXSCALE): pass --pixel-scale")
     if not np.isfinite(scale) or scale <= 0:
         raise RimlensInputError(f"pixel scale must be > 0, got {scale}")
-    return Observation(image, noise, psf / psf.sum(), float(scale), mask, name=Path(image_path).stem)
+    meta = {
+        "pixel_scale_from": "given" if pixel_scale_arcsec is not None else "header",
+        "header_pixel_scale_arcsec": pixel_scale_from_header(header),
+        "wcs_rotation_deg": wcs_rotation_deg(header),
+        "bunit": str(header.get("BUNIT", "")).strip(),
+        "shape": list(image.shape),
+    }
+    return Observation(image, noise, psf / psf.sum(), float(scale), mask, name=Path(image_path).stem, meta=meta)
 
 
 @dataclass
 class PreparedObservation:
-    """Tensors on the model grid (``1 x 1 x N x N``) and how they were obtained."""
+    """Tensors on the model grid (``1 x 1 x N x N``) and how they were obtained.
+
+    ``center_arcsec`` is the lens centre used (arcsec from the cut-out's centre; x along columns,
+    y along rows), ``center_method`` how it was chosen (``given``, ``cutout``, ``light`` or
+    ``ring``), ``padded_fraction`` the fraction of the model field that lay outside the cut-out
+    (excluded pixels), ``cropped`` whether the cut-out extended beyond the model field.
+    """
 
     observation: torch.Tensor
     noise_sigma: torch.Tensor  # map, EXCLUDE_SIGMA where excluded
@@ -96,47 +110,169 @@ class PreparedObservation:
     flux_scale: float  # model-grid units = input flux per model pixel * flux_scale
     center_arcsec: tuple[float, float]
     grid: PixelGrid
+    center_method: str = "given"
+    padded_fraction: float = 0.0
+    cropped: bool = False
+
+    def describe(self) -> dict:
+        """How the cut-out was brought onto the model grid (JSON-ready, for ``summary.json``)."""
+        return {
+            "center_arcsec": [round(c, 4) for c in self.center_arcsec],
+            "center_method": self.center_method,
+            "padded_fraction": round(self.padded_fraction, 4),
+            "cropped": self.cropped,
+            "flux_scale": self.flux_scale,
+            "model_field_arcsec": self.grid.fov_arcsec,
+            "model_pixel_scale_arcsec": self.grid.pixel_scale_arcsec,
+        }
+
+
+RING_TRUST_ARCSEC = 0.5
+"""``center="auto"`` without a dominant lens light moves off the cut-out's centre only beyond this."""
+
+
+def _smoothed(image: np.ndarray, sigma_px: float) -> np.ndarray:
+    return scipy.ndimage.gaussian_filter(image, sigma_px, mode="constant") if sigma_px > 0 else image
+
+
+def find_lens_center(obs: Observation, search_radius_arcsec: float = 2.0) -> tuple[tuple[float, float], str]:
+    """Find the lens in a cut-out: ``((x, y) arcsec from the cut-out's centre, method)``.
+
+    * ``light``: a bright lens galaxy dominates the centre (its smoothed peak is over 5x the 90th
+      percentile of the significant pixels farther than 0.5" from it, where the arcs are, and those
+      pixels surround it in at least 11 of 12 directions): the flux-weighted centroid within 0.3"
+      of that peak.
+    * ``ring``: the lens light was subtracted (or is faint): the centre of the circle fitted, weighted
+      by signal-to-noise, to the significant (> 3 sigma) pixels within ``search_radius_arcsec`` —
+      the arcs and images of a lensed source lie around the lens at roughly the Einstein radius.
+      Falls back to their centroid when the fit is degenerate (a single short arc). This is only
+      a first guess: arcs that cover part of the ring, elliptical lenses and extended sources bias
+      it (README: "Observations as they come" gives the measured errors); pass ``--center`` when
+      the lens light was subtracted and the centre is known.
+    """
+    s = obs.pixel_scale_arcsec
+    ny, nx = obs.image.shape
+    used = obs.noise_sigma < EXCLUDE_SIGMA
+    if obs.mask is not None:
+        used &= obs.mask
+    image = np.where(used, obs.image, 0.0)
+    x = (np.arange(nx) - (nx - 1) / 2) * s
+    y = (np.arange(ny) - (ny - 1) / 2) * s
+    xx, yy = np.meshgrid(x, y)
+    smooth = _smoothed(image, 0.08 / s)
+    noise = np.median(obs.noise_sigma[used]) if used.any() else 1.0
+    snr = smooth / (noise / max(1.0, 0.08 / s * np.sqrt(4 * np.pi)))
+    near = (xx**2 + yy**2 <= search_radius_arcsec**2) & used
+    signal = near & (snr > 3)
+    if signal.sum() < 5:
+        raise RimlensInputError(
+            "cannot find the lens automatically (no significant flux near the centre): pass --center X Y"
+        )
+    peak = np.unravel_index(np.argmax(np.where(near, smooth, -np.inf)), smooth.shape)
+    dx, dy = xx - xx[peak], yy - yy[peak]
+    away = signal & (dx**2 + dy**2 > 0.5**2)
+    # a lens galaxy is brighter than the arcs and surrounded by significant flux (its own outskirts and
+    # the arcs) in every direction; a bright knot of an arc has the rest of the arcs on some sides only
+    sectors = np.unique(((np.arctan2(dy[away], dx[away]) + np.pi) / (2 * np.pi) * 12).astype(int) % 12)
+    if not away.any() or (smooth[peak] > 5 * np.percentile(smooth[away], 90) and len(sectors) >= 11):
+        cx, cy = float(xx[peak]), float(yy[peak])
+        for _ in range(3):  # light centroid, re-centred on itself
+            aperture = ((xx - cx) ** 2 + (yy - cy) ** 2 <= 0.3**2) & used
+            w = np.clip(smooth, 0, None) * aperture
+            cx, cy = float((w * xx).sum() / w.sum()), float((w * yy).sum() / w.sum())
+        return (cx, cy), "light"
+    w = snr[signal]
+    X, Y = xx[signal], yy[signal]
+    # weighted algebraic circle fit: x^2 + y^2 = 2 a x + 2 b y + c
+    A = np.stack([2 * X, 2 * Y, np.ones_like(X)], axis=1) * w[:, None]
+    (a, b, c), *_ = np.linalg.lstsq(A, (X**2 + Y**2) * w, rcond=None)
+    radius = np.sqrt(max(c + a**2 + b**2, 0.0))
+    if 0.2 <= radius <= search_radius_arcsec and np.hypot(a, b) < search_radius_arcsec:
+        return (float(a), float(b)), "ring"
+    return (float((w * X).sum() / w.sum()), float((w * Y).sum() / w.sum())), "ring"
 
 
 def prepare_observation(
-    obs: Observation, grid: PixelGrid, center_arcsec: tuple[float, float] | None = None, max_psf_pixels: int = 21
+    obs: Observation,
+    grid: PixelGrid,
+    center_arcsec: tuple[float, float] | str | None = None,
+    max_psf_pixels: int = 21,
 ) -> PreparedObservation:
-    """Crop/centre, resample (flux-conserving) and normalise an observation for a model grid."""
+    """Bring a cut-out of any size and pixel scale onto a model grid.
+
+    The model field is centred on ``center_arcsec`` (arcsec from the cut-out's centre; ``None``:
+    the cut-out's centre; ``"auto"``: the lens light's centroid when a lens galaxy dominates, else the
+    arcs' circle centre if it lies over ``RING_TRUST_ARCSEC`` from the cut-out's centre, else the
+    cut-out's centre; see :func:`find_lens_center`). Where the model field reaches past
+    the cut-out, the cut-out is padded with excluded pixels (they carry no weight in the
+    likelihood); a larger cut-out is cropped. Then the flux is resampled conservingly (noise
+    propagated as variance), the PSF resampled to the model pixel scale, and the flux normalised
+    so that the image peaks near 1 like the training data (sigma scaled alike).
+    """
     s_in = obs.pixel_scale_arcsec
-    n_in = obs.image.shape
+    method = "given"
     if center_arcsec is None:
-        center_arcsec = (0.0, 0.0)  # the cutout's centre
-    cx, cy = center_arcsec
-    half_in = (n_in[1] * s_in / 2, n_in[0] * s_in / 2)
-    if abs(cx) + grid.fov_arcsec / 2 > half_in[0] + 1e-9 or abs(cy) + grid.fov_arcsec / 2 > half_in[1] + 1e-9:
-        raise RimlensInputError(
-            f'the model field ({grid.fov_arcsec:.2f}") does not fit in the image ({n_in[1] * s_in:.2f}" x {n_in[0] * s_in:.2f}") '
-            "around the chosen centre; give a larger cutout"
-        )
-    img = torch.as_tensor(obs.image, dtype=torch.float64)[None, None]
-    var = torch.as_tensor(obs.noise_sigma, dtype=torch.float64)[None, None] ** 2
-    bad = torch.as_tensor(obs.noise_sigma >= EXCLUDE_SIGMA)
-    if obs.mask is not None:
-        bad |= ~torch.as_tensor(obs.mask)
+        center_arcsec, method = (0.0, 0.0), "cutout"
+    elif isinstance(center_arcsec, str):
+        if center_arcsec != "auto":
+            raise RimlensInputError(f"center must be 'auto' or (x, y) in arcsec, got {center_arcsec!r}")
+        center_arcsec, method = find_lens_center(obs)
+        if method == "ring" and np.hypot(*center_arcsec) < RING_TRUST_ARCSEC:
+            # the arcs' circle centre is good to a few tenths of an arcsec: closer than that to the
+            # cut-out's centre, the cut-out's own centring (usually the observer's) is the better guess
+            center_arcsec, method = (0.0, 0.0), "cutout"
+    cx, cy = float(center_arcsec[0]), float(center_arcsec[1])
+    ny, nx = obs.image.shape
+    half = grid.fov_arcsec / 2
+    # padding (input pixels, each side) that makes the cut-out cover the model field around the centre
+    pad_x = (
+        max(0, int(np.ceil((abs(cx) + half - nx * s_in / 2) / s_in - 1e-9)) + 1)
+        if abs(cx) + half > nx * s_in / 2
+        else 0
+    )
+    pad_y = (
+        max(0, int(np.ceil((abs(cy) + half - ny * s_in / 2) / s_in - 1e-9)) + 1)
+        if abs(cy) + half > ny * s_in / 2
+        else 0
+    )
+    # cropped: some of the cut-out lies outside the model field (it is left out)
+    cropped = bool(
+        -nx * s_in / 2 < cx - half - 1e-9
+        or nx * s_in / 2 > cx + half + 1e-9
+        or -ny * s_in / 2 < cy - half - 1e-9
+        or ny * s_in / 2 > cy + half + 1e-9
+    )
+    widths = ((pad_y, pad_y), (pad_x, pad_x))
+    image = np.pad(obs.image, widths)
+    noise = np.pad(obs.noise_sigma, widths, constant_values=EXCLUDE_SIGMA)
+    mask = None if obs.mask is None else np.pad(obs.mask, widths, constant_values=False)
+    img = torch.as_tensor(image, dtype=torch.float64)[None, None]
+    var = torch.as_tensor(noise, dtype=torch.float64)[None, None] ** 2
+    bad = torch.as_tensor(noise >= EXCLUDE_SIGMA)
+    if mask is not None:
+        bad |= ~torch.as_tensor(mask)
     bad = bad[None, None].double()
     img = img * (1 - bad)
     var = torch.where(bad > 0, torch.zeros_like(var), var)
     n = grid.n_pixels
     args = (s_in, n, grid.pixel_scale_arcsec, (cx, cy))
-    image = resample_flux(img, *args)
+    model_image = resample_flux(img, *args)
     variance = resample_variance(var, *args)
     bad_frac = resample_density(bad, *args)
     excluded = bad_frac > 1e-9
+    beyond = torch.as_tensor(np.pad(np.zeros_like(obs.image), widths, constant_values=1.0))[None, None]
+    outside = resample_density(beyond, *args)
+    padded_fraction = float((outside > 1e-9).double().mean())
     # flux normalisation: the peak of the lightly smoothed image becomes ~1, as in training
-    smooth = F.avg_pool2d(image, 3, stride=1, padding=1, count_include_pad=False)
+    smooth = F.avg_pool2d(model_image, 3, stride=1, padding=1, count_include_pad=False)
     peak = float(smooth.masked_fill(excluded, -np.inf).max())
     if not np.isfinite(peak) or peak <= 0:
         raise RimlensInputError("the image has no positive flux inside the model field")
     scale = 1.0 / peak
-    image = image * scale
+    model_image = model_image * scale
     sigma = torch.sqrt(variance) * scale
     sigma = torch.where(excluded | (sigma <= 0), torch.full_like(sigma, EXCLUDE_SIGMA), sigma)
-    image = image.masked_fill(excluded, 0.0)
+    model_image = model_image.masked_fill(excluded, 0.0)
     # PSF to the model pixel scale, odd size, unit sum
     k_in = obs.psf.shape[0]
     k_out = int(np.ceil(k_in * s_in / grid.pixel_scale_arcsec))
@@ -148,4 +284,15 @@ def prepare_observation(
     if float(psf.sum()) <= 0:
         raise RimlensInputError("PSF has no positive flux after resampling")
     psf = psf / psf.sum()
-    return PreparedObservation(image.float(), sigma.float(), psf.float(), ~excluded, scale, (cx, cy), grid)
+    return PreparedObservation(
+        model_image.float(),
+        sigma.float(),
+        psf.float(),
+        ~excluded,
+        scale,
+        (cx, cy),
+        grid,
+        method,
+        padded_fraction,
+        cropped,
+    )

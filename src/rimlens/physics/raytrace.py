@@ -1,13 +1,15 @@
-"""Ray tracing through the lens equation and bilinear sampling of a pixelated source."""
+"""Ray tracing through the lens equation, bilinear sampling of a pixelated source, and the
+supersampled ray grid with its pixel average (pixel-integrated images)."""
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
+from rimlens.errors import RimlensInputError
 from rimlens.physics.grid import PixelGrid
 
-__all__ = ["lens_equation", "sample_bilinear"]
+__all__ = ["lens_equation", "pixel_average", "sample_bilinear", "supersampled_grid"]
 
 
 def lens_equation(x: torch.Tensor, y: torch.Tensor, alpha: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -46,3 +48,28 @@ def sample_bilinear(
     # align_corners=True maps -1 / +1 to the centres of the first / last pixel; row 0 is y minimum.
     grid = torch.stack([beta_x / half_extent, beta_y / half_extent], dim=-1)
     return F.grid_sample(source, grid.to(source.dtype), mode="bilinear", padding_mode="zeros", align_corners=True)
+
+
+def supersampled_grid(grid: PixelGrid, factor: int) -> PixelGrid:
+    """The grid of the ``factor x factor`` sub-pixel centres of every pixel of ``grid``.
+
+    It is ``PixelGrid(factor * N, s / factor)``: the same field of view, whose pixel ``i f + k``
+    (``k = 0 .. f-1``) is centred at ``x_i + ((k + 1/2) / f - 1/2) s`` arcsec, i.e. on sub-pixel ``k``
+    of pixel ``i`` (``grid`` itself for ``factor = 1``).
+    """
+    if not isinstance(factor, int) or isinstance(factor, bool) or factor < 1:
+        raise RimlensInputError(f"supersampling factor must be an integer >= 1, got {factor!r}")
+    if factor == 1:
+        return grid
+    return PixelGrid(grid.n_pixels * factor, grid.pixel_scale_arcsec / factor)
+
+
+def pixel_average(image: torch.Tensor, factor: int) -> torch.Tensor:
+    """Mean over each ``factor x factor`` block: a ``B x C x fN x fN`` supersampled image to ``B x C x N x N``.
+
+    The result is the pixel-integrated surface brightness (the mean over the sub-pixel samples of
+    each pixel), in the units of ``image``; ``factor = 1`` returns ``image`` itself.
+    """
+    if factor == 1:
+        return image
+    return F.avg_pool2d(image, factor)

@@ -3,6 +3,8 @@
     observation = PSF * [source(theta - alpha(kappa))] + noise,   noise ~ N(0, sigma^2) per pixel.
 
 The convergence lives on the image grid; the source on its own grid (see :mod:`rimlens.physics.grid`).
+With ``supersample = f > 1`` the image is pixel-integrated: rays are traced through the ``f x f``
+sub-pixel centres of every image pixel and their source values averaged per pixel, before the PSF.
 """
 
 from __future__ import annotations
@@ -13,11 +15,11 @@ from typing import TypeAlias
 import torch
 
 from rimlens.errors import RimlensInputError, check_batch, check_map, check_noise_sigma
-from rimlens.physics.deflection import deflection_field
+from rimlens.physics.deflection import deflection_field, deflection_supersampled
 from rimlens.physics.grid import PixelGrid
 from rimlens.physics.likelihood import chi_squared, degrees_of_freedom, peak_snr
 from rimlens.physics.psf import PSF
-from rimlens.physics.raytrace import lens_equation, sample_bilinear
+from rimlens.physics.raytrace import lens_equation, pixel_average, sample_bilinear, supersampled_grid
 
 __all__ = ["LensSimulator", "SimulatedLens"]
 
@@ -49,27 +51,42 @@ class LensSimulator:
     """Differentiable ray-tracing simulator for a pixelated source and a pixelated convergence.
 
     Args:
-        image_grid: grid of the image and of the convergence map.
+        image_grid: grid of the image and of the convergence map (``N`` pixels of ``s`` arcsec).
         source_grid: grid of the source plane.
+        supersample: sub-pixels per side ``f`` (integer >= 1). With ``f > 1`` rays are traced through
+            the ``f x f`` sub-pixel centres of every image pixel (offsets ``((k + 1/2) / f - 1/2) s``
+            from its centre, i.e. the pixel centres of :attr:`ray_grid` = ``PixelGrid(f N, s / f)``),
+            the source is sampled bilinearly at each and the samples are averaged per pixel (the
+            pixel-integrated surface brightness) before the PSF. The deflection of a convergence map
+            at the sub-pixel centres is the exact sum over its pixels taken as uniform squares
+            (:func:`~rimlens.physics.deflection.deflection_supersampled`); an analytic deflection
+            ``alpha`` must be given on :attr:`ray_grid` (``B x 2 x fN x fN``). ``f = 1`` samples the
+            pixel centres (bit-for-bit the unsupersampled simulator). Cost: about ``f**2`` times the
+            ray tracing and deflection work of ``f = 1``.
 
     All methods accept float32 or float64 tensors on any device and are batched; the PSF may be
     one kernel for the whole batch or one per example; ``noise_sigma`` may be a float, a ``(B,)``
     tensor or a ``B x 1 x N x N`` noise map.
     """
 
-    def __init__(self, image_grid: PixelGrid, source_grid: PixelGrid) -> None:
+    def __init__(self, image_grid: PixelGrid, source_grid: PixelGrid, supersample: int = 1) -> None:
+        if not isinstance(supersample, int) or isinstance(supersample, bool) or supersample < 1:
+            raise RimlensInputError(f"supersample must be an integer >= 1, got {supersample!r}")
         self.image_grid = image_grid
         self.source_grid = source_grid
+        self.supersample = supersample
+        self.ray_grid = supersampled_grid(image_grid, supersample)
         self._coords: dict[tuple[torch.dtype, str], tuple[torch.Tensor, torch.Tensor]] = {}
 
     def __repr__(self) -> str:
-        return f"LensSimulator(image_grid={self.image_grid}, source_grid={self.source_grid})"
+        extra = f", supersample={self.supersample}" if self.supersample != 1 else ""
+        return f"LensSimulator(image_grid={self.image_grid}, source_grid={self.source_grid}{extra})"
 
     def _xy(self, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Image-grid coordinates ``(x, y)`` (``N x N``, arcsec) in the dtype / device of ``like``, cached."""
+        """Ray-grid coordinates ``(x, y)`` (``fN x fN``, arcsec) in the dtype / device of ``like``, cached."""
         key = (like.dtype, str(like.device))
         if key not in self._coords:
-            self._coords[key] = self.image_grid.coordinates(like.dtype, like.device)
+            self._coords[key] = self.ray_grid.coordinates(like.dtype, like.device)
         return self._coords[key]
 
     # ------------------------------------------------------------------ checks
@@ -94,12 +111,38 @@ class LensSimulator:
                 f"{name} has {image.shape[-1]} pixels per side, the image grid has {self.image_grid.n_pixels}"
             )
 
+    def _check_alpha(self, alpha: torch.Tensor) -> None:
+        n = self.ray_grid.n_pixels
+        if not isinstance(alpha, torch.Tensor) or alpha.ndim != 4 or tuple(alpha.shape[1:]) != (2, n, n):
+            shape = tuple(alpha.shape) if isinstance(alpha, torch.Tensor) else type(alpha).__name__
+            where = (
+                f" (the ray grid of supersample={self.supersample}: {self.ray_grid})" if self.supersample > 1 else ""
+            )
+            raise RimlensInputError(f"alpha must have shape B x 2 x {n} x {n}{where}, got {shape}")
+
     # ------------------------------------------------------------------ forward model
     def deflection(self, kappa: torch.Tensor, check: bool = True) -> torch.Tensor:
-        """Deflection ``B x 2 x N x N`` (arcsec) of a convergence map on the image grid."""
+        """Deflection ``B x 2 x N x N`` (arcsec) of a convergence map at the image-grid pixel centres.
+
+        ``kappa`` is ``B x 1 x N x N`` (dimensionless). This is the deflection at the pixel centres
+        whatever ``supersample`` is; the rays use :meth:`ray_deflection`.
+        """
         if check:
             self._check_kappa(kappa)
         return deflection_field(kappa, self.image_grid.pixel_scale_arcsec, check=False)
+
+    def ray_deflection(self, kappa: torch.Tensor, check: bool = True) -> torch.Tensor:
+        """Deflection ``B x 2 x fN x fN`` (arcsec) of a convergence map at the rays (:attr:`ray_grid`).
+
+        ``kappa`` is ``B x 1 x N x N`` (dimensionless). For ``supersample = 1`` this is
+        :meth:`deflection`; otherwise the exact deflection of the pixelated map (uniform square pixels)
+        at the ``f x f`` sub-pixel centres of every pixel, laid out on :attr:`ray_grid`.
+        """
+        if self.supersample == 1:
+            return self.deflection(kappa, check=check)
+        if check:
+            self._check_kappa(kappa)
+        return deflection_supersampled(kappa, self.image_grid.pixel_scale_arcsec, self.supersample, check=False)
 
     def lens(
         self,
@@ -111,10 +154,14 @@ class LensSimulator:
     ) -> torch.Tensor:
         """Lensed, unblurred image ``B x 1 x N x N`` of ``source`` by ``kappa`` (or by a given deflection ``alpha``).
 
+        With ``supersample = f > 1`` each pixel is the mean of the ``f x f`` sub-pixel samples.
+
         Args:
             source: ``B x 1 x M x M`` source surface brightness (any units; the output has the same).
             kappa: ``B x 1 x N x N`` convergence (dimensionless).
-            alpha: ``B x 2 x N x N`` deflection in arcsec, instead of ``kappa``.
+            alpha: deflection in arcsec at the rays, instead of ``kappa``: ``B x 2 x fN x fN`` on
+                :attr:`ray_grid` (``B x 2 x N x N`` at the pixel centres when ``f = 1``); e.g. an
+                analytic profile evaluated at ``ray_grid.coordinates()``.
         """
         if (kappa is None) == (alpha is None):
             raise RimlensInputError("give exactly one of kappa or alpha")
@@ -124,15 +171,16 @@ class LensSimulator:
                 self._check_kappa(kappa)
                 check_batch({"source": source.shape[0], "kappa": kappa.shape[0]})
         if kappa is not None:
-            alpha = self.deflection(kappa, check=False)
+            alpha = self.ray_deflection(kappa, check=False)
         assert alpha is not None  # exactly one of kappa / alpha was given (checked above)
+        self._check_alpha(alpha)  # shapes only: cheap, and the one place a coarse alpha would slip in
         x, y = self._xy(alpha)
         beta_x, beta_y = lens_equation(x, y, alpha)
         if source.shape[0] != beta_x.shape[0]:
             n = max(source.shape[0], beta_x.shape[0])
             source = source.expand(n, -1, -1, -1)
             beta_x, beta_y = beta_x.expand(n, -1, -1), beta_y.expand(n, -1, -1)
-        return sample_bilinear(source, self.source_grid, beta_x, beta_y)
+        return pixel_average(sample_bilinear(source, self.source_grid, beta_x, beta_y), self.supersample)
 
     def forward(self, source: torch.Tensor, kappa: torch.Tensor, psf: PSFLike, *, check: bool = True) -> torch.Tensor:
         """Noiseless model image ``PSF * lens(source, kappa)``, shape ``B x 1 x N x N``.

@@ -1,0 +1,814 @@
+"""Lens-galaxy light: an elliptical multi-Gaussian expansion (MGE) with non-negative amplitudes.
+
+The light of the (foreground) lens galaxy is modelled as a sum of ``K`` concentric elliptical
+Gaussians with fixed, log-spaced widths ``sigma_k`` sharing one centre ``(x0, y0)``, axis ratio ``q``
+and position angle ``phi`` (as in MGE fits of early-type galaxies, Cappellari 2002)::
+
+    I(x, y) = sum_k a_k G_k(x, y),   G_k = exp(-R^2 / 2 sigma_k^2) / (2 pi sigma_k^2),
+    R^2 = q x'^2 + y'^2 / q,         a_k >= 0,
+
+with ``x'`` along the major axis (``phi`` counter-clockwise from +x). Each ``G_k`` has unit total flux
+(its integral over the plane is 1 arcsec^-2 * arcsec^2), so ``a_k`` is the total flux of component
+``k`` in image units x arcsec^2 and the images are surface brightness (image units), as everywhere in
+rimlens. The convention is lenstronomy's ``GAUSSIAN_ELLIPSE`` (product-averaged radius; ``amp`` = total
+flux), so ``q`` and ``phi`` mean the same as for :func:`rimlens.physics.profiles.sersic`.
+
+The three levels:
+
+* :func:`mge_basis` -- the ``B x K x N x N`` PSF-convolved (pixel-integrated) basis images;
+* :func:`solve_amplitudes` -- the batched non-negative least-squares amplitudes for given data and
+  noise (Lawson-Hanson active set on the ``K x K`` normal equations in float64, pure torch);
+* :func:`fit_lens_light` -- also fits ``(x0, y0, q, phi)``: adaptive-moment start, then batched
+  Levenberg-Marquardt on the profile likelihood (amplitudes re-solved at every step, variable projection).
+
+Intended use inside a reconstruction (the lens light and the lensed source overlap, and an arc left in
+the data is partly absorbed by the MGE): the caller alternates ::
+
+    light = fit_lens_light(observation, sigma, psf, grid)                 # or with clip_sigma, see below
+    for _ in range(n_outer):
+        source, kappa = fit_source_and_kappa(observation - light.image())   # the caller's own step
+        arcs = simulator.forward(source, kappa, psf)
+        light = light.resolve(observation - arcs, sigma)                   # fixed shape: cheap (~ms)
+        # ... or, now and then, refit the shape too:
+        light = fit_lens_light(observation - arcs, sigma, psf, grid, center=light.center)
+
+Without any source model yet, ``clip_sigma`` (e.g. 3) excludes pixels brighter than the light model by
+more than ``clip_sigma`` noise sigmas (arcs add light) and refits, which removes most of the arc bias.
+
+Pixel integration and PSF: each Gaussian is integrated over the pixels and then convolved with the PSF
+kernel (:meth:`rimlens.physics.PSF.convolve`), i.e. exactly the forward model of the simulator, for any
+kernel (not only Gaussian PSFs, for which an analytic convolution would be possible). Broad Gaussians
+(``sigma >= 2.5`` px) are sampled at the pixel centres with the pixel's variance ``s^2 / 12`` added to
+their covariance (the second-order moment of the pixel box, error < 1e-3 of the peak); narrow ones are
+evaluated the same way on ``supersample x supersample`` sub-pixels and averaged, on a cutout around the
+centre only (they vanish elsewhere), which is ~3x cheaper than supersampling the whole field.
+
+Autograd: the amplitudes are differentiable with respect to the data, the noise and the basis (the
+active set is found under ``no_grad``; a final linear solve restricted to it carries the gradient,
+which is the exact derivative wherever the active set is locally constant, i.e. almost everywhere).
+The non-linear parameters returned by :func:`fit_lens_light` are detached (the fit is not unrolled).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from rimlens.errors import RimlensInputError, check_map, check_noise_sigma
+from rimlens.physics.grid import PixelGrid
+from rimlens.physics.likelihood import used_pixels
+from rimlens.physics.psf import PSF
+
+__all__ = [
+    "LensLightModel",
+    "default_sigmas",
+    "ellipticity_from_q_phi",
+    "fit_lens_light",
+    "mge_basis",
+    "nnls_gram",
+    "q_phi_from_ellipticity",
+    "solve_amplitudes",
+]
+
+NARROW_PIXELS = 2.5
+"""Gaussians with ``sigma`` below this many pixels are supersampled (see the module docstring)."""
+Q_MIN = 0.1
+"""Smallest axis ratio the fit can reach (|e| <= (1 - Q_MIN) / (1 + Q_MIN))."""
+_E_MAX = (1 - Q_MIN) / (1 + Q_MIN)
+_CUTOUT_SIGMAS = 6.0  # narrow Gaussians are evaluated out to this many major-axis sigmas
+
+
+# ------------------------------------------------------------------------------ parameters
+def default_sigmas(
+    grid: PixelGrid,
+    n_gaussians: int = 24,
+    min_pixels: float = 0.5,
+    max_fraction: float = 0.5,
+    dtype: torch.dtype = torch.float64,
+) -> torch.Tensor:
+    """Log-spaced MGE widths from ``min_pixels`` pixels to ``max_fraction`` of the field of view.
+
+    Args:
+        grid: the image grid.
+        n_gaussians: number ``K`` of Gaussians.
+        min_pixels: narrowest width, in pixels.
+        max_fraction: broadest width as a fraction of the field of view ``N * s``.
+        dtype: dtype of the result.
+
+    Returns:
+        ``(K,)`` widths ``sigma_k`` in arcsec (geometric-mean widths: ``sigma / sqrt(q)`` along the major
+        axis, ``sigma sqrt(q)`` along the minor axis).
+    """
+    if n_gaussians < 1:
+        raise RimlensInputError(f"n_gaussians must be >= 1, got {n_gaussians}")
+    lo = min_pixels * grid.pixel_scale_arcsec
+    hi = max_fraction * grid.fov_arcsec
+    if not 0 < lo <= hi:
+        raise RimlensInputError(f"need 0 < min width ({lo} arcsec) <= max width ({hi} arcsec)")
+    if n_gaussians == 1:
+        return torch.tensor([math.sqrt(lo * hi)], dtype=dtype)
+    return torch.logspace(math.log10(lo), math.log10(hi), n_gaussians, dtype=torch.float64).to(dtype)
+
+
+def ellipticity_from_q_phi(q: torch.Tensor, phi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Ellipticity components ``e1, e2 = (1 - q) / (1 + q) * (cos 2 phi, sin 2 phi)`` (lenstronomy's).
+
+    ``q`` (dimensionless) and ``phi`` (radians) are tensors of any common shape; so are ``e1, e2``.
+    """
+    e = (1 - q) / (1 + q)
+    return e * torch.cos(2 * phi), e * torch.sin(2 * phi)
+
+
+def q_phi_from_ellipticity(e1: torch.Tensor, e2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Inverse of :func:`ellipticity_from_q_phi`: axis ratio ``q`` and angle ``phi`` in ``(-pi/2, pi/2]`` (radians).
+
+    Tensors of any common shape in and out.
+    """
+    e = torch.sqrt(e1**2 + e2**2)
+    return (1 - e) / (1 + e), 0.5 * torch.atan2(e2, e1)
+
+
+def _as_batch(v: float | torch.Tensor, batch: int | None = None) -> torch.Tensor:
+    """A float or tensor of shape (), (1,), (B,) or B x 1 x 1 x 1, as a float64 (B,) tensor."""
+    t = torch.as_tensor(v, dtype=torch.float64) if not isinstance(v, torch.Tensor) else v.to(torch.float64)
+    t = t.reshape(-1)
+    if batch is not None and t.shape[0] == 1 and batch > 1:
+        t = t.expand(batch)
+    return t
+
+
+# ------------------------------------------------------------------------------ basis
+def _gaussians(
+    dx: torch.Tensor,
+    dy: torch.Tensor,
+    e1: torch.Tensor,
+    e2: torch.Tensor,
+    sig2: torch.Tensor,
+    var_pix: float,
+) -> torch.Tensor:
+    """Unit-flux elliptical Gaussians (arcsec^-2) with an extra isotropic variance ``var_pix`` (arcsec^2).
+
+    ``dx``: ``B x 1 x 1 x W`` (or ``1 x 1 x 1 x W``), ``dy``: ``B x 1 x H x 1``, offsets from the centre in
+    arcsec; ``e1, e2``: ``B x 1 x 1 x 1``; ``sig2``: ``1 x K x 1 x 1`` squared widths. Returns ``B x K x H x W``.
+    """
+    ee = e1**2 + e2**2
+    den = 1 - ee
+    a = (1 + ee) / den
+    bc = -2 * e1 / den
+    bs = -2 * e2 / den
+    # R^2 = d^T M d with M = [[a + bc, bs], [bs, a - bc]], det M = 1; covariance = sigma^2 M^-1 + var_pix I.
+    cxx = sig2 * (a - bc) + var_pix
+    cyy = sig2 * (a + bc) + var_pix
+    cxy = -sig2 * bs
+    det = cxx * cyy - cxy**2
+    quad = (cyy * dx**2 - 2 * cxy * dx * dy + cxx * dy**2) / det
+    return torch.exp(-0.5 * quad) / (2 * math.pi * torch.sqrt(det))
+
+
+def _unconvolved_basis(
+    grid: PixelGrid,
+    x0: torch.Tensor,
+    y0: torch.Tensor,
+    e1: torch.Tensor,
+    e2: torch.Tensor,
+    sigmas: torch.Tensor,
+    supersample: int,
+) -> torch.Tensor:
+    """Pixel-averaged unit-flux Gaussians, ``B x K x N x N`` (arcsec^-2); parameters ``(B,)`` float64."""
+    n, s = grid.n_pixels, grid.pixel_scale_arcsec
+    dtype, device = x0.dtype, x0.device
+    b = x0.shape[0]
+    sigmas = sigmas.to(dtype=dtype, device=device)
+    x0r, y0r, e1r, e2r = (v.reshape(-1, 1, 1, 1) for v in (x0, y0, e1, e2))
+    narrow = sigmas < NARROW_PIXELS * s
+    k_narrow = int(narrow.sum())
+    if supersample <= 1:
+        k_narrow = 0
+    parts = []
+    if k_narrow > 0:
+        sig_n = sigmas[:k_narrow]
+        if not bool(narrow[:k_narrow].all()):
+            raise RimlensInputError("sigmas must be sorted in increasing order")
+        f = int(supersample)
+        with torch.no_grad():
+            e_max = float(torch.sqrt(e1**2 + e2**2).max())
+            q_min = (1 - e_max) / (1 + e_max)
+            half = min(n - 1, math.ceil(_CUTOUT_SIGMAS * float(sig_n[-1]) / math.sqrt(q_min) / s) + 1)
+            col_c = torch.round(x0.detach() / s + (n - 1) / 2).clamp(0, n - 1).long()
+            row_c = torch.round(y0.detach() / s + (n - 1) / 2).clamp(0, n - 1).long()
+        m = 2 * half + 1
+        fine = (torch.arange(m * f, dtype=dtype, device=device) - (m * f - 1) / 2) * (s / f)
+        xc = (col_c.to(dtype) - (n - 1) / 2) * s  # centre of the cutout's middle pixel, arcsec
+        yc = (row_c.to(dtype) - (n - 1) / 2) * s
+        dx = (xc.reshape(-1, 1, 1, 1) - x0r) + fine.reshape(1, 1, 1, -1)
+        dy = (yc.reshape(-1, 1, 1, 1) - y0r) + fine.reshape(1, 1, -1, 1)
+        g = _gaussians(dx, dy, e1r, e2r, (sig_n**2).reshape(1, -1, 1, 1), (s / f) ** 2 / 12)
+        cut = torch.nn.functional.avg_pool2d(g, f)  # B x Kn x m x m
+        # place the cutout: image pixel i <- cutout pixel i - centre + half (zero outside the cutout)
+        idx = torch.arange(n, device=device)
+        rows = idx[None, :] - row_c[:, None] + half  # B x N
+        cols = idx[None, :] - col_c[:, None] + half
+        rows_ok = ((rows >= 0) & (rows < m)).to(dtype)
+        cols_ok = ((cols >= 0) & (cols < m)).to(dtype)
+        rows, cols = rows.clamp(0, m - 1), cols.clamp(0, m - 1)
+        cut = cut.gather(2, rows[:, None, :, None].expand(b, k_narrow, n, m))
+        cut = cut.gather(3, cols[:, None, None, :].expand(b, k_narrow, n, n))
+        parts.append(cut * rows_ok[:, None, :, None] * cols_ok[:, None, None, :])
+    if k_narrow < sigmas.shape[0]:
+        sig_b = sigmas[k_narrow:]
+        axis = grid.axis(dtype, device)
+        dx = axis.reshape(1, 1, 1, -1) - x0r
+        dy = axis.reshape(1, 1, -1, 1) - y0r
+        parts.append(_gaussians(dx, dy, e1r, e2r, (sig_b**2).reshape(1, -1, 1, 1), s**2 / 12))
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+
+
+def _convolve_stack(images: torch.Tensor, psf: PSF) -> torch.Tensor:
+    """Convolve ``B x K x N x N`` images with a PSF of batch 1 or ``B`` (each channel alike)."""
+    b, k = images.shape[:2]
+    flat = images.reshape(b * k, 1, *images.shape[-2:])
+    if psf.batch_size == 1:
+        out = psf.convolve(flat)
+    elif psf.batch_size == b:
+        out = psf.select(torch.arange(b, device=psf.kernel.device).repeat_interleave(k)).convolve(flat)
+    else:
+        raise RimlensInputError(f"PSF batch ({psf.batch_size}) does not match the batch ({b})")
+    return out.reshape(images.shape)
+
+
+def _check_sigmas(sigmas: torch.Tensor | Sequence[float]) -> torch.Tensor:
+    sig = torch.as_tensor(sigmas, dtype=torch.float64).reshape(-1)
+    if sig.numel() == 0 or not bool(torch.isfinite(sig).all()) or bool((sig <= 0).any()):
+        raise RimlensInputError("sigmas must be a non-empty sequence of finite widths > 0 (arcsec)")
+    if sig.numel() > 1 and not bool((sig[1:] > sig[:-1]).all()):
+        raise RimlensInputError("sigmas must be strictly increasing")
+    return sig
+
+
+def mge_basis(
+    grid: PixelGrid,
+    x0: float | torch.Tensor,
+    y0: float | torch.Tensor,
+    q: float | torch.Tensor,
+    phi: float | torch.Tensor,
+    sigmas: torch.Tensor | Sequence[float],
+    psf: PSF | None,
+    *,
+    supersample: int = 4,
+    dtype: torch.dtype = torch.float64,
+) -> torch.Tensor:
+    """Pixel-integrated, PSF-convolved elliptical Gaussians of unit total flux.
+
+    Args:
+        grid: the image grid (``N`` pixels of ``s`` arcsec).
+        x0, y0: centre in arcsec, floats or ``(B,)`` tensors.
+        q: axis ratio (0 < q <= 1), float or ``(B,)``.
+        phi: position angle of the major axis, radians counter-clockwise from +x, float or ``(B,)``.
+        sigmas: ``(K,)`` increasing widths in arcsec (the Gaussian is ``exp(-R^2 / 2 sigma^2)`` with
+            ``R^2 = q x'^2 + y'^2 / q``); see :func:`default_sigmas`.
+        psf: PSF of batch 1 or ``B``; ``None`` for the unconvolved basis.
+        supersample: sub-pixels per side for the Gaussians narrower than 2.5 pixels.
+        dtype: dtype of the computation and of the result.
+
+    Returns:
+        ``B x K x N x N`` surface brightness per unit flux (arcsec^-2): each image sums to
+        ``1 / s^2`` (times the fraction of the Gaussian inside the field). Differentiable with respect
+        to ``x0, y0, q, phi``.
+    """
+    sig = _check_sigmas(sigmas)
+    vals = [torch.as_tensor(v).reshape(-1) for v in (x0, y0, q, phi)]
+    batch = max(v.shape[0] for v in vals)
+    x0t, y0t, qt, phit = (_as_batch(v, batch).to(dtype) for v in (x0, y0, q, phi))
+    if bool((qt <= 0).any()) or bool((qt > 1).any()):
+        raise RimlensInputError(f"axis ratio q must be in (0, 1], got {qt.tolist()}")
+    e1, e2 = ellipticity_from_q_phi(qt, phit)
+    basis = _unconvolved_basis(grid, x0t, y0t, e1, e2, sig.to(dtype), supersample)
+    if psf is None:
+        return basis
+    return _convolve_stack(basis, psf)
+
+
+# ------------------------------------------------------------------------------ NNLS
+def _solve_on_set(gram: torch.Tensor, rhs: torch.Tensor, passive: torch.Tensor) -> torch.Tensor:
+    """Solve ``gram[P, P] z[P] = rhs[P]`` per example, ``z = 0`` off ``P``.
+
+    ``gram``: ``B x K x K``; ``rhs``: ``B x K`` or ``B x K x R``; ``passive``: ``B x K`` bool.
+    """
+    pf = passive.to(gram.dtype)
+    m = gram * pf[:, :, None] * pf[:, None, :] + torch.diag_embed(1 - pf)
+    if rhs.ndim == 2:
+        return torch.linalg.solve(m, rhs * pf)
+    return torch.linalg.solve(m, rhs * pf[:, :, None])
+
+
+def nnls_gram(
+    gram: torch.Tensor, rhs: torch.Tensor, max_iter: int | None = None, tol: float = 1e-11
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Batched non-negative least squares on the normal equations (Lawson-Hanson active set).
+
+    Minimises ``x^T G x / 2 - h^T x`` subject to ``x >= 0`` for each example (``G = A^T W A``,
+    ``h = A^T W d`` for the problem ``min ||W^1/2 (A x - d)||^2``). Runs in float64 under ``no_grad``
+    (columns are scaled to unit diagonal first); see :func:`solve_amplitudes` for the differentiable
+    wrapper.
+
+    Args:
+        gram: ``B x K x K`` symmetric positive (semi-)definite matrices ``G``.
+        rhs: ``B x K`` vectors ``h``.
+        max_iter: maximum number of active-set steps (default ``5 K + 10``).
+        tol: a variable enters the set when its scaled negative gradient exceeds ``tol`` times the
+            largest ``|h_k| / sqrt(G_kk)``.
+
+    Returns:
+        ``(x, passive)``: the ``B x K`` float64 solution (in the units of ``h / G``) and the ``B x K``
+        boolean passive set (``x > 0`` there, ``x = 0`` elsewhere).
+    """
+    with torch.no_grad():
+        g = gram.detach().to(torch.float64)
+        h = rhs.detach().to(torch.float64)
+        b, k = h.shape
+        diag = torch.diagonal(g, dim1=-2, dim2=-1)
+        usable = diag > 1e-14 * diag.amax(dim=-1, keepdim=True).clamp_min(1e-300)
+        scale = torch.where(usable, diag.clamp_min(1e-300).rsqrt(), torch.zeros_like(diag))
+        g = g * scale[:, :, None] * scale[:, None, :]
+        h = h * scale
+        thresh = tol * h.abs().amax(dim=-1).clamp_min(1e-300)  # (B,)
+        x = torch.zeros_like(h)
+        passive = torch.zeros_like(h, dtype=torch.bool)
+        blocked = torch.zeros_like(passive)
+        need_add = torch.ones(b, dtype=torch.bool, device=h.device)
+        done = torch.zeros_like(need_add)
+        rows = torch.arange(b, device=h.device)
+        for _ in range(max_iter if max_iter is not None else 5 * k + 10):
+            w = h - (g @ x[:, :, None])[..., 0]
+            cand = ~passive & ~blocked & usable & (w > thresh[:, None])
+            done = done | (need_add & ~cand.any(dim=-1))
+            if bool(done.all()):
+                break
+            adding = need_add & ~done
+            j = torch.where(cand, w, torch.full_like(w, -torch.inf)).argmax(dim=-1)
+            added = torch.zeros_like(passive)
+            added[rows[adding], j[adding]] = True
+            passive = passive | added
+            z = _solve_on_set(g, h, passive)
+            bad = passive & (z <= 0)
+            feasible = ~bad.any(dim=-1)
+            # The variable just added has a non-positive solution: a round-off artefact of the KKT test.
+            # Drop it, block it until the solution changes, and keep the current x.
+            fresh_bad = adding & (bad & added).any(dim=-1)
+            upd = ~done & ~fresh_bad
+            # feasible: accept z and go back to the KKT test
+            acc = upd & feasible
+            x = torch.where(acc[:, None], z, x)
+            blocked = blocked & ~acc[:, None]
+            # infeasible: move towards z until the first variable hits zero, and drop it
+            step = upd & ~feasible
+            ratio = torch.where(bad, x / (x - z).clamp_min(1e-300), torch.full_like(x, torch.inf))
+            alpha = ratio.amin(dim=-1).clamp(0, 1)
+            hit = ratio.argmin(dim=-1)
+            x_new = x + alpha[:, None] * (z - x)
+            keep = passive & (x_new > 1e-300)
+            keep[rows, hit] = False
+            keep = keep | (passive & ~step[:, None])  # only the stepping examples lose variables
+            x = torch.where(step[:, None], torch.where(keep, x_new, torch.zeros_like(x_new)), x)
+            passive = torch.where(step[:, None], keep, passive)
+            passive = torch.where(fresh_bad[:, None], passive & ~added, passive)
+            blocked = blocked | (fresh_bad[:, None] & added)
+            need_add = torch.where(done, need_add, acc | fresh_bad)
+        x = torch.where(passive, x, torch.zeros_like(x)) * scale
+    return x, passive
+
+
+def _weights(
+    noise_sigma: float | torch.Tensor, mask: torch.Tensor | None, shape: Sequence[int], like: torch.Tensor
+) -> torch.Tensor:
+    """``B x 1 x N x N`` inverse variances (0 on excluded pixels), float64."""
+    sigma = check_noise_sigma(noise_sigma, shape[0], shape[-2:], like=like)
+    used = used_pixels(sigma, shape, mask)
+    safe = torch.where(used > 0, sigma, torch.ones_like(sigma))
+    return (used / safe**2).to(torch.float64)
+
+
+def _normal_equations(
+    basis: torch.Tensor, data: torch.Tensor, weights: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``G = A^T W A`` (``B x K x K``) and ``h = A^T W d`` (``B x K``) in float64."""
+    a = basis.flatten(2).to(torch.float64)  # B x K x P
+    aw = a * weights.flatten(2).to(torch.float64)  # B x K x P (weights B x 1 x P)
+    gram = aw @ a.transpose(-1, -2)
+    rhs = (aw @ data.flatten(2).to(torch.float64).transpose(-1, -2))[..., 0]
+    return gram, rhs
+
+
+def _amplitudes_from_system(gram: torch.Tensor, rhs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """NNLS under no_grad, then a differentiable solve on the passive set (float64 ``B x K``, passive)."""
+    _, passive = nnls_gram(gram, rhs)
+    diag = torch.diagonal(gram, dim1=-2, dim2=-1).detach()
+    scale = torch.where(passive, diag.clamp_min(1e-300).rsqrt(), torch.zeros_like(diag))
+    z = _solve_on_set(gram * scale[:, :, None] * scale[:, None, :], rhs * scale, passive)
+    return z * scale, passive
+
+
+def solve_amplitudes(
+    basis: torch.Tensor,
+    data: torch.Tensor,
+    noise_sigma: float | torch.Tensor,
+    mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Non-negative amplitudes minimising ``chi^2 = sum_p w_p (sum_k a_k A_kp - d_p)^2 / sigma_p^2``.
+
+    Args:
+        basis: ``B x K x N x N`` (or ``1 x K x N x N``, shared) basis images, e.g. from :func:`mge_basis`.
+        data: ``B x 1 x N x N`` image to fit (e.g. the observation minus the lensed-source model).
+        noise_sigma: float, ``(B,)`` or ``B x 1 x N x N`` noise sigma in the units of ``data``; pixels
+            with sigma >= 1e6 are excluded.
+        mask: optional boolean ``B x 1 x N x N`` (broadcastable), True = pixel used.
+
+    Returns:
+        ``B x K`` amplitudes ``a_k >= 0`` (units of ``data`` / units of ``basis``; total fluxes in image
+        units x arcsec^2 for the MGE basis), in the promoted dtype of ``basis`` and ``data``.
+        Differentiable w.r.t. ``data``, ``basis`` and ``noise_sigma`` (fixed active set).
+    """
+    check_map(data, "data")
+    if basis.ndim != 4 or basis.shape[-2:] != data.shape[-2:] or basis.shape[0] not in (1, data.shape[0]):
+        raise RimlensInputError(
+            f"basis must be B x K x N x N matching data {tuple(data.shape)}, got {tuple(basis.shape)}"
+        )
+    out_dtype = torch.promote_types(basis.dtype, data.dtype)
+    b = data.shape[0]
+    if basis.shape[0] != b:
+        basis = basis.expand(b, -1, -1, -1)
+    w = _weights(noise_sigma, mask, data.shape, data)
+    gram, rhs = _normal_equations(basis, data, w)
+    amps, _ = _amplitudes_from_system(gram, rhs)
+    return amps.to(out_dtype)
+
+
+# ------------------------------------------------------------------------------ the model
+@dataclass
+class LensLightModel:
+    """A fitted MGE lens-light model (all per-example tensors float64, detached except ``amplitudes``).
+
+    Attributes:
+        center_x, center_y: ``(B,)`` centre in arcsec.
+        q: ``(B,)`` axis ratio.
+        phi: ``(B,)`` position angle of the major axis, radians counter-clockwise from +x.
+        sigmas: ``(K,)`` Gaussian widths in arcsec.
+        amplitudes: ``B x K`` non-negative total fluxes (image units x arcsec^2); carries the gradient
+            w.r.t. the fitted data.
+        grid: the image grid.
+        psf: the PSF.
+        chi2: ``(B,)`` chi-square of the fit (over the used pixels).
+        dtype: dtype of the images returned by :meth:`image` and :meth:`unconvolved` (that of the data).
+        supersample: sub-pixels per side for the narrow Gaussians.
+    """
+
+    center_x: torch.Tensor
+    center_y: torch.Tensor
+    q: torch.Tensor
+    phi: torch.Tensor
+    sigmas: torch.Tensor
+    amplitudes: torch.Tensor
+    grid: PixelGrid
+    psf: PSF
+    chi2: torch.Tensor
+    dtype: torch.dtype = torch.float64
+    supersample: int = 4
+    _cache: dict[str, torch.Tensor] = field(default_factory=dict, repr=False, compare=False)
+
+    @property
+    def center(self) -> torch.Tensor:
+        """``B x 2`` centre ``(x0, y0)`` in arcsec."""
+        return torch.stack([self.center_x, self.center_y], dim=-1)
+
+    @property
+    def total_flux(self) -> torch.Tensor:
+        """``(B,)`` total flux (image units x arcsec^2) of the unconvolved model over the whole plane."""
+        return self.amplitudes.sum(dim=-1)
+
+    def basis(self, convolved: bool = True) -> torch.Tensor:
+        """The ``B x K x N x N`` float64 basis (arcsec^-2) at the fitted shape, cached."""
+        key = "convolved" if convolved else "unconvolved"
+        if key not in self._cache:
+            if "unconvolved" not in self._cache:
+                e1, e2 = ellipticity_from_q_phi(self.q, self.phi)
+                self._cache["unconvolved"] = _unconvolved_basis(
+                    self.grid, self.center_x, self.center_y, e1, e2, self.sigmas, self.supersample
+                )
+            if convolved:
+                self._cache["convolved"] = _convolve_stack(self._cache["unconvolved"], self.psf)
+        return self._cache[key]
+
+    def image(self) -> torch.Tensor:
+        """PSF-convolved, pixel-integrated model, ``B x 1 x N x N`` surface brightness (image units)."""
+        return torch.einsum("bk,bkij->bij", self.amplitudes.to(torch.float64), self.basis(True))[:, None].to(self.dtype)
+
+    def unconvolved(self) -> torch.Tensor:
+        """Pixel-integrated model before the PSF, ``B x 1 x N x N`` surface brightness (image units)."""
+        return torch.einsum("bk,bkij->bij", self.amplitudes.to(torch.float64), self.basis(False))[:, None].to(
+            self.dtype
+        )
+
+    def resolve(
+        self, data: torch.Tensor, noise_sigma: float | torch.Tensor, mask: torch.Tensor | None = None
+    ) -> LensLightModel:
+        """Re-solve the amplitudes for new data at the same (cached) shape; the cheap inner step.
+
+        ``data``: ``B x 1 x N x N`` (e.g. observation minus the current lensed-source model);
+        ``noise_sigma`` and ``mask`` as in :func:`solve_amplitudes`. Returns a new model sharing the
+        basis cache; its amplitudes are differentiable w.r.t. ``data``.
+        """
+        basis = self.basis(True)
+        w = _weights(noise_sigma, mask, data.shape, data)
+        gram, rhs = _normal_equations(basis, data, w)
+        amps, _ = _amplitudes_from_system(gram, rhs)
+        model = (amps[:, :, None] * basis.flatten(2)).sum(1).reshape(data.shape)
+        chi2 = (w * (model - data.to(torch.float64)) ** 2).sum(dim=(-3, -2, -1))
+        return LensLightModel(
+            self.center_x,
+            self.center_y,
+            self.q,
+            self.phi,
+            self.sigmas,
+            amps,
+            self.grid,
+            self.psf,
+            chi2.detach(),
+            data.dtype,
+            self.supersample,
+            self._cache,
+        )
+
+
+# ------------------------------------------------------------------------------ the fit
+def _initial_shape(
+    data: torch.Tensor, weights: torch.Tensor, grid: PixelGrid, center: torch.Tensor | None, n_iter: int = 40
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Adaptive (Gaussian-weighted) moments of the positive light: ``(x0, y0, e1, e2)``, each ``(B,)``.
+
+    The weight is an elliptical Gaussian matched to the measured covariance (Bernstein & Jarvis 2002),
+    which converges to the best-fitting Gaussian and is little affected by light far from the centre
+    (arcs). The start is the brightest pixel of the 3 x 3-smoothed image, or ``center``.
+    """
+    s = grid.pixel_scale_arcsec
+    x, y = grid.coordinates(torch.float64, data.device)
+    f = data.to(torch.float64).clamp_min(0) * (weights > 0).to(torch.float64)
+    f = f[:, 0]
+    b = f.shape[0]
+    if center is None:
+        smooth = torch.nn.functional.avg_pool2d(f[:, None], 3, stride=1, padding=1, count_include_pad=False)[:, 0]
+        peak = smooth.flatten(1).argmax(dim=-1)
+        xc, yc = x.flatten()[peak], y.flatten()[peak]
+    else:
+        xc, yc = center[:, 0].clone(), center[:, 1].clone()
+    w0 = max(3 * s, 0.05 * grid.fov_arcsec) ** 2
+    cxx = torch.full((b,), w0, dtype=torch.float64, device=data.device)
+    cyy, cxy = cxx.clone(), torch.zeros_like(cxx)
+    floor = (0.5 * s) ** 2
+    for _ in range(n_iter):
+        dx, dy = x - xc[:, None, None], y - yc[:, None, None]
+        det = (cxx * cyy - cxy**2)[:, None, None]
+        quad = (cyy[:, None, None] * dx**2 - 2 * cxy[:, None, None] * dx * dy + cxx[:, None, None] * dy**2) / det
+        wf = f * torch.exp(-0.5 * quad)
+        tot = wf.sum(dim=(-2, -1)).clamp_min(1e-300)
+        if center is None:
+            xc = xc + (wf * dx).sum(dim=(-2, -1)) / tot
+            yc = yc + (wf * dy).sum(dim=(-2, -1)) / tot
+            dx, dy = x - xc[:, None, None], y - yc[:, None, None]
+        mxx = (wf * dx**2).sum(dim=(-2, -1)) / tot
+        myy = (wf * dy**2).sum(dim=(-2, -1)) / tot
+        mxy = (wf * dx * dy).sum(dim=(-2, -1)) / tot
+        # For a Gaussian image of covariance C and a weight of covariance C, the weighted moments are C / 2.
+        cxx, cyy, cxy = (2 * mxx).clamp_min(floor), (2 * myy).clamp_min(floor), 2 * mxy
+        cxy = cxy.clamp(-0.999 * torch.sqrt(cxx * cyy), 0.999 * torch.sqrt(cxx * cyy))
+    # covariance ~ sigma^2 M^-1: major / minor variances sigma^2 / q and sigma^2 q
+    tr, det = cxx + cyy, cxx * cyy - cxy**2
+    disc = torch.sqrt(((cxx - cyy) / 2) ** 2 + cxy**2)
+    lam_max, lam_min = tr / 2 + disc, (tr / 2 - disc).clamp_min(1e-300)
+    q = torch.sqrt(lam_min / lam_max).clamp(min=Q_MIN + 0.01, max=1.0)
+    phi = 0.5 * torch.atan2(2 * cxy, cxx - cyy)
+    del det
+    e1, e2 = ellipticity_from_q_phi(q, phi)
+    return xc, yc, e1, e2
+
+
+def _to_free(e1: torch.Tensor, e2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Ellipticity -> unconstrained ``g = e / sqrt(e_max^2 - |e|^2)``."""
+    e2sq = (e1**2 + e2**2).clamp_max((0.999 * _E_MAX) ** 2)
+    d = torch.sqrt(_E_MAX**2 - e2sq)
+    return e1 / d, e2 / d
+
+
+def _from_free(g1: torch.Tensor, g2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Unconstrained ``g`` -> ellipticity ``e = e_max g / sqrt(1 + |g|^2)`` (|e| < e_max, smooth)."""
+    d = _E_MAX / torch.sqrt(1 + g1**2 + g2**2)
+    return g1 * d, g2 * d
+
+
+@dataclass
+class _Eval:
+    """One profile-likelihood evaluation at parameters theta = (x0, y0, g1, g2), all float64."""
+
+    theta: torch.Tensor  # B x 4
+    basis: torch.Tensor  # B x K x P (convolved)
+    gram: torch.Tensor  # B x K x K
+    amps: torch.Tensor  # B x K
+    passive: torch.Tensor  # B x K
+    model: torch.Tensor  # B x P
+    chi2: torch.Tensor  # B
+
+
+def _evaluate(
+    theta: torch.Tensor,
+    grid: PixelGrid,
+    sigmas: torch.Tensor,
+    psf: PSF,
+    data: torch.Tensor,
+    weights: torch.Tensor,
+    supersample: int,
+) -> _Eval:
+    e1, e2 = _from_free(theta[:, 2], theta[:, 3])
+    basis = _convolve_stack(_unconvolved_basis(grid, theta[:, 0], theta[:, 1], e1, e2, sigmas, supersample), psf)
+    basis = basis.flatten(2)
+    gram, rhs = _normal_equations(basis, data, weights)
+    amps, passive = nnls_gram(gram, rhs)
+    model = (amps[:, :, None] * basis).sum(1)
+    chi2 = (weights.flatten(1) * (model - data.flatten(1)) ** 2).sum(-1)
+    return _Eval(theta, basis, gram, amps, passive, model, chi2)
+
+
+def _select(ev: _Eval, keep: torch.Tensor, other: _Eval) -> _Eval:
+    """Per example: ``ev`` where ``keep``, else ``other``."""
+
+    def pick(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return torch.where(keep.reshape(-1, *([1] * (a.ndim - 1))), a, b)
+
+    return _Eval(*(pick(getattr(ev, n), getattr(other, n)) for n in _Eval.__dataclass_fields__))
+
+
+def _levenberg_marquardt(
+    start: _Eval,
+    grid: PixelGrid,
+    sigmas: torch.Tensor,
+    psf: PSF,
+    data: torch.Tensor,
+    weights: torch.Tensor,
+    supersample: int,
+    fit_center: bool,
+    max_iter: int,
+    rtol: float,
+) -> tuple[_Eval, int]:
+    """Batched LM on the profile chi^2 (Kaufman's variable-projection Jacobian), per-example damping."""
+    cur = start
+    b = data.shape[0]
+    lam = torch.full((b,), 1e-3, dtype=torch.float64, device=data.device)
+    done = torch.zeros(b, dtype=torch.bool, device=data.device)
+    w = weights.flatten(1)
+    d = data.flatten(1)
+    eye4 = torch.eye(4, dtype=torch.float64, device=data.device)
+    free = torch.tensor([fit_center, fit_center, True, True], device=data.device)
+    n_done = 0
+    for it in range(max_iter):
+        n_done = it + 1
+        amps = cur.amps
+
+        def model_of(theta: torch.Tensor, amps: torch.Tensor = amps) -> torch.Tensor:
+            e1, e2 = _from_free(theta[:, 2], theta[:, 3])
+            g = _unconvolved_basis(grid, theta[:, 0], theta[:, 1], e1, e2, sigmas, supersample)
+            img = (amps[:, :, None, None] * g).sum(1, keepdim=True)
+            return psf.convolve(img).flatten(1)
+
+        jac = []
+        for i in range(4):
+            if not bool(free[i]):
+                jac.append(torch.zeros_like(d))
+                continue
+            tangent = torch.zeros_like(cur.theta)
+            tangent[:, i] = 1
+            jac.append(torch.func.jvp(model_of, (cur.theta,), (tangent,))[1])
+        jm = torch.stack(jac, dim=1)  # B x 4 x P
+        # project out what the (passive) amplitudes can absorb: J <- J - A (A^T W A)^-1 A^T W J
+        proj = (cur.basis * w[:, None]) @ jm.transpose(-1, -2)  # B x K x 4
+        coef = _solve_on_set(cur.gram, proj, cur.passive)
+        jac_p = jm - coef.transpose(-1, -2) @ cur.basis
+        jw = jac_p * w[:, None]
+        hess = jw @ jac_p.transpose(-1, -2)  # B x 4 x 4
+        grad = (jw @ (d - cur.model)[:, :, None])[..., 0]  # B x 4
+        fm = free.to(torch.float64)
+        hess = hess * fm[:, None] * fm[None, :] + torch.diag(1 - fm)
+        grad = grad * fm
+        dh = torch.diagonal(hess, dim1=-2, dim2=-1)
+        damped = hess + lam[:, None, None] * torch.diag_embed(dh) + 1e-12 * dh.amax(-1)[:, None, None] * eye4
+        delta = torch.linalg.solve(damped, grad)
+        delta = torch.where(done[:, None], torch.zeros_like(delta), delta)
+        trial = _evaluate(cur.theta + delta, grid, sigmas, psf, data, weights, supersample)
+        better = (trial.chi2 < cur.chi2) & ~done
+        gain = (cur.chi2 - trial.chi2) / cur.chi2.clamp_min(1e-300)
+        cur = _select(trial, better, cur)
+        lam = torch.where(better, (lam * 0.3).clamp_min(1e-7), lam * 10)
+        done = done | (better & (gain < rtol)) | (lam > 1e8)
+        if bool(done.all()):
+            break
+    return cur, n_done
+
+
+def fit_lens_light(
+    data: torch.Tensor,
+    noise_sigma: float | torch.Tensor,
+    psf: PSF,
+    grid: PixelGrid,
+    mask: torch.Tensor | None = None,
+    center: torch.Tensor | Sequence[float] | None = None,
+    *,
+    sigmas: torch.Tensor | Sequence[float] | None = None,
+    n_gaussians: int = 24,
+    fit_center: bool = True,
+    max_iter: int = 30,
+    rtol: float = 1e-7,
+    clip_sigma: float | None = None,
+    clip_rounds: int = 2,
+    supersample: int = 4,
+) -> LensLightModel:
+    """Fit the MGE lens-light model (shape and non-negative amplitudes) to a batch of images.
+
+    Starts from adaptive moments of the positive light, then refines ``(x0, y0, q, phi)`` by a batched
+    Levenberg-Marquardt on the profile chi^2 (the amplitudes are re-solved by NNLS at every step).
+
+    Args:
+        data: ``B x 1 x N x N`` image (surface brightness): the observation, or -- the intended use --
+            the observation minus the current lensed-source model (see the module docstring).
+        noise_sigma: float, ``(B,)`` or ``B x 1 x N x N`` noise sigma (units of ``data``); pixels with
+            sigma >= 1e6 are excluded.
+        psf: PSF of batch 1 or ``B``.
+        grid: image grid (``N`` pixels).
+        mask: optional boolean mask broadcastable to ``data``, True = pixel used.
+        center: optional initial centre (arcsec), ``(2,)`` or ``B x 2``; default: the light peak.
+        sigmas: ``(K,)`` increasing widths (arcsec); default :func:`default_sigmas` (``n_gaussians``).
+        n_gaussians: ``K`` when ``sigmas`` is not given.
+        fit_center: False keeps the centre at ``center`` (which must then be given).
+        max_iter: maximum LM iterations.
+        rtol: an example stops when an accepted step lowers chi^2 by less than this fraction.
+        clip_sigma: if set, after the fit exclude the pixels brighter than the model by more than
+            ``clip_sigma`` noise sigmas (e.g. unsubtracted arcs) and refit, ``clip_rounds`` times.
+            Only meaningful with a realistic noise sigma.
+        clip_rounds: number of clip-and-refit rounds.
+        supersample: sub-pixels per side for the narrow Gaussians.
+
+    Returns:
+        The :class:`LensLightModel`; its amplitudes are differentiable w.r.t. ``data`` (at the fitted,
+        detached shape parameters).
+    """
+    check_map(data, "data")
+    b, n = data.shape[0], data.shape[-1]
+    if n != grid.n_pixels:
+        raise RimlensInputError(f"data has {n} pixels per side, the grid has {grid.n_pixels}")
+    if psf.batch_size not in (1, b):
+        raise RimlensInputError(f"PSF batch ({psf.batch_size}) does not match the data batch ({b})")
+    sig = _check_sigmas(sigmas) if sigmas is not None else default_sigmas(grid, n_gaussians)
+    sig = sig.to(device=data.device)
+    weights = _weights(noise_sigma, mask, data.shape, data)
+    if bool((weights.flatten(1).sum(-1) <= 0).any()):
+        raise RimlensInputError("an example has no used pixel (all masked or sigma >= 1e6)")
+    center_t: torch.Tensor | None = None
+    if center is not None:
+        center_t = torch.as_tensor(center, dtype=torch.float64, device=data.device).reshape(-1, 2).expand(b, 2)
+    elif not fit_center:
+        raise RimlensInputError("fit_center=False needs a center")
+    d64 = data.detach().to(torch.float64)
+    with torch.no_grad():
+        x0, y0, e1, e2 = _initial_shape(d64, weights, grid, center_t)
+        g1, g2 = _to_free(e1, e2)
+        theta = torch.stack([x0, y0, g1, g2], dim=-1)
+        fit_w = weights
+        for rnd in range((clip_rounds if clip_sigma is not None else 0) + 1):
+            start = _evaluate(theta, grid, sig, psf, d64, fit_w, supersample)
+            best, _ = _levenberg_marquardt(start, grid, sig, psf, d64, fit_w, supersample, fit_center, max_iter, rtol)
+            theta = best.theta
+            if clip_sigma is not None and rnd < clip_rounds:
+                resid = (d64.flatten(1) - best.model) * weights.flatten(1).sqrt()
+                fit_w = weights * (resid <= clip_sigma).to(torch.float64).reshape(weights.shape)
+        e1, e2 = _from_free(theta[:, 2], theta[:, 3])
+        q, phi = q_phi_from_ellipticity(e1, e2)
+    model = LensLightModel(
+        theta[:, 0].clone(),
+        theta[:, 1].clone(),
+        q,
+        phi,
+        sig,
+        torch.zeros(b, sig.shape[0], dtype=torch.float64, device=data.device),
+        grid,
+        psf,
+        torch.zeros(b, dtype=torch.float64, device=data.device),
+        data.dtype,
+        supersample,
+    )
+    return model.resolve(data, noise_sigma, _final_mask(mask, fit_w, weights))
+
+
+def _final_mask(mask: torch.Tensor | None, fit_w: torch.Tensor, weights: torch.Tensor) -> torch.Tensor | None:
+    """The mask of the final amplitude solve: the user's, and the clipped pixels if clipping was on."""
+    if fit_w is weights:
+        return mask
+    return fit_w > 0  # False on the clipped pixels and on those excluded from the start
