@@ -76,6 +76,17 @@ def _finetune_setup(o: dict, model=None) -> FinetuneSetup:
     return FinetuneSetup.load(o["source_vae"], o["kappa_vae"], options, model)
 
 
+def _center(text: str) -> str | tuple[float, float] | None:
+    """``--center``: ``auto``, ``cutout`` (``None``) or ``X,Y`` in arcsec."""
+    if text in ("auto", "cutout"):
+        return None if text == "cutout" else "auto"
+    try:
+        x, y = (float(v) for v in text.replace(",", " ").split())
+    except ValueError:
+        raise RimlensInputError(f"--center must be auto, cutout or X,Y in arcsec, got {text!r}") from None
+    return (x, y)
+
+
 def _refuse(given: dict, why: str) -> None:
     """Refuse options (by parameter name) that make no sense with this input, naming their flags."""
     flags = {p.name: p.opts[0] for p in click.get_current_context().command.params}
@@ -98,7 +109,7 @@ def cli():
 @click.option("--pixel-scale", "pixel_scale_arcsec", type=float, default=None, help="arcsec / pixel (default: header).")
 @click.option("--mask", type=FILE, default=None, help="FITS mask: non-zero = use the pixel.")
 @click.option(
-    "--center", "center_arcsec", type=float, nargs=2, default=None, metavar="X Y", help="Lens centre, arcsec."
+    "--center", default="auto", show_default=True, metavar="auto|cutout|X,Y", help="Lens centre (X,Y: arcsec)."
 )
 @MODEL
 @click.option("--finetune", is_flag=True, help="Fine-tune the RIM on this observation (EWC prior, needs the VAEs).")
@@ -112,20 +123,29 @@ def reconstruct(image: Path, model: str, finetune: bool, out_dir: Path, **o):
     lenses are skipped), sharded over processes under torchrun, with a table OUT/summary.csv.
     An HDF5 lens set (from `rimlens simulate`) is reconstructed into OUT/reconstructions.h5, as `predict`.
     """
-    inputs = {k: o.pop(k) for k in ("psf", "noise", "sigma", "pixel_scale_arcsec", "mask", "center_arcsec")}
+    inputs = {k: o.pop(k) for k in ("psf", "noise", "sigma", "pixel_scale_arcsec", "mask")}
+    center = _center(o.pop("center"))
     if image.suffix.lower() in (".h5", ".hdf5"):  # a simulated set: batched, resumable, sharded (as `predict`)
-        _refuse({**inputs, "finetune": finetune}, "an HDF5 lens set (fine-tune a set with `evaluate --finetune N`)")
+        given = {**inputs, "finetune": finetune, "center": center != "auto"}
+        _refuse(given, "an HDF5 lens set (fine-tune a set with `evaluate --finetune N`)")
         return _predict(model, image, out_dir / "reconstructions.h5", 32)
     rim = load_model(model)
     setup = _finetune_setup(o, rim) if finetune else None
     if image.is_dir():
-        _refuse({k: inputs[k] for k in ("psf", "noise", "mask", "center_arcsec")}, "a folder (each lens has its own)")
+        given = {
+            "psf": inputs["psf"],
+            "noise": inputs["noise"],
+            "mask": inputs["mask"],
+            "center": isinstance(center, tuple),
+        }
+        _refuse(given, "a folder (each lens has its own)")
         with process_group():
             done = reconstruct_folder(
                 rim,
                 image,
                 out_dir,
                 sigma=inputs["sigma"],
+                center_arcsec=center,
                 finetune_with=setup,
                 on_error=_echo_error,
                 pixel_scale_arcsec=inputs["pixel_scale_arcsec"],
@@ -133,8 +153,10 @@ def reconstruct(image: Path, model: str, finetune: bool, out_dir: Path, **o):
         if done is not None:
             click.echo(f"reconstructed {done.done}/{done.lenses} lenses; table in {done.table}")
         return None
-    s = reconstruct_observation(rim, image, out_dir=out_dir, finetune_with=setup, **inputs)
+    s = reconstruct_observation(rim, image, out_dir=out_dir, center_arcsec=center, finetune_with=setup, **inputs)
     click.echo(f"chi2_nu {s['chi2_nu']:.3f} (baseline {s['baseline_chi2_nu']:.3f}); products in {out_dir}")
+    for warning in s["warnings"]:
+        click.echo(f"warning: {warning}", err=True)
     return None
 
 

@@ -19,13 +19,10 @@ from rimlens.data.random import child_rng
 from rimlens.distributed import collective_failure, rank_and_world
 from rimlens.errors import RimlensInputError
 from rimlens.inference.finetune import FinetuneOptions, check_vae_grids, finetune
+from rimlens.inference.quality import assess
 from rimlens.io.atomic import atomic_path
 from rimlens.io.checkpoint import load_vae
-from rimlens.io.observation import (
-    PreparedObservation,
-    load_observation,
-    prepare_observation,
-)
+from rimlens.io.observation import Observation, PreparedObservation, load_observation, prepare_observation
 from rimlens.io.products import write_products
 from rimlens.nn.rim import RIM
 from rimlens.nn.vae import VAE
@@ -177,15 +174,20 @@ def _write(
     finetune_with: FinetuneSetup | None,
     truth: dict | None = None,
     title: str = "",
+    obs: Observation | None = None,
 ) -> dict:
     grid = model.grid
+    quality = assess(model, prep, rec.model_image, rec.model_image, rec.chi2_nu, obs)
     summary = {
         **summary,
         "model": _model_name(model),
         "preset": model.preset.name if model.preset else "",
         **rec.summary(finetune_with.options if finetune_with else None),
-        "flux_scale": prep.flux_scale,
-        "center_arcsec": list(prep.center_arcsec),
+        **prep.describe(),
+        "input": obs.meta if obs is not None else {},
+        "lens_light": "none",
+        "quality": quality.as_dict(),
+        "warnings": [w for w in (quality.warning(),) if w],
     }
     if truth is not None:
         summary["source_mse"] = float(((rec.source - truth["source"]) ** 2).mean())
@@ -219,7 +221,7 @@ def reconstruct_observation(
     sigma: float | None = None,
     pixel_scale_arcsec: float | None = None,
     mask: str | Path | None = None,
-    center_arcsec: tuple[float, float] | None = None,
+    center_arcsec: tuple[float, float] | str | None = "auto",
     finetune_with: FinetuneSetup | None = None,
 ) -> dict:
     """Reconstruct one FITS observation and write its products (FITS maps, PNG, ``summary.json``)
@@ -229,7 +231,7 @@ def reconstruct_observation(
     obs = load_observation(image, psf, noise, sigma, pixel_scale_arcsec, mask)
     prep = prepare_observation(obs, model.grid.image_grid, center_arcsec)
     rec = reconstruct_prepared(model, prep, finetune_with)
-    return _write(model, prep, rec, Path(out_dir), {"image": str(image)}, finetune_with, title=obs.name)
+    return _write(model, prep, rec, Path(out_dir), {"image": str(image)}, finetune_with, title=obs.name, obs=obs)
 
 
 @dataclass
@@ -242,7 +244,18 @@ class FolderSummary:
     errors: dict[str, str] = field(default_factory=dict)
 
 
-SUMMARY_COLUMNS = ("chi2_nu", "baseline_chi2_nu", "seconds", "used_pixels")
+SUMMARY_COLUMNS = (
+    "chi2_nu",
+    "baseline_chi2_nu",
+    "chi2_nu_arcs",
+    "poor_fit",
+    "likely_causes",
+    "center_method",
+    "padded_fraction",
+    "lens_light",
+    "seconds",
+    "used_pixels",
+)
 
 
 def reconstruct_folder(
@@ -252,6 +265,7 @@ def reconstruct_folder(
     *,
     sigma: float | None = None,
     pixel_scale_arcsec: float | None = None,
+    center_arcsec: str | None = "auto",
     finetune_with: FinetuneSetup | None = None,
     on_error=None,
 ) -> FolderSummary | None:
@@ -283,6 +297,7 @@ def reconstruct_folder(
                     noise=lens / "noise_map.fits" if sigma is None else None,
                     sigma=sigma,
                     pixel_scale_arcsec=pixel_scale_arcsec,
+                    center_arcsec=center_arcsec,
                     finetune_with=finetune_with,
                 )
             except RimlensInputError as exc:
@@ -295,6 +310,12 @@ def reconstruct_folder(
     for lens in lenses:
         f = out_dir / lens.name / "summary.json"
         summary = json.loads(f.read_text()) if f.exists() else {}
+        q = summary.get("quality", {})
+        summary.update(
+            chi2_nu_arcs=q.get("chi2_nu_arcs", ""),
+            poor_fit=q.get("poor", ""),
+            likely_causes="; ".join(q.get("causes", [])),
+        )
         rows.append({"lens": lens.name, **{k: summary.get(k, "") for k in SUMMARY_COLUMNS}})
     table = out_dir / "summary.csv"
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -333,6 +354,7 @@ def run_demo(model: RIM, out_dir: str | Path, seed: int = 7) -> DemoResult:
         {"image": "SLACS J2303+1422 (shipped)"},
         None,
         title=obs.name,
+        obs=obs,
     )
     if model.preset is None:
         raise RimlensInputError("the demo needs a model loaded from a checkpoint (it carries the data configuration)")

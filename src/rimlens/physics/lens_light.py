@@ -84,8 +84,8 @@ _CUTOUT_SIGMAS = 6.0  # narrow Gaussians are evaluated out to this many major-ax
 # ------------------------------------------------------------------------------ parameters
 def default_sigmas(
     grid: PixelGrid,
-    n_gaussians: int = 24,
-    min_pixels: float = 0.5,
+    n_gaussians: int = 30,
+    min_pixels: float = 0.1,
     max_fraction: float = 0.5,
     dtype: torch.dtype = torch.float64,
 ) -> torch.Tensor:
@@ -141,34 +141,54 @@ def _as_batch(v: float | torch.Tensor, batch: int | None = None) -> torch.Tensor
 
 
 # ------------------------------------------------------------------------------ basis
-def _gaussians(
+def _gaussian_stack(
     dx: torch.Tensor,
     dy: torch.Tensor,
     e1: torch.Tensor,
     e2: torch.Tensor,
     sig2: torch.Tensor,
     var_pix: float,
+    amps: torch.Tensor | None,
 ) -> torch.Tensor:
     """Unit-flux elliptical Gaussians (arcsec^-2) with an extra isotropic variance ``var_pix`` (arcsec^2).
 
-    ``dx``: ``B x 1 x 1 x W`` (or ``1 x 1 x 1 x W``), ``dy``: ``B x 1 x H x 1``, offsets from the centre in
-    arcsec; ``e1, e2``: ``B x 1 x 1 x 1``; ``sig2``: ``1 x K x 1 x 1`` squared widths. Returns ``B x K x H x W``.
+    ``dx``: ``B x 1 x 1 x W``, ``dy``: ``B x 1 x H x 1``, offsets from the centre in arcsec; ``e1, e2``:
+    ``B x 1 x 1 x 1``; ``sig2``: ``1 x K x 1 x 1`` squared widths (arcsec^2). Returns the ``B x K x H x W``
+    Gaussians, or with ``amps`` (``B x K x 1 x 1``) the ``B x 5 x H x W`` stack of ``sum_k a_k G_k`` and its
+    analytic derivatives with respect to ``(x0, y0, e1, e2)``.
     """
     ee = e1**2 + e2**2
     den = 1 - ee
     a = (1 + ee) / den
     bc = -2 * e1 / den
     bs = -2 * e2 / den
-    # R^2 = d^T M d with M = [[a + bc, bs], [bs, a - bc]], det M = 1; covariance = sigma^2 M^-1 + var_pix I.
+    # R^2 = d^T M d with M = [[a + bc, bs], [bs, a - bc]], det M = 1; covariance C = sigma^2 M^-1 + var_pix I.
     cxx = sig2 * (a - bc) + var_pix
     cyy = sig2 * (a + bc) + var_pix
     cxy = -sig2 * bs
     det = cxx * cyy - cxy**2
-    quad = (cyy * dx**2 - 2 * cxy * dx * dy + cxx * dy**2) / det
-    return torch.exp(-0.5 * quad) / (2 * math.pi * torch.sqrt(det))
+    ixx, iyy, ixy = cyy / det, cxx / det, -cxy / det  # C^-1
+    quad = ixx * dx**2 + iyy * dy**2 + 2 * ixy * (dx * dy)
+    g = torch.exp(-0.5 * quad) / (2 * math.pi * torch.sqrt(det))
+    if amps is None:
+        return g
+    ag = amps * g
+    # dG/dx0 = G (C^-1 d)_x, dG/dy0 = G (C^-1 d)_y, dG/dp = G (u^T C_p u - tr(C^-1 C_p)) / 2, u = C^-1 d
+    ux = ixx * dx + ixy * dy
+    uy = ixy * dx + iyy * dy
+    den2 = den**2
+    out = [ag.sum(1), (ag * ux).sum(1), (ag * uy).sum(1)]
+    for da, dbc, dbs in (
+        (4 * e1 / den2, -2 * (1 + e1**2 - e2**2) / den2, -4 * e1 * e2 / den2),
+        (4 * e2 / den2, -4 * e1 * e2 / den2, -2 * (1 - e1**2 + e2**2) / den2),
+    ):
+        pxx, pyy, pxy = sig2 * (da - dbc), sig2 * (da + dbc), -sig2 * dbs
+        trace = ixx * pxx + iyy * pyy + 2 * ixy * pxy
+        out.append((ag * (0.5 * (pxx * ux**2 + pyy * uy**2 + 2 * pxy * (ux * uy) - trace))).sum(1))
+    return torch.stack(out, dim=1)
 
 
-def _unconvolved_basis(
+def _render(
     grid: PixelGrid,
     x0: torch.Tensor,
     y0: torch.Tensor,
@@ -176,53 +196,73 @@ def _unconvolved_basis(
     e2: torch.Tensor,
     sigmas: torch.Tensor,
     supersample: int,
+    amps: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Pixel-averaged unit-flux Gaussians, ``B x K x N x N`` (arcsec^-2); parameters ``(B,)`` float64."""
+    """Pixel-averaged unit-flux Gaussians before the PSF (arcsec^-2); parameters ``(B,)`` float64.
+
+    Returns the ``B x K x N x N`` basis, or with ``amps`` (``B x K``) the ``B x 5 x N x N`` stack of
+    the model ``sum_k a_k G_k`` and its derivatives with respect to ``(x0, y0, e1, e2)``.
+
+    The Gaussians with ``sigma >= NARROW_PIXELS`` pixels are sampled at the pixel centres with the
+    pixel's variance ``s^2 / 12`` added to their covariance. The narrower ones are grouped by a
+    supersampling factor ``f`` (a power of two >= ``supersample``, large enough that the minor-axis
+    width is >= 1 sub-pixel), evaluated likewise on ``f x f`` sub-pixels (variance ``(s / f)^2 / 12``
+    added) over a cutout of ``+- 6`` major-axis sigmas around the pixel nearest the centre, averaged
+    over each pixel and placed in the image.
+    """
     n, s = grid.n_pixels, grid.pixel_scale_arcsec
     dtype, device = x0.dtype, x0.device
-    b = x0.shape[0]
+    b, k_all = x0.shape[0], sigmas.shape[0]
     sigmas = sigmas.to(dtype=dtype, device=device)
     x0r, y0r, e1r, e2r = (v.reshape(-1, 1, 1, 1) for v in (x0, y0, e1, e2))
-    narrow = sigmas < NARROW_PIXELS * s
-    k_narrow = int(narrow.sum())
-    if supersample <= 1:
-        k_narrow = 0
+    ampsr = None if amps is None else amps.to(dtype).reshape(b, k_all, 1, 1)
+    sig_px = [float(v) / s for v in sigmas.detach().cpu()]
+    with torch.no_grad():
+        e_max = min(float(torch.sqrt(e1**2 + e2**2).max()), _E_MAX)
+        sqrt_q_min = math.sqrt((1 - e_max) / (1 + e_max))
+        col_c = torch.round(x0.detach() / s + (n - 1) / 2).clamp(0, n - 1).long()
+        row_c = torch.round(y0.detach() / s + (n - 1) / 2).clamp(0, n - 1).long()
+    # groups of consecutive Gaussians sharing a supersampling factor: (start, stop, f)
+    groups: list[tuple[int, int, int]] = []
+    for k, sp in enumerate(sig_px):
+        if sp >= NARROW_PIXELS or supersample <= 1:
+            f = 1
+        else:
+            f = max(int(supersample), 2 ** max(0, math.ceil(math.log2(1.0 / (sp * sqrt_q_min)))))
+        if groups and groups[-1][2] == f:
+            groups[-1] = (groups[-1][0], k + 1, f)
+        else:
+            groups.append((k, k + 1, f))
+    idx = torch.arange(n, device=device)
     parts = []
-    if k_narrow > 0:
-        sig_n = sigmas[:k_narrow]
-        if not bool(narrow[:k_narrow].all()):
-            raise RimlensInputError("sigmas must be sorted in increasing order")
-        f = int(supersample)
-        with torch.no_grad():
-            e_max = float(torch.sqrt(e1**2 + e2**2).max())
-            q_min = (1 - e_max) / (1 + e_max)
-            half = min(n - 1, math.ceil(_CUTOUT_SIGMAS * float(sig_n[-1]) / math.sqrt(q_min) / s) + 1)
-            col_c = torch.round(x0.detach() / s + (n - 1) / 2).clamp(0, n - 1).long()
-            row_c = torch.round(y0.detach() / s + (n - 1) / 2).clamp(0, n - 1).long()
+    for start, stop, f in groups:
+        sig2 = (sigmas[start:stop] ** 2).reshape(1, -1, 1, 1)
+        amp_g = None if ampsr is None else ampsr[:, start:stop]
+        if f == 1:
+            axis = grid.axis(dtype, device)
+            dx = axis.reshape(1, 1, 1, -1) - x0r
+            dy = axis.reshape(1, 1, -1, 1) - y0r
+            parts.append(_gaussian_stack(dx, dy, e1r, e2r, sig2, s**2 / 12, amp_g))
+            continue
+        half = min(n - 1, math.ceil(_CUTOUT_SIGMAS * sig_px[stop - 1] / sqrt_q_min) + 1)
         m = 2 * half + 1
         fine = (torch.arange(m * f, dtype=dtype, device=device) - (m * f - 1) / 2) * (s / f)
-        xc = (col_c.to(dtype) - (n - 1) / 2) * s  # centre of the cutout's middle pixel, arcsec
-        yc = (row_c.to(dtype) - (n - 1) / 2) * s
-        dx = (xc.reshape(-1, 1, 1, 1) - x0r) + fine.reshape(1, 1, 1, -1)
-        dy = (yc.reshape(-1, 1, 1, 1) - y0r) + fine.reshape(1, 1, -1, 1)
-        g = _gaussians(dx, dy, e1r, e2r, (sig_n**2).reshape(1, -1, 1, 1), (s / f) ** 2 / 12)
-        cut = torch.nn.functional.avg_pool2d(g, f)  # B x Kn x m x m
-        # place the cutout: image pixel i <- cutout pixel i - centre + half (zero outside the cutout)
-        idx = torch.arange(n, device=device)
+        xc = ((col_c.to(dtype) - (n - 1) / 2) * s).reshape(-1, 1, 1, 1)  # centre of the cutout, arcsec
+        yc = ((row_c.to(dtype) - (n - 1) / 2) * s).reshape(-1, 1, 1, 1)
+        dx = (xc - x0r) + fine.reshape(1, 1, 1, -1)
+        dy = (yc - y0r) + fine.reshape(1, 1, -1, 1)
+        cut = torch.nn.functional.avg_pool2d(_gaussian_stack(dx, dy, e1r, e2r, sig2, (s / f) ** 2 / 12, amp_g), f)
+        # image pixel i <- cutout pixel i - centre + half (zero outside the cutout)
+        c = cut.shape[1]
         rows = idx[None, :] - row_c[:, None] + half  # B x N
         cols = idx[None, :] - col_c[:, None] + half
         rows_ok = ((rows >= 0) & (rows < m)).to(dtype)
         cols_ok = ((cols >= 0) & (cols < m)).to(dtype)
-        rows, cols = rows.clamp(0, m - 1), cols.clamp(0, m - 1)
-        cut = cut.gather(2, rows[:, None, :, None].expand(b, k_narrow, n, m))
-        cut = cut.gather(3, cols[:, None, None, :].expand(b, k_narrow, n, n))
+        cut = cut.gather(2, rows.clamp(0, m - 1)[:, None, :, None].expand(b, c, n, m))
+        cut = cut.gather(3, cols.clamp(0, m - 1)[:, None, None, :].expand(b, c, n, n))
         parts.append(cut * rows_ok[:, None, :, None] * cols_ok[:, None, None, :])
-    if k_narrow < sigmas.shape[0]:
-        sig_b = sigmas[k_narrow:]
-        axis = grid.axis(dtype, device)
-        dx = axis.reshape(1, 1, 1, -1) - x0r
-        dy = axis.reshape(1, 1, -1, 1) - y0r
-        parts.append(_gaussians(dx, dy, e1r, e2r, (sig_b**2).reshape(1, -1, 1, 1), s**2 / 12))
+    if amps is not None:
+        return torch.stack(parts).sum(0)
     return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
 
 
@@ -285,7 +325,7 @@ def mge_basis(
     if bool((qt <= 0).any()) or bool((qt > 1).any()):
         raise RimlensInputError(f"axis ratio q must be in (0, 1], got {qt.tolist()}")
     e1, e2 = ellipticity_from_q_phi(qt, phit)
-    basis = _unconvolved_basis(grid, x0t, y0t, e1, e2, sig.to(dtype), supersample)
+    basis = _render(grid, x0t, y0t, e1, e2, sig.to(dtype), supersample)
     if psf is None:
         return basis
     return _convolve_stack(basis, psf)
@@ -494,7 +534,7 @@ class LensLightModel:
         if key not in self._cache:
             if "unconvolved" not in self._cache:
                 e1, e2 = ellipticity_from_q_phi(self.q, self.phi)
-                self._cache["unconvolved"] = _unconvolved_basis(
+                self._cache["unconvolved"] = _render(
                     self.grid, self.center_x, self.center_y, e1, e2, self.sigmas, self.supersample
                 )
             if convolved:
@@ -630,7 +670,7 @@ def _evaluate(
     supersample: int,
 ) -> _Eval:
     e1, e2 = _from_free(theta[:, 2], theta[:, 3])
-    basis = _convolve_stack(_unconvolved_basis(grid, theta[:, 0], theta[:, 1], e1, e2, sigmas, supersample), psf)
+    basis = _convolve_stack(_render(grid, theta[:, 0], theta[:, 1], e1, e2, sigmas, supersample), psf)
     basis = basis.flatten(2)
     gram, rhs = _normal_equations(basis, data, weights)
     amps, passive = nnls_gram(gram, rhs)
@@ -660,55 +700,53 @@ def _levenberg_marquardt(
     max_iter: int,
     rtol: float,
 ) -> tuple[_Eval, int]:
-    """Batched LM on the profile chi^2 (Kaufman's variable-projection Jacobian), per-example damping."""
+    """Batched LM on the profile chi^2 (Kaufman's variable-projection Jacobian), per-example damping.
+
+    Only the examples not yet converged are evaluated at each iteration.
+    """
     cur = start
     b = data.shape[0]
-    lam = torch.full((b,), 1e-3, dtype=torch.float64, device=data.device)
-    done = torch.zeros(b, dtype=torch.bool, device=data.device)
-    w = weights.flatten(1)
-    d = data.flatten(1)
-    eye4 = torch.eye(4, dtype=torch.float64, device=data.device)
-    free = torch.tensor([fit_center, fit_center, True, True], device=data.device)
+    dev = data.device
+    lam = torch.full((b,), 1e-3, dtype=torch.float64, device=dev)
+    done = torch.zeros(b, dtype=torch.bool, device=dev)
+    eye4 = torch.eye(4, dtype=torch.float64, device=dev)
+    fm = torch.tensor([fit_center, fit_center, True, True], dtype=torch.float64, device=dev)
     n_done = 0
     for it in range(max_iter):
         n_done = it + 1
-        amps = cur.amps
-
-        def model_of(theta: torch.Tensor, amps: torch.Tensor = amps) -> torch.Tensor:
-            e1, e2 = _from_free(theta[:, 2], theta[:, 3])
-            g = _unconvolved_basis(grid, theta[:, 0], theta[:, 1], e1, e2, sigmas, supersample)
-            img = (amps[:, :, None, None] * g).sum(1, keepdim=True)
-            return psf.convolve(img).flatten(1)
-
-        jac = []
-        for i in range(4):
-            if not bool(free[i]):
-                jac.append(torch.zeros_like(d))
-                continue
-            tangent = torch.zeros_like(cur.theta)
-            tangent[:, i] = 1
-            jac.append(torch.func.jvp(model_of, (cur.theta,), (tangent,))[1])
-        jm = torch.stack(jac, dim=1)  # B x 4 x P
+        act = (~done).nonzero().squeeze(1)
+        c = _Eval(*(getattr(cur, name)[act] for name in _Eval.__dataclass_fields__))
+        psf_a = psf if psf.batch_size == 1 else psf.select(act)
+        d, w, lam_a = data[act].flatten(1), weights[act].flatten(1), lam[act]
+        theta = c.theta
+        e1, e2 = _from_free(theta[:, 2], theta[:, 3])
+        # model and d/d(x0, y0, e1, e2), then chain rule to (x0, y0, g1, g2)
+        stack = _render(grid, theta[:, 0], theta[:, 1], e1, e2, sigmas, supersample, c.amps)
+        jm = _convolve_stack(stack[:, 1:], psf_a).flatten(2)  # B' x 4 x P
+        # de_i / dg_j = e_max (delta_ij / r - g_i g_j / r^3), r = sqrt(1 + |g|^2)
+        g = theta[:, 2:]
+        r = torch.sqrt(1 + (g**2).sum(-1))[:, None, None]
+        de = _E_MAX * (torch.eye(2, dtype=g.dtype, device=dev) / r - g[:, :, None] * g[:, None, :] / r**3)
+        jm = torch.cat([jm[:, :2], de.transpose(-1, -2) @ jm[:, 2:]], dim=1)
         # project out what the (passive) amplitudes can absorb: J <- J - A (A^T W A)^-1 A^T W J
-        proj = (cur.basis * w[:, None]) @ jm.transpose(-1, -2)  # B x K x 4
-        coef = _solve_on_set(cur.gram, proj, cur.passive)
-        jac_p = jm - coef.transpose(-1, -2) @ cur.basis
-        jw = jac_p * w[:, None]
-        hess = jw @ jac_p.transpose(-1, -2)  # B x 4 x 4
-        grad = (jw @ (d - cur.model)[:, :, None])[..., 0]  # B x 4
-        fm = free.to(torch.float64)
+        coef = _solve_on_set(c.gram, (c.basis * w[:, None]) @ jm.transpose(-1, -2), c.passive)
+        jac = jm - coef.transpose(-1, -2) @ c.basis
+        jw = jac * w[:, None]
+        hess = jw @ jac.transpose(-1, -2)  # B' x 4 x 4
+        grad = (jw @ (d - c.model)[:, :, None])[..., 0]  # B' x 4
         hess = hess * fm[:, None] * fm[None, :] + torch.diag(1 - fm)
         grad = grad * fm
         dh = torch.diagonal(hess, dim1=-2, dim2=-1)
-        damped = hess + lam[:, None, None] * torch.diag_embed(dh) + 1e-12 * dh.amax(-1)[:, None, None] * eye4
+        damped = hess + lam_a[:, None, None] * torch.diag_embed(dh) + 1e-12 * dh.amax(-1)[:, None, None] * eye4
         delta = torch.linalg.solve(damped, grad)
-        delta = torch.where(done[:, None], torch.zeros_like(delta), delta)
-        trial = _evaluate(cur.theta + delta, grid, sigmas, psf, data, weights, supersample)
-        better = (trial.chi2 < cur.chi2) & ~done
-        gain = (cur.chi2 - trial.chi2) / cur.chi2.clamp_min(1e-300)
-        cur = _select(trial, better, cur)
-        lam = torch.where(better, (lam * 0.3).clamp_min(1e-7), lam * 10)
-        done = done | (better & (gain < rtol)) | (lam > 1e8)
+        trial = _evaluate(theta + delta, grid, sigmas, psf_a, data[act], weights[act], supersample)
+        better = trial.chi2 < c.chi2
+        gain = (c.chi2 - trial.chi2) / c.chi2.clamp_min(1e-300)
+        new = _select(trial, better, c)
+        for name in _Eval.__dataclass_fields__:
+            getattr(cur, name)[act] = getattr(new, name)
+        lam[act] = torch.where(better, (lam_a * 0.3).clamp_min(1e-7), lam_a * 10)
+        done[act] = (better & (gain < rtol)) | (lam[act] > 1e8)
         if bool(done.all()):
             break
     return cur, n_done
@@ -723,7 +761,7 @@ def fit_lens_light(
     center: torch.Tensor | Sequence[float] | None = None,
     *,
     sigmas: torch.Tensor | Sequence[float] | None = None,
-    n_gaussians: int = 24,
+    n_gaussians: int = 30,
     fit_center: bool = True,
     max_iter: int = 30,
     rtol: float = 1e-7,

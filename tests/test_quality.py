@@ -1,0 +1,53 @@
+"""Quality flags: chi2_nu over the arcs, the centre and padding used, and a one-line warning naming
+the likely causes of a poor fit."""
+
+import json
+
+import numpy as np
+
+from rimlens.cli import main
+from rimlens.inference.pipeline import reconstruct_prepared
+from rimlens.inference.quality import POOR_CHI2_NU, assess
+from rimlens.io.checkpoint import load_model
+from rimlens.io.fits import write_image
+from rimlens.io.observation import prepare_observation
+from test_cutouts import _lens
+
+
+def test_lens_light_left_in_the_data_is_named(tmp_path, capsys):
+    obs = _lens(96, (0.3, -0.2), light=50.0)  # a 4.8" HST-like cut-out, lens light present, off-centre
+    for name, data in (("image", obs.image), ("psf", obs.psf), ("noise", obs.noise_sigma)):
+        write_image(tmp_path / f"{name}.fits", data, {"PIXSCALE": 0.05})
+    code = main(
+        [
+            "reconstruct",
+            str(tmp_path / "image.fits"),
+            "--psf",
+            str(tmp_path / "psf.fits"),
+            "--noise",
+            str(tmp_path / "noise.fits"),
+            "--out",
+            str(tmp_path / "out"),
+        ]
+    )
+    assert code == 0
+    err = capsys.readouterr().err
+    warnings = [line for line in err.splitlines() if line.startswith("warning: poor fit")]
+    assert len(warnings) == 1 and "lens light left in the data" in warnings[0]
+    s = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert s["quality"]["poor"] and s["quality"]["chi2_nu"] > POOR_CHI2_NU
+    assert s["quality"]["chi2_nu_arcs"] is not None and s["quality"]["arc_pixels"] > 0
+    assert s["center_method"] == "light" and np.hypot(s["center_arcsec"][0] - 0.3, s["center_arcsec"][1] + 0.2) < 0.12
+    assert 0.5 < s["padded_fraction"] < 0.7  # the 4.8" cut-out was padded to the 7.68" field
+    assert s["input"]["pixel_scale_from"] == "header" and s["warnings"] == [warnings[0][len("warning: ") :]]
+
+
+def test_a_good_fit_is_not_flagged():
+    model = load_model("default")
+    obs = _lens(160, (0.0, 0.0), light=0.0)
+    obs.noise_sigma = obs.noise_sigma * 10  # SNR ~10: the shipped 64-px model fits to the noise
+    obs.image = obs.image + np.random.default_rng(1).normal(0, 0.09, obs.image.shape)
+    prep = prepare_observation(obs, model.grid.image_grid, None)
+    rec = reconstruct_prepared(model, prep)
+    q = assess(model, prep, rec.model_image, rec.model_image, rec.chi2_nu, obs)
+    assert not q.poor and q.warning() is None and not q.causes, q
