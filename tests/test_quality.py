@@ -39,6 +39,8 @@ def test_lens_light_left_in_the_data_is_named(tmp_path, capsys):
     assert s["quality"]["chi2_nu_arcs"] is not None and s["quality"]["arc_pixels"] > 0
     assert s["center_method"] == "light" and np.hypot(s["center_arcsec"][0] - 0.3, s["center_arcsec"][1] + 0.2) < 0.12
     assert 0.5 < s["padded_fraction"] < 0.7  # the 4.8" cut-out was padded to the 7.68" field
+    for product in ("coolest.json", "lenstronomy_interpol.npz", "kappa.fits", "source.fits"):
+        assert (tmp_path / "out" / product).exists(), product
     assert s["input"]["pixel_scale_from"] == "header" and s["warnings"] == [warnings[0][len("warning: ") :]]
 
 

@@ -123,7 +123,7 @@ class LensGenerator:
             raise RimlensInputError(f"unknown noise recipe {recipe!r}; choose from {sorted(NOISE_RECIPES)}")
         self.noise = NOISE_RECIPES[recipe]
         self.image_grid, self.source_grid = self.grid.image_grid, self.grid.source_grid
-        self.simulator = LensSimulator(self.image_grid, self.source_grid)
+        self.simulator = LensSimulator(self.image_grid, self.source_grid, supersample=self.grid.supersample)
         self.psf_size = psf_kernel_size(self.image_grid, self.data.psf_fwhm_arcsec.high)
         wants_vae = "vae" in self.data.source_mix or "vae" in self.data.kappa_mix
         if vae_sampler is None and wants_vae and (self.data.source_vae or self.data.kappa_vae):

@@ -22,6 +22,7 @@ from rimlens.inference.finetune import FinetuneOptions, check_vae_grids, finetun
 from rimlens.inference.quality import assess
 from rimlens.io.atomic import atomic_path
 from rimlens.io.checkpoint import load_vae
+from rimlens.io.export import write_coolest, write_lenstronomy
 from rimlens.io.observation import Observation, PreparedObservation, load_observation, prepare_observation
 from rimlens.io.products import write_products
 from rimlens.nn.rim import RIM
@@ -85,6 +86,7 @@ class Reconstruction:
     chi2_history: list[float] | None = None
     ewc_chi2_nu: float | None = None
     refine_steps: int | None = None
+    lens_light: torch.Tensor | None = None  # 1 x 1 x N x N, PSF-convolved, when modelled
 
     def summary(self, finetune_options: FinetuneOptions | None = None) -> dict:
         """The JSON-ready figures of this reconstruction (``summary.json``)."""
@@ -208,7 +210,31 @@ def _write(
         truth=truth,
         title=title,
     )
+    export(out_dir, model, prep, rec)
     return summary
+
+
+def export(out_dir: Path, model: RIM, prep: PreparedObservation, rec: Reconstruction) -> dict[str, str]:
+    """Write the reconstruction for the standard tools beside the products: a COOLEST template
+    (``coolest.json`` + ``coolest-*.fits``; kappa as a fully defined pixelated potential) and a
+    lenstronomy ``INTERPOL`` lens model (``lenstronomy_interpol.npz``). Returns the paths."""
+    grid = model.grid
+    paths = write_coolest(
+        out_dir,
+        source=rec.source,
+        kappa=rec.kappa,
+        image_grid=grid.image_grid,
+        source_grid=grid.source_grid,
+        observation=prep.observation,
+        noise_sigma=prep.noise_sigma,
+        psf=prep.psf,
+        lens_light=rec.lens_light,
+        mask=prep.mask,
+    )
+    paths["lenstronomy_interpol.npz"] = str(
+        write_lenstronomy(out_dir / "lenstronomy_interpol.npz", rec.kappa, grid.image_grid)
+    )
+    return paths
 
 
 def reconstruct_observation(

@@ -77,7 +77,7 @@ class RIM(nn.Module):
         if grid.image_pixels % (2**levels):
             raise RimlensInputError(f"{grid.image_pixels} px is not divisible by 2^{levels} (U-net levels)")
         self.config, self.grid = config, grid
-        self.simulator = LensSimulator(grid.image_grid, grid.source_grid)
+        self.simulator = LensSimulator(grid.image_grid, grid.source_grid, supersample=grid.supersample)
         self.unet = GRUUNet(config.unet)
         self.amp = False  # bfloat16 autocast of the U-net (the simulator stays float32)
 
