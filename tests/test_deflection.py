@@ -260,6 +260,15 @@ def test_offset_deflection_float32_and_inputs():
 def test_offset_deflection_gradcheck(rng):
     kappa = torch.rand(2, 1, 5, 5, generator=rng, dtype=torch.float64).requires_grad_(True)
     assert torch.autograd.gradcheck(lambda k: deflection_supersampled(k, 0.1, 2), (kappa,))
+    # the backward is hand-written (the adjoint convolution): its own derivative too
+    assert torch.autograd.gradgradcheck(lambda k: deflection_supersampled(k, 0.1, 2), (kappa,))
+    # under torch.func: per-example gradients with vmap
+    w = torch.rand(2, 2, 10, 10, generator=rng, dtype=torch.float64)
+    per = torch.func.vmap(
+        torch.func.grad(lambda k, w1: (deflection_supersampled(k[None], 0.1, 2, check=False)[0] * w1).sum())
+    )(kappa.detach(), w)
+    (whole,) = torch.autograd.grad((deflection_supersampled(kappa, 0.1, 2) * w).sum(), kappa)
+    assert torch.allclose(per, whole, rtol=1e-12, atol=1e-14)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")

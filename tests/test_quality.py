@@ -4,6 +4,7 @@ the likely causes of a poor fit."""
 import json
 
 import numpy as np
+import pytest
 
 from rimlens.cli import main
 from rimlens.inference.pipeline import reconstruct_prepared
@@ -18,18 +19,8 @@ def test_lens_light_left_in_the_data_is_named(tmp_path, capsys):
     obs = _lens(96, (0.3, -0.2), light=50.0)  # a 4.8" HST-like cut-out, lens light present, off-centre
     for name, data in (("image", obs.image), ("psf", obs.psf), ("noise", obs.noise_sigma)):
         write_image(tmp_path / f"{name}.fits", data, {"PIXSCALE": 0.05})
-    code = main(
-        [
-            "reconstruct",
-            str(tmp_path / "image.fits"),
-            "--psf",
-            str(tmp_path / "psf.fits"),
-            "--noise",
-            str(tmp_path / "noise.fits"),
-            "--out",
-            str(tmp_path / "out"),
-        ]
-    )
+    files = [str(tmp_path / "image.fits"), "--psf", str(tmp_path / "psf.fits"), "--noise", str(tmp_path / "noise.fits")]
+    code = main(["reconstruct", *files, "--lens-light", "none", "--out", str(tmp_path / "out")])
     assert code == 0
     err = capsys.readouterr().err
     warnings = [line for line in err.splitlines() if line.startswith("warning: poor fit")]
@@ -53,3 +44,24 @@ def test_a_good_fit_is_not_flagged():
     rec = reconstruct_prepared(model, prep)
     q = assess(model, prep, rec.model_image, rec.model_image, rec.chi2_nu, obs)
     assert not q.poor and q.warning() is None and not q.causes, q
+
+
+def test_lens_light_is_modelled_by_default(tmp_path, capsys):
+    """The same lens with the default --lens-light auto: the light is modelled (an MGE), the fit is
+    far better, and lens_light.fits / lens_subtracted.fits are written."""
+    obs = _lens(96, (0.3, -0.2), light=50.0)
+    for name, data in (("image", obs.image), ("psf", obs.psf), ("noise", obs.noise_sigma)):
+        write_image(tmp_path / f"{name}.fits", data, {"PIXSCALE": 0.05})
+    files = [str(tmp_path / "image.fits"), "--psf", str(tmp_path / "psf.fits"), "--noise", str(tmp_path / "noise.fits")]
+    assert main(["reconstruct", *files, "--lens-light", "none", "--out", str(tmp_path / "none")]) == 0
+    assert main(["reconstruct", *files, "--out", str(tmp_path / "auto")]) == 0
+    none = json.loads((tmp_path / "none" / "summary.json").read_text())
+    auto = json.loads((tmp_path / "auto" / "summary.json").read_text())
+    assert auto["lens_light"] != "none" and none["lens_light"] == "none"
+    assert auto["chi2_nu"] < 0.05 * none["chi2_nu"], (auto["chi2_nu"], none["chi2_nu"])
+    assert not any("lens light" in c for c in auto["quality"]["causes"])
+    light = auto["lens_light"]
+    assert np.hypot(light["center_arcsec"][0] - 0.3, light["center_arcsec"][1] + 0.2) < 0.05
+    assert light["axis_ratio"] == pytest.approx(0.8, abs=0.05) and min(light["amplitudes"]) >= 0
+    for product in ("lens_light.fits", "lens_subtracted.fits"):
+        assert (tmp_path / "auto" / product).exists()

@@ -145,7 +145,7 @@ def _lens(n=12, m=10, batch=2, dtype=torch.float64, seed=0):
 def test_supersampled_grid_and_pixel_average():
     grid = PixelGrid(4, 0.3)
     fine = supersampled_grid(grid, 3)
-    assert fine == PixelGrid(12, 0.1) and supersampled_grid(grid, 1) is grid
+    assert fine.n_pixels == 12 and fine.pixel_scale_arcsec == pytest.approx(0.1) and supersampled_grid(grid, 1) is grid
     # the fine pixels of coarse pixel i are centred at x_i + ((k + 1/2)/3 - 1/2) * 0.3
     sub = fine.axis(torch.float64).reshape(4, 3) - grid.axis(torch.float64)[:, None]
     assert torch.allclose(sub, torch.tensor([-0.1, 0.0, 0.1], dtype=torch.float64).expand(4, 3), atol=1e-15)
@@ -182,7 +182,7 @@ def test_supersampled_image_is_the_mean_of_sub_pixel_samples(factor):
     x, y = img.coordinates(torch.float64)
     s = img.pixel_scale_arcsec
     sub = [((k + 0.5) / factor - 0.5) * s for k in range(factor)]
-    manual = torch.zeros_like(sim.lens(source, alpha=torch.zeros(1, 2, factor * 12, factor * 12, dtype=torch.float64)))
+    manual = torch.zeros(2, 1, 12, 12, dtype=torch.float64)
     for dy in sub:
         for dx in sub:
             ax, ay = profiles.sie_deflection(x + dx, y + dy, 0.45, 0.7, 0.3, core_arcsec=0.05)

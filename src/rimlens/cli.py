@@ -109,6 +109,13 @@ def cli():
 @click.option("--pixel-scale", "pixel_scale_arcsec", type=float, default=None, help="arcsec / pixel (default: header).")
 @click.option("--mask", type=FILE, default=None, help="FITS mask: non-zero = use the pixel.")
 @click.option(
+    "--lens-light",
+    type=click.Choice(["auto", "mge", "none"]),
+    default="auto",
+    show_default=True,
+    help="Model the lens galaxy's light (auto: when it dominates the centre; none: subtracted data).",
+)
+@click.option(
     "--center", default="auto", show_default=True, metavar="auto|cutout|X,Y", help="Lens centre (X,Y: arcsec)."
 )
 @MODEL
@@ -123,10 +130,15 @@ def reconstruct(image: Path, model: str, finetune: bool, out_dir: Path, **o):
     lenses are skipped), sharded over processes under torchrun, with a table OUT/summary.csv.
     An HDF5 lens set (from `rimlens simulate`) is reconstructed into OUT/reconstructions.h5, as `predict`.
     """
-    inputs = {k: o.pop(k) for k in ("psf", "noise", "sigma", "pixel_scale_arcsec", "mask")}
+    inputs = {k: o.pop(k) for k in ("psf", "noise", "sigma", "pixel_scale_arcsec", "mask", "lens_light")}
     center = _center(o.pop("center"))
     if image.suffix.lower() in (".h5", ".hdf5"):  # a simulated set: batched, resumable, sharded (as `predict`)
-        given = {**inputs, "finetune": finetune, "center": center != "auto"}
+        given = {
+            **inputs,
+            "lens_light": inputs["lens_light"] != "auto",
+            "finetune": finetune,
+            "center": center != "auto",
+        }
         _refuse(given, "an HDF5 lens set (fine-tune a set with `evaluate --finetune N`)")
         return _predict(model, image, out_dir / "reconstructions.h5", 32)
     rim = load_model(model)
@@ -146,6 +158,7 @@ def reconstruct(image: Path, model: str, finetune: bool, out_dir: Path, **o):
                 out_dir,
                 sigma=inputs["sigma"],
                 center_arcsec=center,
+                lens_light=inputs["lens_light"],
                 finetune_with=setup,
                 on_error=_echo_error,
                 pixel_scale_arcsec=inputs["pixel_scale_arcsec"],

@@ -58,8 +58,12 @@ def write_products(
     summary: dict,
     truth: dict | None = None,
     title: str = "",
+    extra_maps: dict[str, tuple[torch.Tensor, str]] | None = None,
 ) -> dict:
-    """Write FITS maps, ``reconstruction.png`` and ``summary.json`` into ``out_dir``; returns the paths."""
+    """Write FITS maps, ``reconstruction.png`` and ``summary.json`` into ``out_dir``; returns the paths.
+
+    ``extra_maps``: more image-grid maps to write, ``{file name: (1 x 1 x N x N map, unit)}``
+    (e.g. ``lens_light.fits``)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     model_card = {
@@ -75,6 +79,7 @@ def write_products(
         "model_image.fits": (model_image, image_grid, "normalised flux per pixel"),
         "observation.fits": (observation, image_grid, "normalised flux per pixel"),
         "residuals.fits": (resid, image_grid, "(observation - model) / sigma"),
+        **{name: (arr, image_grid, unit) for name, (arr, unit) in (extra_maps or {}).items()},
     }
     paths = {}
     for name, (arr, grid, unit) in maps.items():

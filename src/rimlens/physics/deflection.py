@@ -38,8 +38,8 @@ with ``G(a, b) = b/2 ln(a^2 + b^2) + a atan(b/a)`` (``d^2 G / da db = a / (a^2 +
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
-from typing import Literal, TypeAlias
+from collections.abc import Callable, Sequence
+from typing import Any, Literal, TypeAlias
 
 import torch
 
@@ -58,7 +58,9 @@ PixelModel: TypeAlias = Literal["square", "point"]
 """How a pixel's mass is distributed for off-centre deflections: a uniform square or a point mass."""
 
 _SPECTRUM_CACHE: dict[tuple[int, torch.dtype, str], torch.Tensor] = {}
-_OFFSET_CACHE: dict[tuple[int, torch.dtype, str, tuple[tuple[float, float], ...], str], torch.Tensor] = {}
+_OFFSET_CACHE: dict[
+    tuple[int, torch.dtype, str, tuple[tuple[float, float], ...], str], tuple[torch.Tensor, torch.Tensor]
+] = {}
 _OFFSET_CACHE_MAX = 8
 _CACHE_MAX = 16
 _CHUNK_BYTES = 4 * 2**20  # target size of the spectra of one chunk of a large batch
@@ -204,19 +206,88 @@ def _offset_spectra(
     pixel: PixelModel,
     dtype: torch.dtype,
     device: torch.device,
-) -> torch.Tensor:
-    """rFFT of the kernels of all offsets, ``2K x P x (P//2+1)`` (channel ``2k + c``: offset k, component c), cached."""
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Kernel spectra of all offsets and their conjugates, cached.
+
+    Each is ``2K x (P//2+1) x P`` (channel ``2k + c``: offset k, component c): the rFFT along x,
+    FFT along y, stored transposed (frequency along y last) so that the y transforms run along
+    contiguous memory, which halves the time of the convolution and of its adjoint on a CPU.
+    """
     key = (n_pixels, dtype, str(device), offsets, pixel)
     spec = _OFFSET_CACHE.get(key)
     if spec is not None:
         return spec
     kernels = torch.cat([_offset_kernels(n_pixels, ox, oy, pixel) for ox, oy in offsets])
     complex_dtype = torch.complex128 if dtype == torch.float64 else torch.complex64
-    spec = torch.fft.rfft2(kernels).to(device=device, dtype=complex_dtype)
+    spec_t = torch.fft.rfft2(kernels).transpose(-1, -2).to(device=device, dtype=complex_dtype).contiguous()
+    spec = (spec_t, spec_t.conj().resolve_conj())
     if len(_OFFSET_CACHE) >= _OFFSET_CACHE_MAX:
         _OFFSET_CACHE.pop(next(iter(_OFFSET_CACHE)))
     _OFFSET_CACHE[key] = spec
     return spec
+
+
+def _convolve_t(kappa: torch.Tensor, spec_t: torch.Tensor, pixel_scale: float) -> torch.Tensor:
+    """``B x 1 x N x N`` -> ``B x C x N x N``: linear convolution with the C kernels of ``spec_t``
+    (``C x Q x P``, transposed spectra), by zero-padded FFTs, output rows/columns pruned."""
+    n = kappa.shape[-1]
+    p = 2 * n
+    kappa_hat = torch.fft.fft(torch.fft.rfft(kappa, n=p, dim=-1).transpose(-1, -2), n=p, dim=-1)  # B x 1 x Q x P
+    cols = torch.fft.ifft(kappa_hat * spec_t, dim=-1)[..., :n]  # B x C x Q x N
+    return torch.fft.irfft(cols.transpose(-1, -2), n=p, dim=-1)[..., :n] * pixel_scale
+
+
+def _correlate_t(grad: torch.Tensor, spec_t_conj: torch.Tensor, pixel_scale: float) -> torch.Tensor:
+    """Adjoint of :func:`_convolve_t`: ``B x C x N x N`` -> ``B x 1 x N x N``, the sum over channels
+    of the correlations with the kernels (spectra conjugated), summed before the one inverse FFT."""
+    n = grad.shape[-1]
+    p = 2 * n
+    g_hat = torch.fft.fft(torch.fft.rfft(grad, n=p, dim=-1).transpose(-1, -2), n=p, dim=-1)  # B x C x Q x P
+    h = (g_hat * spec_t_conj).sum(dim=1, keepdim=True)
+    cols = torch.fft.ifft(h, dim=-1)[..., :n]
+    return torch.fft.irfft(cols.transpose(-1, -2), n=p, dim=-1)[..., :n] * pixel_scale
+
+
+def _in_chunks(
+    fn: Callable[[torch.Tensor, torch.Tensor, float], torch.Tensor],
+    x: torch.Tensor,
+    spec: torch.Tensor,
+    pixel_scale: float,
+) -> torch.Tensor:
+    """``fn`` over chunks of the batch whose spectra stay in cache (one example at N = 128, f = 4)."""
+    per_example = spec.shape[0] * spec.shape[-2] * spec.shape[-1] * spec.element_size()
+    chunk = max(1, _CHUNK_BYTES // per_example)
+    if x.shape[0] <= chunk:
+        return fn(x, spec, pixel_scale)
+    return torch.cat([fn(c, spec, pixel_scale) for c in x.split(chunk)])
+
+
+class _OffsetConvolution(torch.autograd.Function):
+    """Convolution with fixed kernels (``B x 1 x N x N`` -> ``B x C x N x N``) whose backward is its
+    adjoint written out (correlation, summed over channels in Fourier space, transforms along
+    contiguous memory, no zero-filled intermediates): 2x faster than autograd through the FFTs.
+    Differentiable twice (the backward is made of differentiable ops) and usable under
+    ``torch.func`` transforms (``vmap`` rule generated)."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(
+        kappa: torch.Tensor, spec_t: torch.Tensor, spec_t_conj: torch.Tensor, pixel_scale: float
+    ) -> torch.Tensor:
+        return _in_chunks(_convolve_t, kappa, spec_t, pixel_scale)
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: torch.Tensor) -> None:
+        _, _, spec_t_conj, pixel_scale = inputs
+        ctx.save_for_backward(spec_t_conj)
+        ctx.pixel_scale = pixel_scale
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None, None]:
+        # plain differentiable torch ops: with create_graph the adjoint is differentiated in turn
+        (spec_t_conj,) = ctx.saved_tensors
+        return _in_chunks(_correlate_t, grad, spec_t_conj, ctx.pixel_scale), None, None, None
 
 
 def _check_offsets(offsets: Sequence[tuple[float, float]]) -> tuple[tuple[float, float], ...]:
@@ -263,13 +334,8 @@ def deflection_at_offsets(
             raise RimlensInputError(f"pixel must be 'square' or 'point', got {pixel!r}")
     offs = _check_offsets(offsets)
     n = kappa.shape[-1]
-    spec = _offset_spectra(n, offs, pixel, kappa.dtype, kappa.device)
-    per_example = spec.shape[0] * spec.shape[-2] * spec.shape[-1] * spec.element_size()
-    chunk = max(1, _CHUNK_BYTES // per_example)
-    if kappa.shape[0] <= chunk:
-        out = _deflection_fft(kappa, spec, pixel_scale)
-    else:
-        out = torch.cat([_deflection_fft(k, spec, pixel_scale) for k in kappa.split(chunk)])
+    spec_t, spec_t_conj = _offset_spectra(n, offs, pixel, kappa.dtype, kappa.device)
+    out = _OffsetConvolution.apply(kappa, spec_t, spec_t_conj, pixel_scale)
     return out.reshape(kappa.shape[0], len(offs), 2, n, n)
 
 
@@ -296,12 +362,13 @@ def deflection_supersampled(
         check: validate the inputs.
 
     Returns:
-        ``B x 2 x fN x fN`` tensor (channel 0 = alpha_x, 1 = alpha_y) in arcsec.
+        ``B x 2 x fN x fN`` tensor (channel 0 = alpha_x, 1 = alpha_y) in arcsec, stored channels-last
+        (a view of a contiguous ``B x fN x fN x 2`` tensor, the layout in which the rays are traced).
     """
     sub = subpixel_offsets(factor)
     offsets = [(ox, oy) for oy in sub for ox in sub]  # k = a f + b: a along y (rows), b along x (columns)
     alpha = deflection_at_offsets(kappa, pixel_scale, offsets, pixel=pixel, check=check)
     b, n = kappa.shape[0], kappa.shape[-1]
-    # [B, a, b, c, i, j] -> [B, c, i, a, j, b] -> B x 2 x (N f) x (N f)
-    alpha = alpha.reshape(b, factor, factor, 2, n, n).permute(0, 3, 4, 1, 5, 2)
-    return alpha.reshape(b, 2, n * factor, n * factor)
+    # [B, a, b, c, i, j] -> [B, i, a, j, b, c] -> B x (N f) x (N f) x 2, viewed as B x 2 x (N f) x (N f)
+    alpha = alpha.reshape(b, factor, factor, 2, n, n).permute(0, 4, 1, 5, 2, 3)
+    return alpha.reshape(b, n * factor, n * factor, 2).permute(0, 3, 1, 2)

@@ -45,8 +45,8 @@ evaluated the same way on ``f x f`` sub-pixels (``f`` the power of two that make
 >= ``sampling`` sub-pixels, variance ``(s / f)^2 / 12`` added) and averaged over each pixel, on a cutout
 of +-5 major-axis sigmas around the centre only: a Gaussian of sigma 0.1 px is then as accurate as a
 broad one and costs about as much. Widths well below a pixel matter when the PSF is barely sampled
-(e.g. 0.12"/px, FWHM 0.15"): a basis starting at 0.5 px leaves 2-8% of the peak in the residual of a
-de Vaucouleurs (n = 4) profile there, one starting at 0.1 px < 1e-4.
+(e.g. 0.12"/px, FWHM 0.15"): with the true shape held fixed, a basis starting at 0.5 px leaves 2-8% of
+the peak in the residual of Sersic n = 2.5-4 profiles there, one starting at 0.1 px (the default) < 1e-4.
 
 Autograd: the amplitudes are differentiable with respect to the data, the noise and the basis (the
 active set is found under ``no_grad``; a final linear solve restricted to it carries the gradient,
@@ -65,7 +65,7 @@ import torch
 from rimlens.errors import RimlensInputError, check_map, check_noise_sigma
 from rimlens.physics.grid import PixelGrid
 from rimlens.physics.likelihood import used_pixels
-from rimlens.physics.psf import PSF
+from rimlens.physics.psf import FWHM_TO_SIGMA, PSF
 
 __all__ = [
     "LensLightModel",
@@ -228,7 +228,7 @@ def _render(
     """
     n, s = grid.n_pixels, grid.pixel_scale_arcsec
     dtype, device = x0.dtype, x0.device
-    b, k_all = x0.shape[0], sigmas.shape[0]
+    b = x0.shape[0]
     sigmas = sigmas.to(dtype=dtype, device=device)
     x0r, y0r, e1r, e2r = (v.reshape(-1, 1, 1, 1) for v in (x0, y0, e1, e2))
     ampsr = None if amps is None else amps.to(dtype)
@@ -326,7 +326,8 @@ def mge_basis(
         psf: PSF of batch 1 or ``B``; ``None`` for the unconvolved basis.
         sampling: minimum number of (sub-)pixels per minor-axis sigma; narrower Gaussians are
             supersampled by the smallest power of two that achieves it.
-        dtype: dtype of the computation and of the result.
+        dtype: dtype of the computation and of the result (on the device of the tensor parameters,
+            else of the PSF).
 
     Returns:
         ``B x K x N x N`` surface brightness per unit flux (arcsec^-2): each image sums to
@@ -336,7 +337,9 @@ def mge_basis(
     sig = _check_sigmas(sigmas)
     vals = [torch.as_tensor(v).reshape(-1) for v in (x0, y0, q, phi)]
     batch = max(v.shape[0] for v in vals)
-    x0t, y0t, qt, phit = (_as_batch(v, batch).to(dtype) for v in (x0, y0, q, phi))
+    tensors = [v for v in (x0, y0, q, phi) if isinstance(v, torch.Tensor)]
+    device = tensors[0].device if tensors else (psf.kernel.device if psf is not None else sig.device)
+    x0t, y0t, qt, phit = (_as_batch(v, batch).to(dtype=dtype, device=device) for v in (x0, y0, q, phi))
     if bool((qt <= 0).any()) or bool((qt > 1).any()):
         raise RimlensInputError(f"axis ratio q must be in (0, 1], got {qt.tolist()}")
     e1, e2 = ellipticity_from_q_phi(qt, phit)
@@ -502,7 +505,7 @@ def solve_amplitudes(
 
 
 # ------------------------------------------------------------------------------ the model
-@dataclass
+@dataclass(eq=False)
 class LensLightModel:
     """A fitted MGE lens-light model (all per-example tensors float64, detached except ``amplitudes``).
 
@@ -605,7 +608,9 @@ def _initial_shape(
 
     The weight is an elliptical Gaussian matched to the measured covariance (Bernstein & Jarvis 2002),
     which converges to the best-fitting Gaussian and is little affected by light far from the centre
-    (arcs). The start is the brightest pixel of the 3 x 3-smoothed image, or ``center``.
+    (arcs). The start is ``center``, or the brightest pixel of the image smoothed by a Gaussian of
+    sigma = 8% of the field of view: at that scale an extended lens galaxy, and a ring of arcs around
+    it, both peak near the lens centre even when an arc outshines the lens in the raw image.
     """
     s = grid.pixel_scale_arcsec
     x, y = grid.coordinates(torch.float64, data.device)
@@ -613,7 +618,9 @@ def _initial_shape(
     f = f[:, 0]
     b = f.shape[0]
     if center is None:
-        smooth = torch.nn.functional.avg_pool2d(f[:, None], 3, stride=1, padding=1, count_include_pad=False)[:, 0]
+        fwhm = 0.08 * grid.fov_arcsec / FWHM_TO_SIGMA
+        size = min(2 * math.ceil(0.32 * grid.n_pixels) + 1, grid.n_pixels - 1 + grid.n_pixels % 2)
+        smooth = PSF.gaussian(fwhm, s, size=size, dtype=f.dtype, device=f.device).convolve(f[:, None])
         peak = smooth.flatten(1).argmax(dim=-1)
         xc, yc = x.flatten()[peak], y.flatten()[peak]
     else:
@@ -639,12 +646,11 @@ def _initial_shape(
         cxx, cyy, cxy = (2 * mxx).clamp_min(floor), (2 * myy).clamp_min(floor), 2 * mxy
         cxy = cxy.clamp(-0.999 * torch.sqrt(cxx * cyy), 0.999 * torch.sqrt(cxx * cyy))
     # covariance ~ sigma^2 M^-1: major / minor variances sigma^2 / q and sigma^2 q
-    tr, det = cxx + cyy, cxx * cyy - cxy**2
+    tr = cxx + cyy
     disc = torch.sqrt(((cxx - cyy) / 2) ** 2 + cxy**2)
     lam_max, lam_min = tr / 2 + disc, (tr / 2 - disc).clamp_min(1e-300)
     q = torch.sqrt(lam_min / lam_max).clamp(min=Q_MIN + 0.01, max=1.0)
     phi = 0.5 * torch.atan2(2 * cxy, cxx - cyy)
-    del det
     e1, e2 = ellipticity_from_q_phi(q, phi)
     return xc, yc, e1, e2
 
@@ -753,8 +759,9 @@ def _levenberg_marquardt(
         hess = hess * fm[:, None] * fm[None, :] + torch.diag(1 - fm)
         grad = grad * fm
         dh = torch.diagonal(hess, dim1=-2, dim2=-1)
-        damped = hess + lam_a[:, None, None] * torch.diag_embed(dh) + 1e-12 * dh.amax(-1)[:, None, None] * eye4
-        delta = torch.linalg.solve(damped, grad)
+        floor = (1e-12 * dh.amax(-1)).clamp_min(1e-300)[:, None, None]
+        damped = hess + lam_a[:, None, None] * torch.diag_embed(dh) + floor * eye4
+        delta = torch.nan_to_num(torch.linalg.solve_ex(damped, grad)[0], nan=0.0, posinf=0.0, neginf=0.0)
         # Gauss-Newton predicted decrease of chi^2 for the undamped model (>= 0)
         predicted = 2 * (delta * grad).sum(-1) - (delta[:, None, :] @ hess @ delta[:, :, None])[:, 0, 0]
         trial = _evaluate(theta + delta, grid, sigmas, psf_a, data[act], weights[act], sampling)
@@ -786,7 +793,7 @@ def fit_lens_light(
     rtol: float = 1e-6,
     chi2_tol: float = 1e-3,
     clip_sigma: float | None = None,
-    clip_rounds: int = 2,
+    clip_rounds: int = 3,
     sampling: float = 1.5,
 ) -> LensLightModel:
     """Fit the MGE lens-light model (shape and non-negative amplitudes) to a batch of images.
@@ -834,7 +841,10 @@ def fit_lens_light(
         raise RimlensInputError("an example has no used pixel (all masked or sigma >= 1e6)")
     center_t: torch.Tensor | None = None
     if center is not None:
-        center_t = torch.as_tensor(center, dtype=torch.float64, device=data.device).reshape(-1, 2).expand(b, 2)
+        center_t = torch.as_tensor(center, dtype=torch.float64, device=data.device).detach().reshape(-1, 2)
+        if center_t.shape[0] not in (1, b):
+            raise RimlensInputError(f"center must be (2,) or {b} x 2, got {tuple(torch.as_tensor(center).shape)}")
+        center_t = center_t.expand(b, 2)
     elif not fit_center:
         raise RimlensInputError("fit_center=False needs a center")
     d64 = data.detach().to(torch.float64)

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from rimlens.errors import RimlensInputError
 from rimlens.physics.grid import PixelGrid
 
-__all__ = ["lens_equation", "pixel_average", "sample_bilinear", "supersampled_grid"]
+__all__ = ["lens_equation", "pixel_average", "sample_bilinear", "sample_lensed", "supersampled_grid"]
 
 
 def lens_equation(x: torch.Tensor, y: torch.Tensor, alpha: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -47,6 +47,29 @@ def sample_bilinear(
     half_extent = (m - 1) / 2 * source_grid.pixel_scale_arcsec
     # align_corners=True maps -1 / +1 to the centres of the first / last pixel; row 0 is y minimum.
     grid = torch.stack([beta_x / half_extent, beta_y / half_extent], dim=-1)
+    return F.grid_sample(source, grid.to(source.dtype), mode="bilinear", padding_mode="zeros", align_corners=True)
+
+
+def sample_lensed(source: torch.Tensor, source_grid: PixelGrid, xy: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
+    """Trace rays through the lens equation and sample the source there: :func:`lens_equation` then
+    :func:`sample_bilinear` (bit-for-bit), in one pass over channels-last memory.
+
+    Args:
+        source: ``B x 1 x M x M`` surface brightness (any units).
+        source_grid: grid of the source (M pixels).
+        xy: image-plane positions of the rays, ``H x W x 2`` in arcsec (last axis: x, y).
+        alpha: deflection at the rays, ``B x 2 x H x W`` in arcsec (any memory layout; a
+            channels-last one avoids a copy). A batch of 1 in ``source`` or ``alpha`` broadcasts.
+
+    Returns:
+        ``B x 1 x H x W`` sampled brightness, in the units of ``source``.
+    """
+    m = source_grid.n_pixels
+    half_extent = (m - 1) / 2 * source_grid.pixel_scale_arcsec
+    grid = (xy - alpha.permute(0, 2, 3, 1)) / half_extent  # beta / half extent, B x H x W x 2
+    if source.shape[0] != grid.shape[0]:
+        n = max(source.shape[0], grid.shape[0])
+        source, grid = source.expand(n, -1, -1, -1), grid.expand(n, -1, -1, -1)
     return F.grid_sample(source, grid.to(source.dtype), mode="bilinear", padding_mode="zeros", align_corners=True)
 
 

@@ -19,7 +19,7 @@ from rimlens.physics.deflection import deflection_field, deflection_supersampled
 from rimlens.physics.grid import PixelGrid
 from rimlens.physics.likelihood import chi_squared, degrees_of_freedom, peak_snr
 from rimlens.physics.psf import PSF
-from rimlens.physics.raytrace import lens_equation, pixel_average, sample_bilinear, supersampled_grid
+from rimlens.physics.raytrace import pixel_average, sample_lensed, supersampled_grid
 
 __all__ = ["LensSimulator", "SimulatedLens"]
 
@@ -76,17 +76,17 @@ class LensSimulator:
         self.source_grid = source_grid
         self.supersample = supersample
         self.ray_grid = supersampled_grid(image_grid, supersample)
-        self._coords: dict[tuple[torch.dtype, str], tuple[torch.Tensor, torch.Tensor]] = {}
+        self._coords: dict[tuple[torch.dtype, str], torch.Tensor] = {}
 
     def __repr__(self) -> str:
         extra = f", supersample={self.supersample}" if self.supersample != 1 else ""
         return f"LensSimulator(image_grid={self.image_grid}, source_grid={self.source_grid}{extra})"
 
-    def _xy(self, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Ray-grid coordinates ``(x, y)`` (``fN x fN``, arcsec) in the dtype / device of ``like``, cached."""
+    def _xy(self, like: torch.Tensor) -> torch.Tensor:
+        """Ray-grid coordinates ``fN x fN x 2`` (x, y; arcsec) in the dtype / device of ``like``, cached."""
         key = (like.dtype, str(like.device))
         if key not in self._coords:
-            self._coords[key] = self.ray_grid.coordinates(like.dtype, like.device)
+            self._coords[key] = torch.stack(self.ray_grid.coordinates(like.dtype, like.device), dim=-1)
         return self._coords[key]
 
     # ------------------------------------------------------------------ checks
@@ -174,13 +174,8 @@ class LensSimulator:
             alpha = self.ray_deflection(kappa, check=False)
         assert alpha is not None  # exactly one of kappa / alpha was given (checked above)
         self._check_alpha(alpha)  # shapes only: cheap, and the one place a coarse alpha would slip in
-        x, y = self._xy(alpha)
-        beta_x, beta_y = lens_equation(x, y, alpha)
-        if source.shape[0] != beta_x.shape[0]:
-            n = max(source.shape[0], beta_x.shape[0])
-            source = source.expand(n, -1, -1, -1)
-            beta_x, beta_y = beta_x.expand(n, -1, -1), beta_y.expand(n, -1, -1)
-        return pixel_average(sample_bilinear(source, self.source_grid, beta_x, beta_y), self.supersample)
+        image = sample_lensed(source, self.source_grid, self._xy(alpha), alpha)
+        return pixel_average(image, self.supersample)
 
     def forward(self, source: torch.Tensor, kappa: torch.Tensor, psf: PSFLike, *, check: bool = True) -> torch.Tensor:
         """Noiseless model image ``PSF * lens(source, kappa)``, shape ``B x 1 x N x N``.
