@@ -139,7 +139,8 @@ def _rim(model: RIM, data: torch.Tensor, prep: PreparedObservation, psf: PSF) ->
 
 def _fit_light(prep: PreparedObservation, data: torch.Tensor, psf: PSF, light: LensLightModel | None) -> LensLightModel:
     if light is None:  # first fit: no source model yet, so pixels far brighter than the light (arcs) are clipped
-        return fit_lens_light(data, prep.noise_sigma, psf, prep.grid, mask=prep.mask, clip_sigma=3.0)
+        # the model field is centred on the lens: start there (a bright arc could otherwise attract the start)
+        return fit_lens_light(data, prep.noise_sigma, psf, prep.grid, mask=prep.mask, center=(0.0, 0.0), clip_sigma=3.0)
     return light.resolve(data, prep.noise_sigma, prep.mask)
 
 
