@@ -1,11 +1,21 @@
 """Simulator throughput (lensed images per second), rimlens vs caustics, and accuracy on a
 Gaussian convergence with a closed-form deflection.
 
-    OMP_NUM_THREADS=2 python benchmarks/bench_simulator.py [--quick]
+    OMP_NUM_THREADS=2 python benchmarks/bench_simulator.py [--quick] [--supersample F]
 
 Task per lens: pixelated convergence (N x N over 7.68") -> deflection -> bilinear sampling of a
 pixelated source (N x N over 3") -> Gaussian PSF (FWHM 0.1"). Forward+backward = gradient of a
 chi^2 with respect to the source and the convergence. float32, CPU, medians of repeated runs.
+
+Supersampled task (second table): the same, with the image pixel-integrated over F x F rays per
+pixel (default F = 4, the factor benchmarks/bench_supersampling.py recommends), the PSF at the image
+pixel scale. rimlens: ``LensSimulator(..., supersample=F)`` (rays through the F x F sub-pixel
+centres, the exact deflection of the pixelated convergence there: F^2 FFT convolutions). caustics:
+``LensSource(..., quad_level=F)`` (F x F Gauss-Legendre rays per pixel, weighted; its deflection at
+the rays is bilinearly interpolated from the one at the pixel centres; PSF at the image pixel scale)
+- the same work per lens. (caustics' other option, ``upsample_factor=F``, convolves the PSF on the
+fine grid and needs the PSF sampled there: a different task.) Both are timed in the same run,
+round-robin, so that their ratio is robust to machine noise.
 """
 
 from __future__ import annotations
@@ -18,10 +28,12 @@ import torch
 from common import compare_times, machine, set_threads
 from rimlens.physics import PSF, LensSimulator, PixelGrid, deflection, profiles
 
+SUPERSAMPLE = 4
 
-def rimlens_case(n, batch):
+
+def rimlens_case(n, batch, supersample=1):
     img, src = PixelGrid.from_fov(n, 7.68), PixelGrid.from_fov(n, 3.0)
-    sim = LensSimulator(img, src)
+    sim = LensSimulator(img, src, supersample=supersample)
     psf = PSF.gaussian(0.1, img.pixel_scale_arcsec)
     g = torch.Generator().manual_seed(0)
     kappa = torch.rand(batch, 1, n, n, generator=g)
@@ -40,7 +52,7 @@ def rimlens_case(n, batch):
     return fwd, fwd_bwd, psf.size
 
 
-def caustics_case(n, batch, psf_size):
+def caustics_case(n, batch, psf_size, quad_level=None):
     import caustics
 
     scale = 7.68 / n
@@ -57,7 +69,14 @@ def caustics_case(n, batch, psf_size):
     src = caustics.Pixelated(image=torch.zeros(n, n), x0=0.0, y0=0.0, pixelscale=3.0 / n, shape=(n, n), name="src")
     kern = PSF.gaussian(0.1, scale, size=psf_size).kernel[0, 0]
     sim = caustics.LensSource(
-        lens=lens, source=src, pixelscale=scale, pixels_x=n, psf=kern, psf_shape=tuple(kern.shape), name="sim"
+        lens=lens,
+        source=src,
+        pixelscale=scale,
+        pixels_x=n,
+        psf=kern,
+        psf_shape=tuple(kern.shape),
+        quad_level=quad_level,
+        name="sim",
     )
     lens.convergence_map.to_dynamic()
     src.image.to_dynamic()
@@ -115,6 +134,7 @@ def gaussian_accuracy(n=128, scale=0.06, sigma=0.3):
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="fewer repeats")
+    ap.add_argument("--supersample", type=int, default=SUPERSAMPLE, help="factor of the supersampled task")
     args = ap.parse_args(argv)
     set_threads()
     repeats = 3 if args.quick else 7
@@ -149,7 +169,34 @@ def main(argv=None):
                     f" | {t['cfb'] / t['fb']:.1f}x |"
                 )
             print(row, flush=True)
+    supersampled_table(args.supersample, repeats, have_caustics)
     return 0
+
+
+def supersampled_table(f, repeats, have_caustics):
+    print(
+        f"\n# supersampled task: {f} x {f} rays per pixel, averaged, then the PSF"
+        + (f" (caustics: quad_level={f})" if have_caustics else "")
+    )
+    print(
+        "| N | batch | f | rimlens fwd (lens/s) | rimlens fwd+bwd (lens/s) |"
+        + (" caustics fwd | caustics fwd+bwd | ratio fwd | ratio fwd+bwd |" if have_caustics else "")
+    )
+    print("|---|---|---|---|---|" + ("---|---|---|---|" if have_caustics else ""))
+    for n in (64, 128):
+        for batch in (1, 32):
+            fwd, fb, k = rimlens_case(n, batch, supersample=f)
+            fns = {"fwd": fwd, "fb": fb}
+            if have_caustics:
+                fns["cf"], fns["cfb"] = caustics_case(n, batch, k, quad_level=f)
+            t = compare_times(fns, repeats)
+            row = f"| {n} | {batch} | {f} | {batch / t['fwd']:,.0f} | {batch / t['fb']:,.0f} |"
+            if have_caustics:
+                row += (
+                    f" {batch / t['cf']:,.0f} | {batch / t['cfb']:,.0f} | {t['cf'] / t['fwd']:.1f}x"
+                    f" | {t['cfb'] / t['fb']:.1f}x |"
+                )
+            print(row, flush=True)
 
 
 if __name__ == "__main__":

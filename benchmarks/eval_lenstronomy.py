@@ -23,7 +23,8 @@ Per lens (all from :mod:`rimlens.evaluate.lens_metrics`):
   0.5-2 ``theta_true`` (the same annuli for both maps); ``gamma_true`` is measured on the truth map
   (subhaloes included), lenstronomy's EPL ``gamma`` is also reported;
 * ``kappa_err``: :func:`kappa_error_in_annulus` in 0.5-2 ``theta_true`` about ``d``;
-* ``source_err``: :func:`source_error` (peak-normalised, relative L2, no alignment);
+* ``source_err``, ``source_err_scale``: :func:`source_error` (relative L2, no alignment) with both
+  maps peak-normalised, and with the best-fitting flux scale (``sqrt(1 - cos^2)``);
 * ``chi2_nu``, ``seconds``: from ``summary.json``; ``center_err``: ``|c_rec - c_true|`` and
   ``kappa_center_err``: the reconstruction's own centre's distance to ``d`` (arcsec).
 
@@ -144,6 +145,7 @@ def evaluate_lens(lens_dir: Path, rec_dir: Path) -> dict:
         if np.isfinite(theta_base)
         else float("nan"),
         "source_err": source_error(source_hat, source_true),
+        "source_err_scale": source_error(source_hat, source_true, "scale"),
         "chi2_nu": float(summary["chi2_nu"]),
         "seconds": float(summary["seconds"]),
         "center_err": math.hypot(*d),
@@ -161,6 +163,7 @@ ROWS = [
     ("slope error abs(gamma_hat - gamma_true)", "gamma_err", "gamma_err_base", "{:.3f}"),
     ("kappa error, median rel. in 0.5-2 theta_E", "kappa_err", "kappa_err_base", "{:.3f}"),
     ("source error (peak-normalised rel. L2)", "source_err", None, "{:.3f}"),
+    ("source error (best-fit flux scale rel. L2)", "source_err_scale", None, "{:.3f}"),
     ("chi2_nu", "chi2_nu", None, "{:.2f}"),
     ("seconds per lens", "seconds", None, "{:.2f}"),
     ('centre used, abs(c_rec - c_true) ["]', "center_err", None, "{:.3f}"),

@@ -243,9 +243,13 @@ def _image_model(params, n_pix):
 
 def _magnification(params, n_pix):
     """Lensed / unlensed source flux in the cut-out (noiseless, without PSF)."""
-    lensed = _image_model(params, n_pix).image(params["kwargs_lens"], params["kwargs_source"], unconvolved=True)
+    lensed = _image_model(params, n_pix).image(
+        params["kwargs_lens"], params["kwargs_source"], unconvolved=True, lens_light_add=False
+    )
     no_lens = {**params, "lens_models": ["SHEAR"], "kwargs_lens": [dict(gamma1=0.0, gamma2=0.0)]}
-    direct = _image_model(no_lens, n_pix).image(no_lens["kwargs_lens"], params["kwargs_source"], unconvolved=True)
+    direct = _image_model(no_lens, n_pix).image(
+        no_lens["kwargs_lens"], params["kwargs_source"], unconvolved=True, lens_light_add=False
+    )
     return float(lensed.sum() / direct.sum())
 
 
@@ -264,7 +268,9 @@ def make_lens(rng: np.random.Generator, lens_light: bool, cutout: str = "96", su
     peak = float(arcs.max())
     light = np.zeros_like(arcs)
     if lens_light:
-        unit = model.image(params["kwargs_lens"], params["kwargs_source"], params["kwargs_lens_light"], source_add=False)
+        unit = model.image(
+            params["kwargs_lens"], params["kwargs_source"], params["kwargs_lens_light"], source_add=False
+        )
         scale = params["lens_light_ratio"] * peak / float(unit.max())
         params["kwargs_lens_light"][0]["amp"] *= scale
         light = unit * scale
@@ -293,10 +299,25 @@ def write_lens(folder: Path, lens: dict) -> None:
     write_image(folder / "psf.fits", lens["psf"], header)
     write_image(folder / "noise_map.fits", lens["noise_map"], header)
     p = lens["params"]
-    scalars = (
-        "theta_E gamma axis_ratio phi e1 e2 shear shear_angle gamma1 gamma2 n_subhalos snr sigma_bkg "
-        "exposure psf_fwhm lens_light_ratio magnification"
-    ).split()
+    scalars = [
+        "theta_E",
+        "gamma",
+        "axis_ratio",
+        "phi",
+        "e1",
+        "e2",
+        "shear",
+        "shear_angle",
+        "gamma1",
+        "gamma2",
+        "n_subhalos",
+        "snr",
+        "sigma_bkg",
+        "exposure",
+        "psf_fwhm",
+        "lens_light_ratio",
+        "magnification",
+    ]
     np.savez_compressed(
         folder / "truth.npz",
         **{k: np.float64(p[k]) for k in scalars},
@@ -336,7 +357,7 @@ def main(argv=None):
         p = lens["params"]
         index.append({"name": name, **{k: v for k, v in p.items() if not k.startswith(("kwargs", "source_models"))}})
         print(
-            f"{name}: theta_E {p['theta_E']:.2f}\" gamma {p['gamma']:.2f} q {p['axis_ratio']:.2f} "
+            f'{name}: theta_E {p["theta_E"]:.2f}" gamma {p["gamma"]:.2f} q {p["axis_ratio"]:.2f} '
             f"shear {p['shear']:.3f} subhalos {p['n_subhalos']} SNR {p['snr']:.0f} "
             f"mu {p['magnification']:.1f} cut-out {p['cutout_pixels']} px",
             file=sys.stderr,

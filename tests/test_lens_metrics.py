@@ -116,6 +116,24 @@ def test_pixel_mean_kappa_centre_is_the_grids_centre():
     assert np.allclose(pixel_mean_kappa(alpha, g, c), sis_pixel_means(g, theta_e, 0.0, 0.0), rtol=1e-8)
 
 
+def test_pixel_mean_kappa_never_evaluates_the_cusp():
+    """A deflection that is NaN at its centre (unguarded 0/0), with the grid centred on that cusp at
+    coordinates that do not round exactly: every pixel mean stays finite and exact."""
+    theta_e, c = 1.0, (-0.9180529521276106, -0.9669447289429418)  # found by search: feet round to s - 1e-17
+
+    def alpha(x, y):
+        dx, dy = x - c[0], y - c[1]
+        r = np.hypot(dx, dy)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            return theta_e * dx / r, theta_e * dy / r
+
+    g = PixelGrid(16, 0.12)
+    with np.errstate(invalid="raise", divide="raise"):
+        got = pixel_mean_kappa(alpha, g, c)
+    assert np.all(np.isfinite(got))
+    assert np.allclose(got, sis_pixel_means(g, theta_e, 0.0, 0.0), rtol=1e-8)
+
+
 @pytest.mark.parametrize("center", [(0.0, 0.0), (0.06, 0.06)], ids=["corner", "pixel"])
 def test_pixel_mean_kappa_of_sie_matches_supersampling(center):
     g = PixelGrid(32, 0.12)
@@ -237,3 +255,11 @@ def test_source_error():
     a, b = far / far.max(), s / s.max()  # disjoint, equal peaks: sqrt(|a|^2 + |b|^2) / |b| (~ sqrt 2)
     assert source_error(far, s) == pytest.approx(math.hypot(np.linalg.norm(a), np.linalg.norm(b)) / np.linalg.norm(b))
     assert source_error(np.zeros_like(s), s) == pytest.approx(1.0)
+    # best-fit flux scale: sqrt(1 - cos^2) of the two maps
+    blur = np.exp(-((x - 0.1) ** 2 + y**2) / (2 * 0.2**2))
+    cos = (blur * s).sum() / np.linalg.norm(blur) / np.linalg.norm(s)
+    assert source_error(5 * blur, s, "scale") == pytest.approx(math.sqrt(1 - cos**2), rel=1e-9)
+    assert source_error(far, s, "scale") == pytest.approx(1.0, abs=1e-6)
+    assert source_error(2 * s, s, "scale") == pytest.approx(0.0, abs=1e-12)
+    with pytest.raises(ValueError):
+        source_error(s, s, "sum")
