@@ -129,6 +129,7 @@ def _rim(model: RIM, data: torch.Tensor, prep: PreparedObservation, psf: PSF) ->
     """RIM estimates (source in ``data``'s units, kappa) for ``data`` on the model grid. The data are
     first rescaled so that their smoothed peak is 1, as the training data were (after a lens-light
     subtraction the arcs are much fainter than the prepared observation's peak)."""
+    data = data.masked_fill(~prep.mask, 0.0)  # excluded pixels are zero, as in training (not minus the light)
     smooth = torch.nn.functional.avg_pool2d(data, 3, stride=1, padding=1, count_include_pad=False)
     peak = float(smooth.masked_fill(~prep.mask, -float("inf")).max())
     gain = 1.0 / peak if peak > 0 else 1.0

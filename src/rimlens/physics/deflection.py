@@ -254,9 +254,11 @@ def _in_chunks(
     spec: torch.Tensor,
     pixel_scale: float,
 ) -> torch.Tensor:
-    """``fn`` over chunks of the batch whose spectra stay in cache (one example at N = 128, f = 4)."""
+    """``fn`` over chunks of the batch: on a CPU, chunks whose spectra stay in cache (one example at
+    N = 128, f = 4); on an accelerator, chunks of up to ~256 MB of spectra (few, large kernels)."""
     per_example = spec.shape[0] * spec.shape[-2] * spec.shape[-1] * spec.element_size()
-    chunk = max(1, _CHUNK_BYTES // per_example)
+    budget = _CHUNK_BYTES if x.device.type == "cpu" else 64 * _CHUNK_BYTES
+    chunk = max(1, budget // per_example)
     if x.shape[0] <= chunk:
         return fn(x, spec, pixel_scale)
     return torch.cat([fn(c, spec, pixel_scale) for c in x.split(chunk)])
