@@ -173,7 +173,7 @@ def main(argv=None):
     print(f'# SIE + clumpy Sersic source, Gaussian PSF FWHM {FWHM}", field {FOV}"; errors = max |diff| in % of peak')
     print(
         "| pixel scale | N | f | analytic alpha (%) | pixelated kappa (%) | lenstronomy f vs 10 (%)"
-        " | fwd (ms/lens) | fwd+bwd (ms/lens) | cost vs f=1 |"
+        " | fwd (ms/lens) | fwd+bwd (ms/lens) | fwd+bwd vs f=1 |"
     )
     print("|---|---|---|---|---|---|---|---|---|")
     for scale in (0.12, 0.06):

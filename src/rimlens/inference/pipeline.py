@@ -125,16 +125,22 @@ LENS_LIGHT_MODES = ("auto", "mge", "none")
 LENS_LIGHT_ROUNDS = 3  # RIM <-> lens-light alternations (measured: the arcs' chi2 settles by the third)
 
 
-def _rim(model: RIM, data: torch.Tensor, prep: PreparedObservation, psf: PSF) -> tuple[torch.Tensor, torch.Tensor]:
-    """RIM estimates (source in ``data``'s units, kappa) for ``data`` on the model grid. The data are
-    first rescaled so that their smoothed peak is 1, as the training data were (after a lens-light
-    subtraction the arcs are much fainter than the prepared observation's peak)."""
-    data = data.masked_fill(~prep.mask, 0.0)  # excluded pixels are zero, as in training (not minus the light)
+def _rim_input(data: torch.Tensor, prep: PreparedObservation) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """Data as the RIM was trained on them: excluded pixels zero (not minus the lens light) and the
+    smoothed peak rescaled to 1 (after a lens-light subtraction the arcs are much fainter than the
+    prepared observation's peak). Returns ``(data, noise_sigma, gain)``; sources come back divided by ``gain``."""
+    data = data.masked_fill(~prep.mask, 0.0)
     smooth = torch.nn.functional.avg_pool2d(data, 3, stride=1, padding=1, count_include_pad=False)
     peak = float(smooth.masked_fill(~prep.mask, -float("inf")).max())
     gain = 1.0 / peak if peak > 0 else 1.0
+    return data * gain, prep.noise_sigma * gain, gain
+
+
+def _rim(model: RIM, data: torch.Tensor, prep: PreparedObservation, psf: PSF) -> tuple[torch.Tensor, torch.Tensor]:
+    """RIM estimates (source in ``data``'s units, kappa) for ``data`` on the model grid (:func:`_rim_input`)."""
+    scaled, sigma, gain = _rim_input(data, prep)
     with torch.no_grad():
-        out = model(data * gain, psf, prep.noise_sigma * gain, mask=prep.mask)
+        out = model(scaled, psf, sigma, mask=prep.mask)
     return out.final_source / gain, out.final_kappa
 
 
@@ -189,17 +195,18 @@ def reconstruct_prepared(
         chi2 = float(reduced_chi_squared(image, obs, prep.noise_sigma, prep.mask)[0])
     extra: dict = {}
     if finetune_with is not None:
+        scaled, sigma, gain = _rim_input(obs - light_image, prep)
         ft = finetune(
             model,
-            obs - light_image,
+            scaled,
             psf,
-            prep.noise_sigma,
+            sigma,
             finetune_with.source_vae,
             finetune_with.kappa_vae,
             finetune_with.options,
             mask=prep.mask,
         )
-        source, kappa = ft.source, ft.kappa
+        source, kappa = ft.source / gain, ft.kappa
         with torch.no_grad():
             arcs = sim.forward(source, kappa, psf, check=False)
             if light is not None:
