@@ -111,7 +111,7 @@ def fit_map_file(
     ``objective``; attributes: data, seconds, options)."""
     d = read_lenses(data, slice(0, count))
     grid = d["preset"].grid
-    sim = LensSimulator(grid.image_grid, grid.source_grid)
+    sim = LensSimulator(grid.image_grid, grid.source_grid, supersample=grid.supersample)
     r = fit_map(
         sim,
         torch.as_tensor(d["observation"]).double(),

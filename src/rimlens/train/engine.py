@@ -6,6 +6,7 @@ checkpoints with exact resume, early stopping, metrics log and curve; single pro
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from pathlib import Path
@@ -79,7 +80,12 @@ class Trainer(TrainingLoop):
         )
         if init_from is not None and ckpt is None:
             source = load_model(init_from)
-            if source.preset is None or source.preset.model != preset.model or source.preset.grid != preset.grid:
+            same_grid = source.preset is not None and dataclasses.replace(
+                source.preset.grid, supersample=1
+            ) == dataclasses.replace(
+                preset.grid, supersample=1
+            )  # the weights carry over to a run that samples pixels more finely
+            if source.preset is None or source.preset.model != preset.model or not same_grid:
                 raise RimlensInputError(
                     f"--init-from {init_from}: its model or grid differs from preset {preset.name!r}"
                 )
