@@ -19,7 +19,7 @@ from rimlens.data.lenses import LensGenerator
 from rimlens.data.random import child_rng
 from rimlens.distributed import collective_failure, rank_and_world
 from rimlens.errors import RimlensInputError
-from rimlens.inference.finetune import FinetuneOptions, check_vae_grids, finetune
+from rimlens.inference.finetune import FinetuneOptions, check_vae_grids, finetune, refine
 from rimlens.inference.quality import assess
 from rimlens.io.atomic import atomic_path
 from rimlens.io.checkpoint import load_vae
@@ -206,6 +206,18 @@ def reconstruct_prepared(
             finetune_with.options,
             mask=prep.mask,
         )
+        # with lens light, the pixel refinement alternates with the light's amplitudes (a joint fit by turns)
+        for _ in range(LENS_LIGHT_ROUNDS - 1 if light is not None and finetune_with.options.refine_steps else 0):
+            with torch.no_grad():
+                assert light is not None
+                light = light.resolve(
+                    obs - sim.forward(ft.source / gain, ft.kappa, psf, check=False), prep.noise_sigma, prep.mask
+                )
+                light_image = light.image().detach().to(obs.dtype)
+                scaled = (obs - light_image).masked_fill(~prep.mask, 0.0) * gain
+                model_img = sim.forward(ft.source, ft.kappa, psf, check=False)
+                ft.chi2_nu = float(reduced_chi_squared(model_img, scaled, sigma, prep.mask)[0])
+            refine(sim, scaled, psf, sigma, ft, finetune_with.options, prep.mask)
         source, kappa = ft.source / gain, ft.kappa
         with torch.no_grad():
             arcs = sim.forward(source, kappa, psf, check=False)
