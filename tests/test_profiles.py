@@ -2,6 +2,7 @@
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -69,3 +70,21 @@ def test_sersic_half_light():
     cum = torch.cumulative_trapezoid(2 * math.pi * r * i, r)
     frac = float(cum[torch.searchsorted(r, torch.tensor(r_e, dtype=torch.float64)) - 1] / cum[-1])
     assert frac == pytest.approx(0.5, abs=2e-3)
+
+
+@pytest.mark.parametrize("slope", [1.7, 2.0, 2.3])
+def test_epl_kappa_matches_lenstronomy_and_the_sie(slope):
+    from lenstronomy.LensModel.lens_model import LensModel
+
+    rng = np.random.default_rng(5)
+    x, y = rng.uniform(-2, 2, 200), rng.uniform(-2, 2, 200)
+    q, phi, te, cx, cy = 0.7, 0.4, 1.3, 0.1, -0.05
+    ours = profiles.epl_kappa(torch.tensor(x), torch.tensor(y), te, slope, q, phi, cx, cy).numpy()
+    e1, e2 = (1 - q) / (1 + q) * np.cos(2 * phi), (1 - q) / (1 + q) * np.sin(2 * phi)
+    theirs = LensModel(["EPL"]).kappa(
+        x, y, [{"theta_E": te, "gamma": slope, "e1": e1, "e2": e2, "center_x": cx, "center_y": cy}]
+    )
+    assert np.allclose(ours, theirs, rtol=1e-6)
+    if slope == 2.0:
+        sie = profiles.sie_kappa(torch.tensor(x), torch.tensor(y), te, q, phi, cx, cy).numpy()
+        assert np.allclose(ours, sie, rtol=1e-12)

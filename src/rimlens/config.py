@@ -111,7 +111,8 @@ class DataConfig:
     """How lenses are drawn. Mixing fractions need not sum to 1 (they are normalised).
 
     source_mix keys: ``cosmos`` (real HST galaxies), ``parametric`` (Sersic + clumps).
-    kappa_mix keys: ``sie`` (SIE), ``sie_substructure`` (SIE + NFW subhaloes + multipoles),
+    kappa_mix keys: ``sie`` (SIE), ``sie_substructure`` (SIE + NFW subhaloes + multipoles), ``epl``
+    (elliptical power law, log-slope U(1.6, 2.4)),
     ``particles`` (synthetic particle galaxies, smooth-particle lensing). Both mixes accept ``vae``
     (samples of the VAEs in ``source_vae`` / ``kappa_vae``; the paper used 80% VAE, 20% real).
     kappa_mix also accepts ``tng``: the 4 shipped TNG100 maps, for evaluation sets only (refused
@@ -134,7 +135,7 @@ class DataConfig:
             raise RimlensInputError(f"unknown noise recipe {self.noise!r}; choose from {sorted(NOISE_RECIPES)}")
         for name, mix, allowed in (
             ("source_mix", self.source_mix, {"cosmos", "parametric", "vae"}),
-            ("kappa_mix", self.kappa_mix, {"sie", "sie_substructure", "particles", "vae", "tng"}),
+            ("kappa_mix", self.kappa_mix, {"sie", "sie_substructure", "epl", "particles", "vae", "tng"}),
         ):
             bad = set(mix) - allowed
             if bad or not mix or any(v < 0 for v in mix.values()) or sum(mix.values()) <= 0:

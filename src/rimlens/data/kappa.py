@@ -123,6 +123,9 @@ class AnalyticKappaConfig:
         subhalo_mass_fraction: (min, max) of each subhalo's kappa_s relative to theta_E (uniform).
         multipole_max_amplitude: maximum amplitude of m = 3, 4 multipoles (0 disables).
         supersample: sub-pixels per side used to pixelate (conserves the cusp's mass).
+        slope_range: power-law log-slope gamma, uniform (``(2, 2)``: the SIE; otherwise an EPL,
+            :func:`rimlens.physics.profiles.epl_kappa`, and the slope is drawn after every other
+            parameter, so SIE draws are unchanged).
     """
 
     theta_e_range: tuple[float, float] = (0.5, 2.5)
@@ -134,6 +137,7 @@ class AnalyticKappaConfig:
     subhalo_rs_range_arcsec: tuple[float, float] = (0.03, 0.15)
     multipole_max_amplitude: float = 0.0
     supersample: int = 2
+    slope_range: tuple[float, float] = (2.0, 2.0)
 
 
 def analytic_kappa(
@@ -143,7 +147,7 @@ def analytic_kappa(
     config: AnalyticKappaConfig = AnalyticKappaConfig(),
     dtype: torch.dtype = torch.float32,
 ) -> tuple[torch.Tensor, dict]:
-    """Draw ``batch`` SIE convergence maps (optionally with subhaloes and multipoles).
+    """Draw ``batch`` SIE (or EPL) convergence maps (optionally with subhaloes and multipoles).
 
     Returns:
         ``(kappa B x 1 x N x N, parameters dict of numpy arrays)``.
@@ -156,12 +160,18 @@ def analytic_kappa(
     phi = rng.uniform(-np.pi, np.pi, batch)
     x0, y0 = r0 * np.cos(az), r0 * np.sin(az)
     params = {"theta_e": theta_e, "axis_ratio": 1 - e, "phi": phi, "x0": x0, "y0": y0}
+    power_law = tuple(c.slope_range) != (2.0, 2.0)
+    if power_law:
+        params["slope"] = rng.uniform(*c.slope_range, batch)
 
     def t(a):
         return torch.as_tensor(a, dtype=dtype).reshape(-1, 1, 1, 1)
 
     def fn(x, y):
-        k = profiles.sie_kappa(x, y, t(theta_e), t(1 - e), t(phi), t(x0), t(y0), c.core_arcsec)
+        if power_law:
+            k = profiles.epl_kappa(x, y, t(theta_e), t(params["slope"]), t(1 - e), t(phi), t(x0), t(y0), c.core_arcsec)
+        else:
+            k = profiles.sie_kappa(x, y, t(theta_e), t(1 - e), t(phi), t(x0), t(y0), c.core_arcsec)
         if c.multipole_max_amplitude > 0:
             ang = torch.atan2(y - t(y0), x - t(x0))
             for m in (3, 4):

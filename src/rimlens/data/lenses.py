@@ -199,8 +199,10 @@ class LensGenerator:
         theta_e = torch.as_tensor(rng.uniform(*self.data.theta_e_range, n), dtype=torch.float32)
         for fam in np.unique(families):
             idx = np.flatnonzero(families == fam)
-            if fam in ("sie", "sie_substructure"):
+            if fam in ("sie", "sie_substructure", "epl"):
                 cfg = AnalyticKappaConfig(theta_e_range=tuple(self.data.theta_e_range))
+                if fam == "epl":  # power-law slopes around isothermal, as observed lenses have (issue 11)
+                    cfg = AnalyticKappaConfig(theta_e_range=tuple(self.data.theta_e_range), slope_range=(1.6, 2.4))
                 if fam == "sie_substructure":
                     cfg = AnalyticKappaConfig(
                         theta_e_range=tuple(self.data.theta_e_range),

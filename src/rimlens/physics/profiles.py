@@ -24,6 +24,7 @@ from torch.types import Device
 from rimlens.physics.grid import PixelGrid
 
 __all__ = [
+    "epl_kappa",
     "gaussian_deflection",
     "gaussian_kappa",
     "nfw_deflection",
@@ -150,6 +151,29 @@ def sie_kappa(
     """
     xp, yp = _rotate(x, y, center_x, center_y, phi_rad)
     return theta_e_arcsec / (2 * torch.sqrt(axis_ratio * xp**2 + yp**2 / axis_ratio + core_arcsec**2))
+
+
+def epl_kappa(
+    x: torch.Tensor,
+    y: torch.Tensor,
+    theta_e_arcsec: Param,
+    slope: Param,
+    axis_ratio: Param,
+    phi_rad: Param = 0.0,
+    center_x: Param = 0.0,
+    center_y: Param = 0.0,
+    core_arcsec: Param = 0.0,
+) -> torch.Tensor:
+    """Elliptical power law (EPL; lenstronomy's ``EPL`` convention).
+
+    ``kappa = (3 - gamma) / 2 * (theta_E / R)^(gamma - 1)``, ``R = sqrt(q x'^2 + y'^2 / q + s^2)``, so
+    ``gamma = 2`` is the SIE (:func:`sie_kappa`). Coordinates, ``theta_E`` and the core ``s`` in arcsec,
+    ``phi`` in radians, ``gamma`` (the 3-D log-slope, 1 < gamma < 3) dimensionless; returns the
+    dimensionless convergence with the broadcast shape of the inputs.
+    """
+    xp, yp = _rotate(x, y, center_x, center_y, phi_rad)
+    r = torch.sqrt(axis_ratio * xp**2 + yp**2 / axis_ratio + core_arcsec**2)
+    return (3 - slope) / 2 * (theta_e_arcsec / r) ** (slope - 1)
 
 
 def sie_deflection(
