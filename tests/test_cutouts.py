@@ -112,3 +112,16 @@ def test_rotated_wcs_is_read_and_skewed_pixels_refused():
         pixel_scale_from_header({"CD1_1": -s, "CD2_2": 1.5 * s})
     with pytest.raises(RimlensInputError, match="skewed"):
         pixel_scale_from_header({"CD1_1": -s, "CD1_2": s * np.sin(0.3), "CD2_1": 0.0, "CD2_2": s * np.cos(0.3)})
+
+
+def test_bad_or_faint_centres():
+    grid = PixelGrid.from_fov(64, 7.68)
+    obs = _lens(96, (0.0, 0.0))
+    for center in ((float("inf"), 0.0), (float("nan"), 0.0)):
+        with pytest.raises(RimlensInputError, match="finite"):
+            prepare_observation(obs, grid, center)
+    with pytest.raises(RimlensInputError, match="not pixels"):
+        prepare_observation(obs, grid, (48.0, 48.0))  # pixel coordinates given by mistake
+    faint = Observation(np.random.default_rng(0).normal(0, 0.01, (96, 96)) + 0.02, obs.noise_sigma, obs.psf, SCALE)
+    p = prepare_observation(faint, grid, "auto")  # nothing to find: the cut-out's centre, not an error
+    assert p.center_method == "cutout" and p.center_arcsec == (0.0, 0.0)

@@ -58,6 +58,8 @@ def process_group(backend: str = "gloo"):
     """
     started = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized()
     if started:
+        if backend == "nccl":  # one GPU per rank: collectives and DDP must not all land on cuda:0
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         dist.init_process_group(backend)
     try:
         yield rank_and_world()

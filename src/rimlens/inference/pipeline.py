@@ -217,7 +217,9 @@ def reconstruct_prepared(
                 scaled = (obs - light_image).masked_fill(~prep.mask, 0.0) * gain
                 model_img = sim.forward(ft.source, ft.kappa, psf, check=False)
                 ft.chi2_nu = float(reduced_chi_squared(model_img, scaled, sigma, prep.mask)[0])
+            done = ft.refine_steps
             refine(sim, scaled, psf, sigma, ft, finetune_with.options, prep.mask)
+            ft.refine_steps += done  # refine() counts its own iterations only
         source, kappa = ft.source / gain, ft.kappa
         with torch.no_grad():
             arcs = sim.forward(source, kappa, psf, check=False)
@@ -281,7 +283,7 @@ def _write(
     obs: Observation | None = None,
 ) -> dict:
     grid = model.grid
-    quality = assess(model, prep, rec.model_image, rec.lensed_source, rec.chi2_nu, obs, rec.lens_light is not None)
+    quality = assess(model, prep, rec.model_image, rec.lensed_source, rec.chi2_nu, obs, rec.lens_light)
     summary = {
         **summary,
         "model": _model_name(model),
@@ -296,6 +298,7 @@ def _write(
     if truth is not None:
         summary["source_mse"] = float(((rec.source - truth["source"]) ** 2).mean())
         summary["log10_kappa_mse"] = float(((log10_kappa(rec.kappa) - log10_kappa(truth["kappa"])) ** 2).mean())
+    export(out_dir, model, prep, rec)  # before summary.json: a folder run counts a lens done by its summary
     write_products(
         out_dir,
         observation=prep.observation,
@@ -314,11 +317,10 @@ def _write(
         extra_maps={}
         if rec.lens_light is None
         else {
-            "lens_light.fits": (rec.lens_light, "lens light model, PSF-convolved (normalised flux per pixel)"),
-            "lens_subtracted.fits": (prep.observation - rec.lens_light, "observation - lens light model"),
+            "lens_light.fits": (rec.lens_light, "normalised flux per pixel"),
+            "lens_subtracted.fits": (prep.observation - rec.lens_light, "normalised flux per pixel"),
         },
     )
-    export(out_dir, model, prep, rec)
     return summary
 
 
@@ -464,7 +466,9 @@ def reconstruct_folder(
         f = out_dir / lens.name / "summary.json"
         summary = json.loads(f.read_text()) if f.exists() else {}
         q = summary.get("quality", {})
+        light = summary.get("lens_light", "")
         summary.update(
+            lens_light=light if isinstance(light, str) else "mge",
             chi2_nu_arcs=q.get("chi2_nu_arcs", ""),
             poor_fit=q.get("poor", ""),
             likely_causes="; ".join(q.get("causes", [])),

@@ -58,12 +58,20 @@ class Quality:
         return {**dataclasses.asdict(self), "poor": self.poor}
 
 
-def _rim_chi2(model: RIM, prep: PreparedObservation, psf_kernel: torch.Tensor | None = None) -> float:
+def _rim_chi2(
+    model: RIM, prep: PreparedObservation, psf_kernel: torch.Tensor | None = None, light: torch.Tensor | None = None
+) -> float:
+    """chi2_nu of a plain RIM reconstruction of ``prep`` (minus ``light``, the lens-light model, if given),
+    with the data as the RIM was trained on them: excluded pixels zero, smoothed peak 1."""
     psf = PSF.from_kernel(prep.psf if psf_kernel is None else psf_kernel)
+    data = (prep.observation if light is None else prep.observation - light).masked_fill(~prep.mask, 0.0)
+    smooth = torch.nn.functional.avg_pool2d(data, 3, stride=1, padding=1, count_include_pad=False)
+    peak = float(smooth.masked_fill(~prep.mask, -float("inf")).max())
+    gain = 1.0 / peak if peak > 0 else 1.0
     with torch.no_grad():
-        out = model(prep.observation, psf, prep.noise_sigma, mask=prep.mask)
+        out = model(data * gain, psf, prep.noise_sigma * gain, mask=prep.mask)
         image = model.simulator.forward(out.final_source, out.final_kappa, psf, check=False)
-        return float(reduced_chi_squared(image, prep.observation, prep.noise_sigma, prep.mask)[0])
+        return float(reduced_chi_squared(image, data * gain, prep.noise_sigma * gain, prep.mask)[0])
 
 
 def _gaussian_kernel(sigma_px: float, size: int) -> torch.Tensor:
@@ -80,7 +88,7 @@ def assess(
     lensed_source: torch.Tensor,
     chi2_nu: float,
     obs: Observation | None = None,
-    lens_light_modelled: bool = False,
+    lens_light: torch.Tensor | None = None,
 ) -> Quality:
     """Quality of a reconstruction of ``prep`` whose model image is ``model_image`` (``1 x 1 x N x N``,
     lens light included when modelled) and lensed source ``lensed_source`` (PSF-convolved).
@@ -108,17 +116,18 @@ def assess(
     q = Quality(chi2_nu, chi2_arcs, n_arcs, central_resid, edge_snr)
     if not q.poor:
         return q
-    if not lens_light_modelled and central_resid > 3:
+    if lens_light is None and central_resid > 3:
         q.causes.append(
             f"lens light left in the data (central residual {central_resid:+.1f} sigma; use --lens-light auto)"
         )
     if edge_snr > 5:
         q.causes.append(f"field too small (lensed flux at {edge_snr:.0f} sigma on the model field's edge)")
-    base = _rim_chi2(model, prep)
-    if obs is not None:
+    base = _rim_chi2(model, prep, light=lens_light)
+    if obs is not None and lens_light is None:  # the light model is tied to this grid: no re-preparation then
         for factor in (0.8, 1.25):
             other = dataclasses.replace(obs, pixel_scale_arcsec=obs.pixel_scale_arcsec * factor)
-            trial = _rim_chi2(model, prepare_observation(other, grid, prep.center_arcsec))
+            center = (prep.center_arcsec[0] * factor, prep.center_arcsec[1] * factor)  # the lens stays put in pixels
+            trial = _rim_chi2(model, prepare_observation(other, grid, center))
             if trial * BETTER_BY < base:
                 q.causes.append(
                     f'pixel scale ({obs.pixel_scale_arcsec:.4g}"/px used; {obs.pixel_scale_arcsec * factor:.4g} fits '
@@ -132,7 +141,7 @@ def assess(
     narrow = torch.zeros(1, 1, 3, 3)
     narrow[..., 1, 1] = 1.0
     for name, kernel in (("a broader PSF", broad / broad.sum()), ("a narrower PSF", narrow)):
-        trial = _rim_chi2(model, prep, kernel)
+        trial = _rim_chi2(model, prep, kernel, lens_light)
         if trial * BETTER_BY < base:
             q.causes.append(f"PSF ({name} fits {base / trial:.1f}x better)")
     if not q.causes and chi2_arcs is not None and chi2_arcs > 3 * chi2_nu:

@@ -166,7 +166,7 @@ def find_lens_center(obs: Observation, search_radius_arcsec: float = 2.0) -> tup
     signal = near & (snr > 3)
     if signal.sum() < 5:
         raise RimlensInputError(
-            "cannot find the lens automatically (no significant flux near the centre): pass --center X Y"
+            "cannot find the lens automatically (no significant flux near the centre): pass --center X,Y"
         )
     peak = np.unravel_index(np.argmax(np.where(near, smooth, -np.inf)), smooth.shape)
     dx, dy = xx - xx[peak], yy - yy[peak]
@@ -216,13 +216,23 @@ def prepare_observation(
     elif isinstance(center_arcsec, str):
         if center_arcsec != "auto":
             raise RimlensInputError(f"center must be 'auto' or (x, y) in arcsec, got {center_arcsec!r}")
-        center_arcsec, method = find_lens_center(obs)
+        try:
+            center_arcsec, method = find_lens_center(obs)
+        except RimlensInputError:  # too faint to locate: the cut-out's own centring, as before auto existed
+            center_arcsec, method = (0.0, 0.0), "cutout"
         if method == "ring" and np.hypot(*center_arcsec) < RING_TRUST_ARCSEC:
             # the arcs' circle centre is good to a few tenths of an arcsec: closer than that to the
             # cut-out's centre, the cut-out's own centring (usually the observer's) is the better guess
             center_arcsec, method = (0.0, 0.0), "cutout"
     cx, cy = float(center_arcsec[0]), float(center_arcsec[1])
     ny, nx = obs.image.shape
+    if not (np.isfinite(cx) and np.isfinite(cy)):
+        raise RimlensInputError(f"the lens centre must be finite, got ({cx}, {cy})")
+    if abs(cx) > nx * s_in / 2 or abs(cy) > ny * s_in / 2:
+        raise RimlensInputError(
+            f'the lens centre ({cx:.3g}", {cy:.3g}") lies outside the cut-out ({nx * s_in:.3g}" x {ny * s_in:.3g}"); '
+            "--center takes arcsec from the cut-out's centre, not pixels"
+        )
     half = grid.fov_arcsec / 2
     # padding (input pixels, each side) that makes the cut-out cover the model field around the centre
     pad_x = (

@@ -69,6 +69,8 @@ class Trainer(TrainingLoop):
             else:
                 device = torch.device("cpu")
         self.device = torch.device(device)
+        if self.device.type == "cuda" and self.device.index is None:  # "cuda": this rank's own GPU
+            self.device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
         torch.manual_seed(self.cfg.seed)  # same initial weights for the same seed (and on every rank)
         self.dtype = getattr(torch, self.cfg.dtype)
         self.model = RIM.from_preset(preset).to(self.device, self.dtype)
