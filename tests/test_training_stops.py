@@ -11,7 +11,7 @@ import torch
 
 from ranks import run_two_ranks
 from rimlens.config import get_preset, with_train_settings
-from rimlens.errors import TrainingDivergedError
+from rimlens.errors import RimlensInputError, TrainingDivergedError
 from rimlens.train import Trainer
 
 TIMEOUT_S = 150
@@ -140,12 +140,10 @@ def test_resume_overrides_reach_the_saved_configuration(tmp_path):
 
     preset = with_train_settings(get_preset("tiny"), {"max_steps": 2, "val_every": 1000, "val_size": 2})
     train_rim(preset, tmp_path / "run", progress=False)
+    with pytest.raises(RimlensInputError, match="batch_size cannot change"):
+        train_rim(preset, tmp_path / "run", resume=True, settings={"max_steps": 3, "batch_size": 2}, progress=False)
     r = train_rim(
-        preset,
-        tmp_path / "run",
-        resume=True,
-        settings={"max_steps": 3, "learning_rate": 5e-3, "batch_size": 2},
-        progress=False,
+        preset, tmp_path / "run", resume=True, settings={"max_steps": 3, "learning_rate": 5e-3}, progress=False
     )
     assert r is not None and r.step == 3
     ckpt = torch.load(tmp_path / "run" / "latest.pt", weights_only=True)
@@ -153,4 +151,4 @@ def test_resume_overrides_reach_the_saved_configuration(tmp_path):
 
     train = preset_from_json(ckpt["preset"]).train
     assert train.learning_rate == 5e-3 and train.max_steps == 3
-    assert train.batch_size == get_preset("tiny").train.batch_size  # not a resume override: kept
+    assert train.batch_size == get_preset("tiny").train.batch_size

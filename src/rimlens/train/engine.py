@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from rimlens.config import Preset, preset_from_json, with_train_settings
+from rimlens.config import Preset, TrainConfig, preset_from_json, with_train_settings
 from rimlens.data.lenses import LensBatch, LensGenerator
 from rimlens.data.random import child_rng
 from rimlens.data.stream import draw_step_batch, step_batches
@@ -25,7 +25,7 @@ from rimlens.io.checkpoint import load_model
 from rimlens.io.figures import training_curve
 from rimlens.nn.rim import RIM, RIMOutput, rim_loss
 from rimlens.physics.convergence import log10_kappa
-from rimlens.train.loop import TrainingLoop, TrainResult, previous_run
+from rimlens.train.loop import TrainingLoop, TrainResult, previous_run, refuse_resume_changes
 
 __all__ = ["Trainer", "train_rim"]
 
@@ -202,6 +202,7 @@ def train_rim(
     rank 0, ``None`` on other ranks.
     """
     settings = settings or {}
+    refuse_resume_changes(resume, settings, TrainConfig.RESUME_OVERRIDES)
     preset = with_train_settings(preset, settings)
     backend = "nccl" if torch.cuda.is_available() and str(device) != "cpu" else "gloo"
     with process_group(backend) as (rank, _):

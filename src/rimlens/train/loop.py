@@ -25,7 +25,7 @@ from rimlens.errors import RimlensInputError, TrainingDivergedError
 from rimlens.io.atomic import atomic_path
 from rimlens.io.checkpoint import load_checkpoint, save_checkpoint
 
-__all__ = ["TrainResult", "TrainingLoop", "previous_run"]
+__all__ = ["TrainResult", "TrainingLoop", "previous_run", "refuse_resume_changes"]
 
 
 @dataclass
@@ -234,3 +234,13 @@ class TrainingLoop:
             if out_of_time:
                 return TrainResult(self.step, "max_minutes", last)
         return TrainResult(self.step, "max_steps", last)
+
+
+def refuse_resume_changes(resume: bool, settings: dict, allowed: tuple[str, ...]) -> None:
+    """A resumed run keeps its checkpoint's configuration: settings outside ``allowed`` are refused, not dropped."""
+    fixed = sorted(set(settings) - set(allowed)) if resume else []
+    if fixed:
+        raise RimlensInputError(
+            f"--resume continues the checkpoint's configuration: {', '.join(fixed)} cannot change "
+            f"(a resumed run may change {', '.join(allowed)})"
+        )

@@ -18,9 +18,10 @@ import torch
 from rimlens.config import Preset, VAEConfig, VAETrainConfig, from_dict, get_preset, preset_from_json
 from rimlens.data.lenses import LensGenerator
 from rimlens.data.random import child_rng
+from rimlens.errors import RimlensInputError
 from rimlens.nn.vae import VAE, default_vae_config
 from rimlens.physics.convergence import log10_kappa
-from rimlens.train.loop import TrainingLoop, TrainResult, previous_run
+from rimlens.train.loop import TrainingLoop, TrainResult, previous_run, refuse_resume_changes
 
 __all__ = ["VAETrainer", "draw_vae_batch", "train_vae"]
 
@@ -125,9 +126,12 @@ def train_vae(
     """``rimlens train-vae``: train (or, with ``resume``, continue) a VAE. On resume the checkpoint's
     configuration wins except for :attr:`VAETrainConfig.RESUME_OVERRIDES`."""
     settings = settings or {}
+    refuse_resume_changes(resume, settings, VAETrainConfig.RESUME_OVERRIDES)
     trainer = VAETrainer(
         kind, get_preset(preset_name), out_dir, resume=resume, train=None if resume else settings, progress=progress
     )
+    if resume and trainer.kind != kind:
+        raise RimlensInputError(f"{out_dir} holds a {trainer.kind} VAE run, not a {kind} one")
     if resume and settings:
         allowed = {k: v for k, v in settings.items() if k in VAETrainConfig.RESUME_OVERRIDES}
         trainer.cfg = from_dict(VAETrainConfig, {**dataclasses.asdict(trainer.cfg), **allowed})
