@@ -20,7 +20,7 @@ from rimlens.data.random import child_rng
 from rimlens.distributed import collective_failure, rank_and_world
 from rimlens.errors import RimlensInputError
 from rimlens.inference.finetune import FinetuneOptions, check_vae_grids, finetune, refine
-from rimlens.inference.quality import assess
+from rimlens.inference.quality import assess, rim_input
 from rimlens.io.atomic import atomic_path
 from rimlens.io.checkpoint import load_vae
 from rimlens.io.export import write_coolest, write_lenstronomy
@@ -125,20 +125,9 @@ LENS_LIGHT_MODES = ("auto", "mge", "none")
 LENS_LIGHT_ROUNDS = 3  # RIM <-> lens-light alternations (measured: the arcs' chi2 settles by the third)
 
 
-def _rim_input(data: torch.Tensor, prep: PreparedObservation) -> tuple[torch.Tensor, torch.Tensor, float]:
-    """Data as the RIM was trained on them: excluded pixels zero (not minus the lens light) and the
-    smoothed peak rescaled to 1 (after a lens-light subtraction the arcs are much fainter than the
-    prepared observation's peak). Returns ``(data, noise_sigma, gain)``; sources come back divided by ``gain``."""
-    data = data.masked_fill(~prep.mask, 0.0)
-    smooth = torch.nn.functional.avg_pool2d(data, 3, stride=1, padding=1, count_include_pad=False)
-    peak = float(smooth.masked_fill(~prep.mask, -float("inf")).max())
-    gain = 1.0 / peak if peak > 0 else 1.0
-    return data * gain, prep.noise_sigma * gain, gain
-
-
 def _rim(model: RIM, data: torch.Tensor, prep: PreparedObservation, psf: PSF) -> tuple[torch.Tensor, torch.Tensor]:
     """RIM estimates (source in ``data``'s units, kappa) for ``data`` on the model grid (:func:`_rim_input`)."""
-    scaled, sigma, gain = _rim_input(data, prep)
+    scaled, sigma, gain = rim_input(data, prep)
     with torch.no_grad():
         out = model(scaled, psf, sigma, mask=prep.mask)
     return out.final_source / gain, out.final_kappa
@@ -195,7 +184,7 @@ def reconstruct_prepared(
         chi2 = float(reduced_chi_squared(image, obs, prep.noise_sigma, prep.mask)[0])
     extra: dict = {}
     if finetune_with is not None:
-        scaled, sigma, gain = _rim_input(obs - light_image, prep)
+        scaled, sigma, gain = rim_input(obs - light_image, prep)
         ft = finetune(
             model,
             scaled,

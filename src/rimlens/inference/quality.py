@@ -64,14 +64,22 @@ def _rim_chi2(
     """chi2_nu of a plain RIM reconstruction of ``prep`` (minus ``light``, the lens-light model, if given),
     with the data as the RIM was trained on them: excluded pixels zero, smoothed peak 1."""
     psf = PSF.from_kernel(prep.psf if psf_kernel is None else psf_kernel)
-    data = (prep.observation if light is None else prep.observation - light).masked_fill(~prep.mask, 0.0)
+    data, sigma, _ = rim_input(prep.observation if light is None else prep.observation - light, prep)
+    with torch.no_grad():
+        out = model(data, psf, sigma, mask=prep.mask)
+        image = model.simulator.forward(out.final_source, out.final_kappa, psf, check=False)
+        return float(reduced_chi_squared(image, data, sigma, prep.mask)[0])
+
+
+def rim_input(data: torch.Tensor, prep: PreparedObservation) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """Data as the RIM was trained on them: excluded pixels zero (not minus the lens light) and the
+    smoothed peak rescaled to 1 (after a lens-light subtraction the arcs are much fainter than the
+    prepared observation's peak). Returns ``(data, noise_sigma, gain)``; sources come back divided by ``gain``."""
+    data = data.masked_fill(~prep.mask, 0.0)
     smooth = torch.nn.functional.avg_pool2d(data, 3, stride=1, padding=1, count_include_pad=False)
     peak = float(smooth.masked_fill(~prep.mask, -float("inf")).max())
     gain = 1.0 / peak if peak > 0 else 1.0
-    with torch.no_grad():
-        out = model(data * gain, psf, prep.noise_sigma * gain, mask=prep.mask)
-        image = model.simulator.forward(out.final_source, out.final_kappa, psf, check=False)
-        return float(reduced_chi_squared(image, data * gain, prep.noise_sigma * gain, prep.mask)[0])
+    return data * gain, prep.noise_sigma * gain, gain
 
 
 def _gaussian_kernel(sigma_px: float, size: int) -> torch.Tensor:
