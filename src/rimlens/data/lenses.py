@@ -201,8 +201,14 @@ class LensGenerator:
             idx = np.flatnonzero(families == fam)
             if fam in ("sie", "sie_substructure", "epl"):
                 cfg = AnalyticKappaConfig(theta_e_range=tuple(self.data.theta_e_range))
-                if fam == "epl":  # power-law slopes around isothermal, as observed lenses have (issue 11)
-                    cfg = AnalyticKappaConfig(theta_e_range=tuple(self.data.theta_e_range), slope_range=(1.6, 2.4))
+                if fam == "epl":  # power-law slopes around isothermal, with a few subhaloes and multipoles,
+                    # as observed lenses have (issue 11)
+                    cfg = AnalyticKappaConfig(
+                        theta_e_range=tuple(self.data.theta_e_range),
+                        slope_range=(1.6, 2.4),
+                        subhalo_mean_count=1.0,
+                        multipole_max_amplitude=0.03,
+                    )
                 if fam == "sie_substructure":
                     cfg = AnalyticKappaConfig(
                         theta_e_range=tuple(self.data.theta_e_range),

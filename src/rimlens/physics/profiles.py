@@ -32,6 +32,7 @@ __all__ = [
     "pixelate",
     "sersic",
     "sersic_b",
+    "shear_deflection",
     "sie_deflection",
     "sie_kappa",
     "sis_deflection",
@@ -130,6 +131,30 @@ def sis_deflection(
     dx, dy = x - center_x, y - center_y
     r = torch.sqrt(dx**2 + dy**2).clamp_min(1e-30)
     return theta_e_arcsec * dx / r, theta_e_arcsec * dy / r
+
+
+# ------------------------------------------------------------------------------ external shear
+def shear_deflection(
+    x: torch.Tensor, y: torch.Tensor, gamma1: Param, gamma2: Param, center_x: Param = 0.0, center_y: Param = 0.0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Deflection of a constant external shear (lenstronomy's ``SHEAR`` convention).
+
+    Potential ``psi = gamma1 (dx^2 - dy^2) / 2 + gamma2 dx dy`` about ``(center_x, center_y)``, so
+    ``alpha = (gamma1 dx + gamma2 dy, gamma2 dx - gamma1 dy)``: convergence zero, shear
+    ``(gamma1, gamma2)`` everywhere; magnitude ``sqrt(gamma1^2 + gamma2^2)``, angle
+    ``atan2(gamma2, gamma1) / 2`` counter-clockwise from +x. Mass outside the field makes it: a
+    convergence map of the field alone cannot (its deflection is not harmonic inside the field).
+
+    Args:
+        x, y: positions in arcsec (any broadcastable shape).
+        gamma1, gamma2: shear components (dimensionless).
+        center_x, center_y: the expansion point in arcsec (the shear is constant; the centre only
+            adds a constant deflection, i.e. shifts the source).
+
+    Returns ``(alpha_x, alpha_y)`` in arcsec.
+    """
+    dx, dy = x - center_x, y - center_y
+    return gamma1 * dx + gamma2 * dy, gamma2 * dx - gamma1 * dy
 
 
 # ------------------------------------------------------------------------------ SIE (cored)

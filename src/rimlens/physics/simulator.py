@@ -1,6 +1,10 @@
 """The lensing simulator: one object that owns the forward model, the noise and the likelihood.
 
-    observation = PSF * [source(theta - alpha(kappa))] + noise,   noise ~ N(0, sigma^2) per pixel.
+    observation = PSF * [source(theta - alpha(kappa) - alpha_shear)] + noise,   noise ~ N(0, sigma^2) per pixel.
+
+``alpha_shear`` is an optional constant external shear ``(gamma1, gamma2)`` per lens (lenstronomy's
+``SHEAR`` about the grid centre, :func:`rimlens.physics.profiles.shear_deflection`): the tidal field of
+mass outside the field, which a convergence map of the field cannot make.
 
 The convergence lives on the image grid; the source on its own grid (see :mod:`rimlens.physics.grid`).
 With ``supersample = f > 1`` the image is pixel-integrated: rays are traced through the ``f x f``
@@ -18,10 +22,11 @@ from rimlens.errors import RimlensInputError, check_batch, check_map, check_nois
 from rimlens.physics.deflection import deflection_field, deflection_supersampled
 from rimlens.physics.grid import PixelGrid
 from rimlens.physics.likelihood import chi_squared, degrees_of_freedom, peak_snr
+from rimlens.physics.profiles import shear_deflection
 from rimlens.physics.psf import PSF
 from rimlens.physics.raytrace import pixel_average, sample_lensed, supersampled_grid
 
-__all__ = ["LensSimulator", "SimulatedLens"]
+__all__ = ["LensSimulator", "SimulatedLens", "check_shear"]
 
 PSFLike: TypeAlias = PSF | torch.Tensor
 """A :class:`PSF`, or a kernel tensor accepted by :meth:`PSF.from_kernel`."""
@@ -37,6 +42,24 @@ class SimulatedLens:
     observation: torch.Tensor
     noise_sigma: torch.Tensor  # (B,) or noise map
     snr: torch.Tensor  # (B,) peak SNR of the noiseless image
+
+
+def check_shear(shear: torch.Tensor, batch: int | None = None) -> torch.Tensor:
+    """Validate an external shear: a finite ``B x 2`` (or ``2``) tensor of ``(gamma1, gamma2)``.
+
+    Returns it as ``B x 2`` (a ``2`` tensor is broadcast over ``batch`` lenses when given).
+    """
+    if not isinstance(shear, torch.Tensor):
+        raise RimlensInputError(f"shear must be a tensor of (gamma1, gamma2), got {type(shear).__name__}")
+    if shear.ndim == 1:
+        shear = shear[None]
+    if shear.ndim != 2 or shear.shape[1] != 2:
+        raise RimlensInputError(f"shear must have shape B x 2 (gamma1, gamma2), got {tuple(shear.shape)}")
+    if batch is not None and shear.shape[0] not in (1, batch):
+        raise RimlensInputError(f"shear has {shear.shape[0]} rows for a batch of {batch}")
+    if not torch.isfinite(shear).all():
+        raise RimlensInputError("shear contains NaN or infinite values")
+    return shear
 
 
 def _as_psf(psf: PSFLike | None) -> PSF:
@@ -151,6 +174,7 @@ class LensSimulator:
         kappa: torch.Tensor | None = None,
         *,
         alpha: torch.Tensor | None = None,
+        shear: torch.Tensor | None = None,
         check: bool = True,
     ) -> torch.Tensor:
         """Lensed, unblurred image ``B x 1 x N x N`` of ``source`` by ``kappa`` (or by a given deflection ``alpha``).
@@ -163,6 +187,8 @@ class LensSimulator:
             alpha: deflection in arcsec at the rays, instead of ``kappa``: ``B x 2 x fN x fN`` on
                 :attr:`ray_grid` (``B x 2 x N x N`` at the pixel centres when ``f = 1``); e.g. an
                 analytic profile evaluated at ``ray_grid.coordinates()``.
+            shear: optional external shear ``B x 2`` (``gamma1, gamma2``; dimensionless) added to
+                the deflection (about the grid centre).
         """
         if (kappa is None) == (alpha is None):
             raise RimlensInputError("give exactly one of kappa or alpha")
@@ -175,21 +201,39 @@ class LensSimulator:
             alpha = self.ray_deflection(kappa, check=False)
         assert alpha is not None  # exactly one of kappa / alpha was given (checked above)
         self._check_alpha(alpha)  # shapes only: cheap, and the one place a coarse alpha would slip in
-        image = sample_lensed(source, self.source_grid, self._xy(alpha), alpha)
+        xy = self._xy(alpha)
+        if shear is not None:
+            if check:
+                shear = check_shear(shear, source.shape[0])
+            g1, g2 = shear[:, 0, None, None], shear[:, 1, None, None]
+            ax, ay = shear_deflection(xy[..., 0], xy[..., 1], g1, g2)
+            alpha = alpha + torch.stack([ax, ay], dim=1)
+        image = sample_lensed(source, self.source_grid, xy, alpha)
         return pixel_average(image, self.supersample)
 
-    def forward(self, source: torch.Tensor, kappa: torch.Tensor, psf: PSFLike, *, check: bool = True) -> torch.Tensor:
-        """Noiseless model image ``PSF * lens(source, kappa)``, shape ``B x 1 x N x N``.
+    def forward(
+        self,
+        source: torch.Tensor,
+        kappa: torch.Tensor,
+        psf: PSFLike,
+        *,
+        shear: torch.Tensor | None = None,
+        check: bool = True,
+    ) -> torch.Tensor:
+        """Noiseless model image ``PSF * lens(source, kappa, shear)``, shape ``B x 1 x N x N``.
 
         ``source`` is ``B x 1 x M x M`` (the image has its units), ``kappa`` ``B x 1 x N x N``
-        (dimensionless); ``psf`` a :class:`PSF` or a kernel.
+        (dimensionless); ``psf`` a :class:`PSF` or a kernel; ``shear`` an optional external shear
+        ``B x 2``.
         """
         psf = _as_psf(psf)
         if check:
             self._check_source(source)
             self._check_kappa(kappa)
             check_batch({"source": source.shape[0], "kappa": kappa.shape[0], "psf": psf.batch_size})
-        return psf.convolve(self.lens(source, kappa, check=False))
+        if shear is not None and check:
+            shear = check_shear(shear, source.shape[0])
+        return psf.convolve(self.lens(source, kappa, shear=shear, check=False))
 
     __call__ = forward
 
@@ -212,13 +256,15 @@ class LensSimulator:
         psf: PSFLike,
         noise_sigma: NoiseSigma,
         generator: torch.Generator | None = None,
+        *,
+        shear: torch.Tensor | None = None,
     ) -> SimulatedLens:
         """Noiseless and noisy images of a batch of lenses, with their peak SNR.
 
         Inputs as in :meth:`forward` and :meth:`add_noise`; the images are ``B x 1 x N x N``, the
         returned ``noise_sigma`` is ``(B,)`` (or the ``B x 1 x N x N`` map) and ``snr`` is ``(B,)``.
         """
-        noiseless = self.forward(source, kappa, psf)
+        noiseless = self.forward(source, kappa, psf, shear=shear)
         sigma = check_noise_sigma(noise_sigma, noiseless.shape[0], noiseless.shape[-2:], like=noiseless)
         observation = self.add_noise(noiseless, sigma, generator)
         sigma_out = (
@@ -236,16 +282,17 @@ class LensSimulator:
         noise_sigma: NoiseSigma,
         mask: torch.Tensor | None = None,
         *,
+        shear: torch.Tensor | None = None,
         check: bool = True,
     ) -> torch.Tensor:
-        """Chi-square per example ``(B,)`` of the model ``forward(source, kappa, psf)``.
+        """Chi-square per example ``(B,)`` of the model ``forward(source, kappa, psf, shear=shear)``.
 
         ``observation`` is ``B x 1 x N x N``; ``mask`` (optional, broadcastable to it) is True where
         a pixel is used; the other inputs as in :meth:`simulate`.
         """
         if check:
             self._check_image(observation, "observation")
-        model = self.forward(source, kappa, psf, check=check)
+        model = self.forward(source, kappa, psf, shear=shear, check=check)
         sigma = check_noise_sigma(noise_sigma, observation.shape[0], observation.shape[-2:], like=observation)
         return chi_squared(model, observation, sigma, mask)
 
@@ -257,6 +304,8 @@ class LensSimulator:
         psf: PSFLike,
         noise_sigma: NoiseSigma,
         mask: torch.Tensor | None = None,
+        *,
+        shear: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Reduced chi-square per example ``(B,)``: chi2 / number of used pixels.
 
@@ -264,7 +313,7 @@ class LensSimulator:
         """
         self._check_image(observation, "observation")
         sigma = check_noise_sigma(noise_sigma, observation.shape[0], observation.shape[-2:], like=observation)
-        return self.chi_squared(observation, source, kappa, psf, sigma, mask) / degrees_of_freedom(
+        return self.chi_squared(observation, source, kappa, psf, sigma, mask, shear=shear) / degrees_of_freedom(
             sigma, observation.shape, mask
         ).clamp_min(1)
 
@@ -277,6 +326,7 @@ class LensSimulator:
         noise_sigma: NoiseSigma,
         mask: torch.Tensor | None = None,
         *,
+        shear: torch.Tensor | None = None,
         create_graph: bool = False,
         check: bool = True,
         functional: bool = False,
@@ -290,6 +340,8 @@ class LensSimulator:
             source: ``B x 1 x M x M``.
             log10_kappa: ``B x 1 x N x N`` (log10 of the dimensionless convergence).
             psf, noise_sigma, mask: as in :meth:`chi_squared`.
+            shear: optional external shear ``B x 2``, held fixed (see
+                :meth:`likelihood_gradient_with_shear` for its gradient).
             create_graph: keep the graph for second-order derivatives (fine-tuning).
             functional: compute with ``torch.func.grad`` (composable with ``vmap``, for per-sample
                 gradients); the inputs are treated as constants (no second-order path).
@@ -298,6 +350,50 @@ class LensSimulator:
             ``(grad_source, grad_log10_kappa, chi2)`` with shapes of the inputs and ``(B,)``.
             Each example's gradient depends only on that example.
         """
+        g_s, g_eta, _, chi2 = self._gradients(
+            observation, source, log10_kappa, shear, False, psf, noise_sigma, mask, create_graph, check, functional
+        )
+        return g_s, g_eta, chi2
+
+    def likelihood_gradient_with_shear(
+        self,
+        observation: torch.Tensor,
+        source: torch.Tensor,
+        log10_kappa: torch.Tensor,
+        shear: torch.Tensor,
+        psf: PSFLike,
+        noise_sigma: NoiseSigma,
+        mask: torch.Tensor | None = None,
+        *,
+        create_graph: bool = False,
+        check: bool = True,
+        functional: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """:meth:`likelihood_gradient` with the external shear ``B x 2`` free as well.
+
+        Returns:
+            ``(grad_source, grad_log10_kappa, grad_shear, chi2)``; ``grad_shear`` is ``B x 2``.
+        """
+        g_s, g_eta, g_shear, chi2 = self._gradients(
+            observation, source, log10_kappa, shear, True, psf, noise_sigma, mask, create_graph, check, functional
+        )
+        assert g_shear is not None
+        return g_s, g_eta, g_shear, chi2
+
+    def _gradients(
+        self,
+        observation: torch.Tensor,
+        source: torch.Tensor,
+        log10_kappa: torch.Tensor,
+        shear: torch.Tensor | None,
+        free_shear: bool,
+        psf: PSFLike,
+        noise_sigma: NoiseSigma,
+        mask: torch.Tensor | None,
+        create_graph: bool,
+        check: bool,
+        functional: bool,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor]:
         if check:
             self._check_image(observation, "observation")
             self._check_source(source)
@@ -305,25 +401,41 @@ class LensSimulator:
             check_batch(
                 {"observation": observation.shape[0], "source": source.shape[0], "log10_kappa": log10_kappa.shape[0]}
             )
+            if shear is not None:
+                shear = check_shear(shear, observation.shape[0])
+        if free_shear and shear is None:
+            raise RimlensInputError("a shear is needed to differentiate with respect to it")
         sigma = check_noise_sigma(noise_sigma, observation.shape[0], observation.shape[-2:], like=observation)
         if functional:
 
-            def half_chi2(s: torch.Tensor, eta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-                chi2 = chi_squared(self.forward(s, torch.pow(10.0, eta), psf, check=False), observation, sigma, mask)
+            def half_chi2(
+                s: torch.Tensor, eta: torch.Tensor, g: torch.Tensor | None
+            ) -> tuple[torch.Tensor, torch.Tensor]:
+                model = self.forward(s, torch.pow(10.0, eta), psf, shear=g, check=False)
+                chi2 = chi_squared(model, observation, sigma, mask)
                 return 0.5 * chi2.sum(), chi2
 
+            fixed = None if shear is None else shear.detach()
+            if free_shear:
+                assert fixed is not None
+                (g_s, g_eta, g_shear), chi2 = torch.func.grad(half_chi2, argnums=(0, 1, 2), has_aux=True)(
+                    source.detach(), log10_kappa.detach(), fixed
+                )
+                return g_s, g_eta, g_shear, chi2
             (g_s, g_eta), chi2 = torch.func.grad(half_chi2, argnums=(0, 1), has_aux=True)(
-                source.detach(), log10_kappa.detach()
+                source.detach(), log10_kappa.detach(), fixed
             )
-            return g_s, g_eta, chi2
+            return g_s, g_eta, None, chi2
+
+        def leaf(t: torch.Tensor) -> torch.Tensor:
+            return t if (create_graph and t.requires_grad) else t.detach().requires_grad_(True)
+
         with torch.enable_grad():
-            s = source if (create_graph and source.requires_grad) else source.detach().requires_grad_(True)
-            eta = (
-                log10_kappa
-                if (create_graph and log10_kappa.requires_grad)
-                else log10_kappa.detach().requires_grad_(True)
-            )
-            model = self.forward(s, torch.pow(10.0, eta), psf, check=False)
+            s, eta = leaf(source), leaf(log10_kappa)
+            g = None if shear is None else (leaf(shear) if free_shear else shear)
+            model = self.forward(s, torch.pow(10.0, eta), psf, shear=g, check=False)
             chi2 = chi_squared(model, observation, sigma, mask)
-            g_s, g_eta = torch.autograd.grad(0.5 * chi2.sum(), (s, eta), create_graph=create_graph)
-        return g_s, g_eta, chi2.detach() if not create_graph else chi2
+            wrt = [s, eta] if g is None or not free_shear else [s, eta, g]
+            grads = torch.autograd.grad(0.5 * chi2.sum(), wrt, create_graph=create_graph)
+        g_shear = grads[2] if free_shear else None
+        return grads[0], grads[1], g_shear, chi2.detach() if not create_graph else chi2
