@@ -25,6 +25,8 @@ Per lens (all from :mod:`rimlens.evaluate.lens_metrics`):
 * ``kappa_err``: :func:`kappa_error_in_annulus` in 0.5-2 ``theta_true`` about ``d``;
 * ``source_err``, ``source_err_scale``: :func:`source_error` (relative L2, no alignment) with both
   maps peak-normalised, and with the best-fitting flux scale (``sqrt(1 - cos^2)``);
+* ``shear_err``: ``|gamma_hat - gamma_true|`` of the external shear's components (``summary.json``'s
+  ``external_shear``; NaN for a model without the shear term), baseline: no shear (``|gamma_true|``);
 * ``chi2_nu``, ``seconds``: from ``summary.json``; ``center_err``: ``|c_rec - c_true|`` and
   ``kappa_center_err``: the reconstruction's own centre's distance to ``d`` (arcsec).
 
@@ -120,6 +122,14 @@ def evaluate_lens(lens_dir: Path, rec_dir: Path) -> dict:
     def rel(a, b):
         return abs(a - b) / b
 
+    shear_true = (float(params["gamma1"]), float(params["gamma2"]))
+    shear_hat = summary.get("external_shear")
+    shear_err = (
+        math.hypot(shear_hat["gamma1"] - shear_true[0], shear_hat["gamma2"] - shear_true[1])
+        if shear_hat
+        else float("nan")
+    )
+
     return {
         "lens": lens_dir.name,
         "theta_E_lenstronomy": float(params["theta_E"]),
@@ -146,6 +156,8 @@ def evaluate_lens(lens_dir: Path, rec_dir: Path) -> dict:
         else float("nan"),
         "source_err": source_error(source_hat, source_true),
         "source_err_scale": source_error(source_hat, source_true, "scale"),
+        "shear_err": shear_err,
+        "shear_err_base": math.hypot(*shear_true),
         "chi2_nu": float(summary["chi2_nu"]),
         "seconds": float(summary["seconds"]),
         "center_err": math.hypot(*d),
@@ -164,6 +176,7 @@ ROWS = [
     ("kappa error, median rel. in 0.5-2 theta_E", "kappa_err", "kappa_err_base", "{:.3f}"),
     ("source error (peak-normalised rel. L2)", "source_err", None, "{:.3f}"),
     ("source error (best-fit flux scale rel. L2)", "source_err_scale", None, "{:.3f}"),
+    ("external shear error abs(gamma_hat - gamma_true)", "shear_err", "shear_err_base", "{:.3f}"),
     ("chi2_nu", "chi2_nu", None, "{:.2f}"),
     ("seconds per lens", "seconds", None, "{:.2f}"),
     ('centre used, abs(c_rec - c_true) ["]', "center_err", None, "{:.3f}"),
@@ -193,6 +206,8 @@ def table(rows: list[dict]) -> str:
             b += " (ring radius)"
         elif base == "kappa_err_base":
             b += " (SIS of ring radius)"
+        elif base == "shear_err_base":
+            b += " (no shear)"
         lines.append(f"| {label} | {fmt.format(_median(rows, key))} | {b} |")
     return "\n".join(lines)
 

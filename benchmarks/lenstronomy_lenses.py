@@ -8,7 +8,7 @@ Each lens ``i`` (``DIR/lens0000`` ...) is drawn from ``numpy.random.default_rng(
 
 * mass: lenstronomy ``EPL``, theta_E ~ U(0.8", 1.8"), gamma ~ U(1.85, 2.15), axis ratio ~ U(0.6, 1),
   position angle ~ U(0, pi), centre uniform in a disc of 0.05"; external ``SHEAR`` with
-  gamma_ext ~ U(0, 0.05) at a random angle (origin at the lens centre); 0-2 subhaloes (equally
+  gamma_ext ~ U(0, 0.05) (``--shear-max``) at a random angle (origin at the lens centre); 0-2 subhaloes (equally
   likely; none with ``--no-subhalos``) at U(0.8, 1.2) theta_E from the centre, where the arcs are:
   truncated isothermal spheres (lenstronomy ``PJAFFE``, ``kappa -> b / (2 r)`` between its 0.005"
   core and its truncation radius ``sqrt(b theta_E)``, the tidal radius of an SIS in an SIS host;
@@ -94,7 +94,9 @@ def _loguniform(rng, lo, hi):
     return float(math.exp(rng.uniform(math.log(lo), math.log(hi))))
 
 
-def draw_lens(rng: np.random.Generator, lens_light: bool, cutout: str = "96", subhalos: bool = True) -> dict:
+def draw_lens(
+    rng: np.random.Generator, lens_light: bool, cutout: str = "96", subhalos: bool = True, shear_max: float = 0.05
+) -> dict:
     """Parameters of one lens (JSON-ready): lenstronomy model lists and kwargs plus the noise recipe."""
     theta_e = rng.uniform(0.8, 1.8)
     gamma = rng.uniform(1.85, 2.15)
@@ -102,7 +104,7 @@ def draw_lens(rng: np.random.Generator, lens_light: bool, cutout: str = "96", su
     phi = rng.uniform(0, math.pi)
     cx, cy = _disc(rng, 0.05)
     e1, e2 = param_util.phi_q2_ellipticity(phi, q)
-    g_ext, g_phi = rng.uniform(0, 0.05), rng.uniform(0, math.pi)
+    g_ext, g_phi = rng.uniform(0, 1) * shear_max, rng.uniform(0, math.pi)
     g1, g2 = param_util.shear_polar2cartesian(g_phi, g_ext)
     lens_models = ["EPL", "SHEAR"]
     kwargs_lens = [
@@ -253,10 +255,12 @@ def _magnification(params, n_pix):
     return float(lensed.sum() / direct.sum())
 
 
-def make_lens(rng: np.random.Generator, lens_light: bool, cutout: str = "96", subhalos: bool = True) -> dict:
+def make_lens(
+    rng: np.random.Generator, lens_light: bool, cutout: str = "96", subhalos: bool = True, shear_max: float = 0.05
+) -> dict:
     """Draw and simulate one lens: ``{"params", "image", "noise_map", "psf", "arcs", "lens_light",
     "kappa", "source"}`` (images ``n x n`` cut-out pixels; kappa/source on the model grids)."""
-    params = draw_lens(rng, lens_light, cutout, subhalos)
+    params = draw_lens(rng, lens_light, cutout, subhalos, shear_max)
     n_pix = params["cutout_pixels"]
     for _ in range(50):
         params["source_models"], params["kwargs_source"] = _draw_source(rng, params["theta_E"], params["center"])
@@ -347,11 +351,12 @@ def main(argv=None):
     ap.add_argument("--lens-light", action="store_true", help="add a Sersic lens light (and its shot noise)")
     ap.add_argument("--cutout", choices=["96", "160", "mixed"], default="96")
     ap.add_argument("--no-subhalos", action="store_true")
+    ap.add_argument("--shear-max", type=float, default=0.05, help="external shear magnitude U(0, this)")
     args = ap.parse_args(argv)
     index = []
     for i in range(args.count):
         rng = np.random.default_rng([args.seed, i])
-        lens = make_lens(rng, args.lens_light, args.cutout, not args.no_subhalos)
+        lens = make_lens(rng, args.lens_light, args.cutout, not args.no_subhalos, args.shear_max)
         name = f"lens{i:04d}"
         write_lens(args.out / name, lens)
         p = lens["params"]
@@ -363,7 +368,9 @@ def main(argv=None):
             file=sys.stderr,
         )
     recipe = {"seed": args.seed, "count": args.count, "lens_light": args.lens_light, "cutout": args.cutout}
-    recipe.update(subhalos=not args.no_subhalos, pixel_scale=PIXEL_SCALE, supersampling=SUPERSAMPLING)
+    recipe.update(
+        subhalos=not args.no_subhalos, shear_max=args.shear_max, pixel_scale=PIXEL_SCALE, supersampling=SUPERSAMPLING
+    )
     (args.out / "lenses.json").write_text(json.dumps({"recipe": recipe, "lenses": index}, indent=2))
 
 

@@ -173,6 +173,8 @@ def test_hessian_trace_and_consistency_with_deflection():
 lens_model_mod = pytest.importorskip("lenstronomy.LensModel.lens_model")
 from rimlens.io.export import (  # noqa: E402
     INTERPOL_KEYS,
+    SHEAR_KEYS,
+    coolest_shear,
     lens_maps,
     read_lenstronomy,
     to_lenstronomy_interpol,
@@ -337,6 +339,65 @@ def test_write_and_read_lenstronomy(tmp_path):
         to_lenstronomy_interpol(torch.zeros(2, 1, 48, 48), grid)
 
 
+SHEARS = ((0.05, 0.03), (-0.04, 0.06), (-0.03, -0.05), (0.07, -0.02))  # 2 phi in each quadrant
+
+
+@pytest.mark.parametrize("shear", SHEARS)
+def test_lenstronomy_interpol_plus_shear(tmp_path, shear):
+    n, s = 48, 0.08
+    grid = PixelGrid(n, s)
+    kappa = _sie_kappa(grid)
+    g1, g2 = shear
+    models, kwargs = to_lenstronomy_interpol(kappa, grid, torch.tensor([[g1, g2]], dtype=torch.float64))
+    assert models == ["INTERPOL", "SHEAR"] and kwargs[1] == {"gamma1": g1, "gamma2": g2, "ra_0": 0.0, "dec_0": 0.0}
+    path = write_lenstronomy(tmp_path / "lens.npz", kappa, grid, shear=np.array(shear))
+    models_r, kwargs_r = read_lenstronomy(path)
+    assert models_r == models and kwargs_r[1] == kwargs[1] and all(type(v) is float for v in kwargs_r[1].values())
+    for key in INTERPOL_KEYS:
+        assert np.array_equal(kwargs_r[0][key], kwargs[0][key])
+    with np.load(path, allow_pickle=False) as f:  # plain arrays, as documented
+        assert [str(k) for k in f["shear_keys"]] == list(SHEAR_KEYS)
+        assert f["shear"].dtype == np.float64 and list(f["shear"]) == [g1, g2, 0.0, 0.0]
+    # lenstronomy's INTERPOL + SHEAR = its INTERPOL of the map + rimlens' shear deflection, on and off the centres
+    lm = lens_model_mod.LensModel(models_r)
+    lm_map = lens_model_mod.LensModel(["INTERPOL"])
+    xp = np.array([0.0, 0.37, -1.21, 0.9, -0.55, 1.6])
+    yp = np.array([0.0, -0.83, 0.44, 1.3, -1.7, 0.2])
+    ax, ay = lm.alpha(xp, yp, kwargs_r)
+    mx, my = lm_map.alpha(xp, yp, kwargs_r[:1])
+    sx, sy = (a.numpy() for a in profiles.shear_deflection(torch.as_tensor(xp), torch.as_tensor(yp), g1, g2))
+    assert np.allclose(ax, mx + sx, rtol=0, atol=1e-14) and np.allclose(ay, my + sy, rtol=0, atol=1e-14)
+    assert np.abs(sx).max() > 0.02  # the shear term is not negligible here
+    # at the pixel centres: rimlens' deflection of the map plus its shear deflection
+    x, y = grid.coordinates(torch.float64)
+    bx, by = (a.reshape(n, n) for a in lm.alpha(x.numpy().ravel(), y.numpy().ravel(), kwargs_r))
+    ref = deflection_field(kappa, s)[0].numpy()
+    rx, ry = (a.numpy() for a in profiles.shear_deflection(x, y, g1, g2))
+    assert np.allclose(bx, ref[0] + rx, rtol=0, atol=1e-12) and np.allclose(by, ref[1] + ry, rtol=0, atol=1e-12)
+    # the shear's Hessian in lenstronomy: gamma = (gamma1, gamma2), kappa unchanged
+    f_xx, f_xy, _, f_yy = lm.hessian(xp, yp, kwargs_r)
+    m_xx, m_xy, _, m_yy = lm_map.hessian(xp, yp, kwargs_r[:1])
+    assert np.allclose(f_xx - m_xx, g1, atol=1e-14) and np.allclose(f_yy - m_yy, -g1, atol=1e-14)
+    assert np.allclose(f_xy - m_xy, g2, atol=1e-14)
+
+
+def test_lenstronomy_without_shear_is_unchanged(tmp_path):
+    grid = PixelGrid(32, 0.1)
+    kappa = _sie_kappa(grid)
+    a = write_lenstronomy(tmp_path / "a.npz", kappa, grid)
+    b = write_lenstronomy(tmp_path / "b.npz", kappa, grid, shear=None)
+    with np.load(a, allow_pickle=False) as fa, np.load(b, allow_pickle=False) as fb:
+        meta = ("interpol_keys", "lens_model_list", "kappa", "pixel_scale_arcsec", "n_pixels", "conventions")
+        assert sorted(fa.files) == sorted(fb.files) == sorted([*INTERPOL_KEYS, *meta, "rimlens_version"])
+        assert all(np.array_equal(fa[k], fb[k]) for k in fa.files)
+    models, kwargs = read_lenstronomy(a)
+    assert models == ["INTERPOL"] and len(kwargs) == 1
+    assert to_lenstronomy_interpol(kappa, grid, None)[0] == ["INTERPOL"]
+    for bad in ((0.1,), (0.1, float("nan")), np.zeros((2, 2))):
+        with pytest.raises(RimlensInputError, match="shear"):
+            to_lenstronomy_interpol(kappa, grid, bad)
+
+
 # ------------------------------------------------------------------------------ COOLEST
 coolest_json = pytest.importorskip("coolest.template.json")
 
@@ -490,3 +551,50 @@ def test_coolest_input_errors(tmp_path):
         write_coolest(tmp_path, **inp, noise_sigma=0.1, mass_profile="PixelatedConvergence")
     with pytest.raises(RimlensInputError, match="name"):
         write_coolest(tmp_path, **inp, noise_sigma=0.1, name="a/b")
+
+
+@pytest.mark.parametrize("shear", SHEARS)
+def test_coolest_external_shear(tmp_path, shear):
+    from coolest.api.profiles.mass import ExternalShear as ApiExternalShear
+    from lenstronomy.Util.coolest_read_util import gamma_phi_coolest_to_g1_g2_lenstronomy
+    from lenstronomy.Util.coolest_update_util import g1g2_lenstronomy_to_gamma_phi_coolest
+
+    g1, g2 = shear
+    inp = _coolest_inputs()
+    write_coolest(tmp_path, **inp, noise_sigma=0.2, z_lens=0.4, shear=torch.tensor([[g1, g2]], dtype=torch.float64))
+    c = _load(tmp_path, "coolest")
+    lens, source, field = c.lensing_entities  # lens and source keep their places
+    assert (lens.name, source.name) == ("lens", "source")
+    assert (field.type, field.name, field.redshift) == ("MassField", "external_shear", 0.4)
+    (profile,) = field.mass_model
+    assert profile.type == "ExternalShear"
+    gamma_ext = profile.parameters["gamma_ext"].point_estimate.value
+    phi_ext = profile.parameters["phi_ext"].point_estimate.value
+    assert gamma_ext == pytest.approx(math.hypot(g1, g2), rel=1e-15) and -90 < phi_ext <= 90
+    assert (gamma_ext, phi_ext) == coolest_shear(g1, g2)
+    # back to (gamma1, gamma2) with COOLEST's own convention (x right, phi east of north) ...
+    phi = math.radians(phi_ext - 90.0)
+    assert gamma_ext * math.cos(2 * phi) == pytest.approx(g1, abs=1e-15)
+    assert gamma_ext * math.sin(2 * phi) == pytest.approx(g2, abs=1e-15)
+    # ... and COOLEST's ExternalShear deflects exactly as rimlens' shear
+    xp, yp = np.array([0.7, -0.4, 0.1, -1.3]), np.array([0.2, 0.9, -1.1, -0.6])
+    cx, cy = ApiExternalShear().deflection(xp, yp, gamma_ext=gamma_ext, phi_ext=phi_ext)
+    rx, ry = (a.numpy() for a in profiles.shear_deflection(torch.as_tensor(xp), torch.as_tensor(yp), g1, g2))
+    assert np.allclose(cx, rx, rtol=0, atol=1e-15) and np.allclose(cy, ry, rtol=0, atol=1e-15)
+    # lenstronomy's COOLEST conversion works in the x = RA (mirrored) frame, where gamma2 changes sign
+    assert g1g2_lenstronomy_to_gamma_phi_coolest(g1, -g2)[1] == pytest.approx(phi_ext, abs=1e-12)
+    l1, l2 = gamma_phi_coolest_to_g1_g2_lenstronomy(gamma_ext, phi_ext)
+    assert (l1, -l2) == pytest.approx((g1, g2), abs=1e-15)
+
+
+def test_coolest_without_shear_and_bad_shear(tmp_path):
+    inp = _coolest_inputs()
+    write_coolest(tmp_path, **inp, noise_sigma=0.2, shear=None)
+    c = _load(tmp_path, "coolest")
+    assert [e.type for e in c.lensing_entities] == ["Galaxy", "Galaxy"] and "external_shear" not in c.meta
+    with pytest.raises(RimlensInputError, match="shear magnitude"):
+        write_coolest(tmp_path, **inp, noise_sigma=0.2, shear=(0.9, -0.6))
+    with pytest.raises(RimlensInputError, match="shear"):
+        write_coolest(tmp_path, **inp, noise_sigma=0.2, shear=(0.1, 0.2, 0.3))
+    assert coolest_shear(0.0, 0.0) == (0.0, 90.0)
+    assert coolest_shear(-0.1, 0.0) == (0.1, 0.0)  # gamma along y (north): position angle 0

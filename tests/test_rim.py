@@ -349,3 +349,74 @@ def test_bf16_autocast_path_runs_and_returns_float32():
         model.amp = True
         low = model._unet(torch.cat([b.observation] + [torch.zeros_like(b.observation)] * 4, 1))[0]
     assert torch.allclose(low, ref, atol=0.05 * float(ref.abs().max()) + 1e-6)
+
+
+def _with_shear(p, shear_max=0.1):
+    return dataclasses.replace(
+        p,
+        model=dataclasses.replace(p.model, external_shear=True),
+        data=dataclasses.replace(p.data, shear_max=shear_max),
+    )
+
+
+def test_external_shear_term_grows_from_a_model_without_it(tmp_path):
+    """A RIM without the shear term loads into one with it (zero new weights) and then gives the
+    same maps (to float64 round-off) with gamma = 0 at every step; --init-from does this."""
+    import numpy as np
+
+    from rimlens.data.lenses import LensGenerator
+    from rimlens.nn.rim import expand_state_dict
+
+    plain = _tiny(max_steps=1, val_every=1000, val_size=4)
+    sheared = _with_shear(plain)
+    torch.manual_seed(1)
+    a, b = RIM.from_preset(plain).double(), RIM.from_preset(sheared).double()
+    assert b.unet.input[0].in_channels == 9 and b.unet.output.out_channels == 4
+    b.load_state_dict(expand_state_dict(a.state_dict(), b))
+    batch = LensGenerator(sheared).draw(np.random.default_rng(0), 3)
+    assert batch.shear.abs().max() > 0.01 and batch.shear.norm(dim=1).max() <= 0.1
+    args = (batch.observation.double(), batch.psf.double(), batch.noise_sigma.double())
+    oa, ob = a(*args), b(*args)
+    torch.testing.assert_close(ob.source, oa.source, rtol=0, atol=1e-10)
+    torch.testing.assert_close(ob.log10_kappa, oa.log10_kappa, rtol=0, atol=1e-10)
+    assert ob.shear.shape == (4, 3, 2) and torch.equal(ob.shear, torch.zeros_like(ob.shear))
+    # the loss adds the shear term: with truth gamma it differs by SHEAR_LOSS_WEIGHT * |gamma|^2
+    from rimlens.nn.rim import SHEAR_LOSS_WEIGHT
+
+    extra = rim_loss(ob, batch.source.double(), batch.kappa.double(), "none", shear=batch.shear.double())
+    base = rim_loss(oa, batch.source.double(), batch.kappa.double(), "none")
+    torch.testing.assert_close(extra - base, SHEAR_LOSS_WEIGHT * batch.shear.double().pow(2).sum(1))
+    # the shear output receives gradients (it can learn)
+    rim_loss(b(*args), batch.source.double(), batch.kappa.double(), shear=batch.shear.double()).backward()
+    assert b.unet.output.weight.grad[2:].abs().sum() > 0
+    # --init-from grows it; a different model is still refused
+    Trainer(plain, tmp_path / "a", progress=False).train()
+    t = Trainer(sheared, tmp_path / "b", progress=False, init_from=tmp_path / "a")
+    w = torch.load(tmp_path / "a" / "latest.pt", weights_only=True)["model"]["unet.output.weight"]
+    assert torch.equal(t.model.state_dict()["unet.output.weight"][:2], w)
+    assert not t.model.state_dict()["unet.output.weight"][2:].any()
+
+
+def test_refinement_recovers_a_known_external_shear():
+    """The pixel refinement frees the shear: from the true maps and gamma = 0 it finds the true shear."""
+    from rimlens.inference.finetune import FinetuneOptions, FinetuneResult, refine
+    from rimlens.physics import PSF
+
+    p = _with_shear(get_preset("tiny"))
+    sim = RIM.from_preset(p).double().simulator
+    x, y = sim.image_grid.coordinates(torch.float64)
+    xs, ys = sim.source_grid.coordinates(torch.float64)
+    source = (torch.exp(-((xs - 0.1) ** 2 + (ys + 0.05) ** 2) / (2 * 0.2**2)))[None, None]
+    kappa = (1.2 / (2 * torch.sqrt(x**2 + 0.8 * y**2 + 0.01)))[None, None]
+    psf = PSF.gaussian(torch.tensor([0.3], dtype=torch.float64), sim.image_grid.pixel_scale_arcsec, size=9)
+    truth = torch.tensor([[0.06, -0.04]], dtype=torch.float64)
+    sigma = torch.full((1, 1, 1, 1), 0.01, dtype=torch.float64)
+    obs = sim.forward(source, kappa, psf, shear=truth)
+    obs = obs + 0.01 * torch.randn(obs.shape, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    start = torch.zeros(1, 2, dtype=torch.float64)
+    chi2 = float(sim.reduced_chi_squared(obs, source, kappa, psf, sigma, shear=start)[0])
+    result = FinetuneResult(source, kappa, chi2, source, kappa, chi2, [chi2], baseline_shear=start, shear=start)
+    # a strong proximity prior keeps the maps at the truth: the shear must explain the data
+    refine(sim, obs, psf, sigma, result, FinetuneOptions(refine_steps=60, refine_weight=1e4, target_chi2_nu=1.05))
+    assert result.chi2_nu < 1.3 < chi2
+    assert (result.shear - truth).abs().max() < 0.005, result.shear

@@ -129,10 +129,13 @@ class DataConfig:
     min_source_peak_snr: float = 10.0
     source_vae: str = ""  # VAE checkpoints for the "vae" families
     kappa_vae: str = ""
+    shear_max: float = 0.0  # external shear magnitude U(0, shear_max), angle uniform (0: none)
 
     def __post_init__(self):
         if self.noise not in NOISE_RECIPES:
             raise RimlensInputError(f"unknown noise recipe {self.noise!r}; choose from {sorted(NOISE_RECIPES)}")
+        if not 0 <= self.shear_max < 0.5:
+            raise RimlensInputError(f"shear_max must be in [0, 0.5), got {self.shear_max}")
         for name, mix, allowed in (
             ("source_mix", self.source_mix, {"cosmos", "parametric", "vae"}),
             ("kappa_mix", self.kappa_mix, {"sie", "sie_substructure", "epl", "particles", "vae", "tng"}),
@@ -177,12 +180,18 @@ class UNetConfig:
 
 @dataclass(frozen=True)
 class RIMConfig:
-    """Configuration of a RIM: its U-net, number of steps and gradient normalisation."""
+    """Configuration of a RIM: its U-net, number of steps and gradient normalisation.
+
+    ``external_shear``: the RIM also estimates a constant external shear ``(gamma1, gamma2)`` with
+    its likelihood gradient (4 more input channels, 2 more output channels averaged over the image;
+    the U-net's ``in_channels`` / ``out_channels`` become 9 / 4). See :mod:`rimlens.nn.rim`.
+    """
 
     unet: UNetConfig = field(default_factory=UNetConfig)
     steps: int = 8
     rmsprop_decay: float = 0.9
     epsilon: float = 1e-8
+    external_shear: bool = False
 
 
 @dataclass(frozen=True)

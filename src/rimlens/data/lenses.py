@@ -78,8 +78,9 @@ class LensBatch:
     theta_e: torch.Tensor  # (B,) arcsec (requested Einstein radius)
     source_family: np.ndarray  # (B,) str
     kappa_family: np.ndarray  # (B,) str
+    shear: torch.Tensor  # B x 2 external shear (gamma1, gamma2); zeros without one
 
-    FIELDS = ("observation", "source", "kappa", "psf", "psf_fwhm", "noise_sigma", "snr", "theta_e")
+    FIELDS = ("observation", "source", "kappa", "psf", "psf_fwhm", "noise_sigma", "snr", "theta_e", "shear")
 
     def __len__(self) -> int:
         return self.observation.shape[0]
@@ -242,11 +243,23 @@ class LensGenerator:
         nz = self.noise
         sigma = torch.as_tensor(truncated_normal(rng, nz.mean, nz.std, nz.low, nz.high, n), dtype=torch.float32)
         psf = PSF.gaussian(fwhm, self.image_grid.pixel_scale_arcsec, size=self.psf_size)
-        noiseless = self.simulator.forward(source, kappa, psf, check=False)
+        shear = self._shear(rng, n)
+        noiseless = self.simulator.forward(source, kappa, psf, shear=shear, check=False)
         noise = torch.as_tensor(rng.standard_normal(noiseless.shape), dtype=torch.float32)
         observation = noiseless + sigma.reshape(-1, 1, 1, 1) * noise
         snr = noiseless.flatten(1).amax(1) / sigma
-        return LensBatch(observation, source, kappa, psf.kernel, fwhm, sigma, snr, theta_e, src_fam, kap_fam), noiseless
+        batch = LensBatch(observation, source, kappa, psf.kernel, fwhm, sigma, snr, theta_e, src_fam, kap_fam, shear)
+        return batch, noiseless
+
+    def _shear(self, rng, n: int) -> torch.Tensor:
+        """External shear ``n x 2``: magnitude U(0, shear_max), angle uniform (zeros when shear_max = 0,
+        drawing nothing so that older configurations keep their random streams)."""
+        if self.data.shear_max <= 0:
+            return torch.zeros(n, 2)
+        magnitude = rng.uniform(0, self.data.shear_max, n)
+        angle = rng.uniform(0, np.pi, n)
+        gamma = np.stack([magnitude * np.cos(2 * angle), magnitude * np.sin(2 * angle)], axis=1)
+        return torch.as_tensor(gamma, dtype=torch.float32)
 
     def draw(self, rng: np.random.Generator, batch: int, max_tries: int = 100) -> LensBatch:
         """``batch`` validated lenses. Rejection counts accumulate in ``self.rejections``."""

@@ -44,7 +44,8 @@ __all__ = [
 ]
 
 FORMAT = "rimlens-lenses-1"
-ARRAYS = ("observation", "source", "kappa", "psf", "psf_fwhm", "noise_sigma", "snr", "theta_e")
+ARRAYS = ("observation", "source", "kappa", "psf", "psf_fwhm", "noise_sigma", "snr", "theta_e", "shear")
+OPTIONAL = ("shear",)  # absent from files written before it existed: read as zeros (no external shear)
 STRINGS = ("source_family", "kappa_family")
 
 
@@ -58,7 +59,10 @@ def _write_batch(h5: h5py.File, batch: LensBatch, compression: str | None = "gzi
 
 
 def _read_arrays(h5: h5py.File, sl=slice(None)) -> dict:
-    return {k: h5[k][sl] for k in ARRAYS + STRINGS}
+    out = {k: h5[k][sl] for k in ARRAYS + STRINGS if k in h5}
+    if "shear" not in out:
+        out["shear"] = np.zeros((*np.shape(out["snr"]), 2), dtype=np.float32)
+    return out
 
 
 def generate_dataset(
@@ -249,7 +253,7 @@ def open_lens_file(path: str | Path) -> h5py.File:
     if h5.attrs.get("format") != FORMAT:
         h5.close()
         raise RimlensInputError(f"{path} is not a rimlens lens file (format attribute {FORMAT!r} missing)")
-    missing = [k for k in ARRAYS + STRINGS if k not in h5]
+    missing = [k for k in ARRAYS + STRINGS if k not in h5 and k not in OPTIONAL]
     n = {h5[k].shape[0] for k in ARRAYS + STRINGS if k in h5}
     if missing or len(n) != 1 or n.pop() != int(h5.attrs["count"]):
         h5.close()
@@ -285,7 +289,9 @@ class LensDataset(Dataset):
     def __getitem__(self, i: int) -> dict:
         if self._h5 is None:
             self._h5 = h5py.File(self.path, "r")
-        return {k: torch.as_tensor(self._h5[k][i]) for k in ARRAYS}
+        out = {k: torch.as_tensor(self._h5[k][i]) for k in ARRAYS if k in self._h5}
+        out.setdefault("shear", torch.zeros(2))
+        return out
 
     def __getstate__(self):
         state = self.__dict__.copy()

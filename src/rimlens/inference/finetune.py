@@ -7,6 +7,10 @@
    ``F = mean_n (d l_n / d phi)^2`` with ``l_n`` the paper's summed reconstruction loss.
 3. Minimise ``chi2_nu / 2 + lambda / 2 sum F (phi - phi0)^2`` with RMSprop, stopping as soon as
    chi2_nu < 1; return the best-chi2 estimate, never worse than the baseline.
+With a RIM that estimates an external shear (``RIMConfig.external_shear``) the shear is part of every
+model image, of the Fisher lenses (held at the baseline's shear) and of the refinement (free, with no
+prior: two numbers the data constrain well).
+
 4. Optional (not in the paper; ``refine_steps > 0``): if chi2_nu is still above the target, refine the
    estimate in pixel space: L-BFGS on source pixels and log10 kappa minimising
    ``chi2 / (2 n) + w [mean (s - s_ft)^2 + mean (eta - eta_ft)^2]`` (a proximity prior centred on the
@@ -36,12 +40,17 @@ from rimlens.physics.likelihood import chi_squared, reduced_chi_squared, used_pi
 __all__ = ["FinetuneOptions", "FinetuneResult", "check_vae_grids", "finetune", "fisher_diagonal", "refine"]
 
 
-def _fisher_loss(out: RIMOutput, source: torch.Tensor, eta: torch.Tensor) -> torch.Tensor:
+SHEAR_UNIT = 0.01  # the refinement's step unit of the external shear (see refine)
+
+
+def _fisher_loss(
+    out: RIMOutput, source: torch.Tensor, eta: torch.Tensor, shear: torch.Tensor | None = None
+) -> torch.Tensor:
     """The per-sample loss whose squared weight gradients make the Fisher information: the RIM loss
     (:func:`rimlens.nn.rim.rim_loss`) summed over the lenses and scaled by ``T N^2`` (the paper's
     summed, not averaged, reconstruction error)."""
     scale = out.source.shape[0] * source.shape[-1] ** 2
-    return scale * rim_loss(out, source, 10**eta, reduction="none").sum()
+    return scale * rim_loss(out, source, 10**eta, reduction="none", shear=shear).sum()
 
 
 @dataclass
@@ -134,12 +143,14 @@ class FinetuneResult:
     weight_change: float = 0.0  # max |phi - phi0| at the end
     ewc_chi2_nu: float | None = None  # after the weight fine-tuning, before any pixel refinement
     refine_steps: int = 0  # pixel-space refinement iterations used
+    baseline_shear: torch.Tensor | None = None  # 1 x 2 external shear of the RIM (None: no shear term)
+    shear: torch.Tensor | None = None  # 1 x 2 external shear of the final estimate
 
 
 def _estimates(model, obs, psf, sigma, mask=None):
     out = model(obs, psf, sigma, mask=mask, differentiable_likelihood=False)
     src, eta = out.source[-1], out.log10_kappa[-1]
-    return out, src, eta
+    return out, src, eta, out.final_shear
 
 
 def fisher_diagonal(
@@ -153,9 +164,11 @@ def fisher_diagonal(
     eta_hat,
     options: FinetuneOptions,
     mask: torch.Tensor | None = None,
+    shear_hat: torch.Tensor | None = None,
 ) -> list[torch.Tensor]:
     """Diagonal Fisher information of the RIM weights from lenses drawn around the estimate.
 
+    ``shear_hat`` (``1 x 2``): the estimate's external shear, given to every drawn lens.
     Per-sample gradients are computed in chunks with ``torch.func`` (vmap of grad) when possible.
     """
     gen = torch.Generator().manual_seed(options.seed)
@@ -168,41 +181,46 @@ def fisher_diagonal(
         s_tilde = s_tilde / s_tilde.amax(dim=(-2, -1), keepdim=True).clamp_min(1e-6) * peak
         eta_tilde = kappa_vae.sample(options.n_samples, gen, center=z_k0, scale=options.latent_sigma)
         kernel = psf.kernel.expand(options.n_samples, -1, -1, -1)
-        y_clean = sim.forward(s_tilde, 10**eta_tilde, PSF.from_kernel(kernel), check=False)
+        g_tilde = None if shear_hat is None else shear_hat.detach().reshape(1, 2).expand(options.n_samples, 2)
+        y_clean = sim.forward(s_tilde, 10**eta_tilde, PSF.from_kernel(kernel), shear=g_tilde, check=False)
         # the observation's own noise (scalar or map); excluded pixels (sigma >= 1e6) get no noise
         sig = check_noise_sigma(noise_sigma, 1, tuple(observation.shape[-2:]), like=observation)[:1]
         used = used_pixels(sig, observation.shape, mask)
         y_tilde = y_clean + sig * used * torch.randn(y_clean.shape, generator=gen)
     if options.per_sample == "vmap":
-        return _fisher_vmap(model, y_tilde, kernel, sig, s_tilde, eta_tilde, options, mask)
+        return _fisher_vmap(model, y_tilde, kernel, sig, s_tilde, eta_tilde, options, mask, g_tilde)
     params = [p for p in model.parameters() if p.requires_grad]
     fisher = [torch.zeros_like(p) for p in params]
     for i in range(options.n_samples):
         out = model(y_tilde[i : i + 1], PSF.from_kernel(kernel[i : i + 1]), sig, mask=mask)
-        loss = _fisher_loss(out, s_tilde[i : i + 1], eta_tilde[i : i + 1])
+        g_i = None if g_tilde is None else g_tilde[i : i + 1]
+        loss = _fisher_loss(out, s_tilde[i : i + 1], eta_tilde[i : i + 1], g_i)
         grads = torch.autograd.grad(loss, params)
         for f, g in zip(fisher, grads, strict=True):
             f += g.detach() ** 2 / options.n_samples
     return fisher
 
 
-def _fisher_vmap(model, y_tilde, kernel, sig, s_tilde, eta_tilde, options, mask=None) -> list[torch.Tensor]:
+def _fisher_vmap(
+    model, y_tilde, kernel, sig, s_tilde, eta_tilde, options, mask=None, g_tilde=None
+) -> list[torch.Tensor]:
     """Per-sample gradients with ``torch.func`` (vmap of grad), in chunks of ``sample_chunk``."""
     names = [n for n, p in model.named_parameters() if p.requires_grad]
     params = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
     buffers = {n: b for n, b in model.named_buffers()}
 
-    def loss_one(params, y, k, s_true, eta_true):
+    def loss_one(params, y, k, s_true, eta_true, g_true):
         out = functional_call(
             model, (params, buffers), (y[None], PSF(k[None]), sig), {"functional": True, "mask": mask}
         )
-        return _fisher_loss(out, s_true[None], eta_true[None])
+        return _fisher_loss(out, s_true[None], eta_true[None], None if g_tilde is None else g_true[None])
 
-    per_sample = vmap(grad(loss_one), in_dims=(None, 0, 0, 0, 0))
+    per_sample = vmap(grad(loss_one), in_dims=(None, 0, 0, 0, 0, 0))
+    g_all = torch.zeros(len(y_tilde), 2, dtype=y_tilde.dtype) if g_tilde is None else g_tilde
     fisher = {n: torch.zeros_like(p) for n, p in params.items()}
     for i in range(0, options.n_samples, options.sample_chunk):
         sl = slice(i, i + options.sample_chunk)
-        g = per_sample(params, y_tilde[sl], kernel[sl], s_tilde[sl], eta_tilde[sl])
+        g = per_sample(params, y_tilde[sl], kernel[sl], s_tilde[sl], eta_tilde[sl], g_all[sl])
         for n in names:
             fisher[n] += (g[n] ** 2).sum(0) / options.n_samples
     return [fisher[n] for n in names]
@@ -252,19 +270,19 @@ def finetune(
     sigma_b = sigma.reshape(-1, 1, 1, 1) if sigma.ndim <= 1 else sigma
     work = copy.deepcopy(model).train()
     with torch.no_grad():
-        _, s0, eta0 = _estimates(work, observation, psf, sigma, mask)
+        _, s0, eta0, g0 = _estimates(work, observation, psf, sigma, mask)
         base_src, base_eta = s0.clamp_min(0), eta0
-        base_chi2 = float(
-            reduced_chi_squared(sim.forward(base_src, 10**base_eta, psf, check=False), observation, sigma_b, mask)[0]
-        )
+        base_img = sim.forward(base_src, 10**base_eta, psf, shear=g0, check=False)
+        base_chi2 = float(reduced_chi_squared(base_img, observation, sigma_b, mask)[0])
     result = FinetuneResult(base_src, 10**base_eta, base_chi2, base_src, 10**base_eta, base_chi2, [base_chi2])
+    result.baseline_shear = result.shear = g0
     if base_chi2 < options.target_chi2_nu:
         result.ewc_chi2_nu = base_chi2
         result.seconds = time.time() - t0
         return result
     t1 = time.time()
     if fisher is None and options.max_steps > 0:
-        fisher = fisher_diagonal(work, observation, psf, sigma, source_vae, kappa_vae, s0, eta0, options, mask)
+        fisher = fisher_diagonal(work, observation, psf, sigma, source_vae, kappa_vae, s0, eta0, options, mask, g0)
     result.fisher_seconds = time.time() - t1
     params = [p for p in work.parameters() if p.requires_grad]
     anchor = [p.detach().clone() for p in params]
@@ -275,19 +293,20 @@ def finetune(
     best = base_chi2
     for step in range(options.max_steps):
         out = work(observation, psf, sigma, mask=mask, differentiable_likelihood=options.second_order)
-        src, eta = out.source[-1], out.log10_kappa[-1]
-        model_img = sim.forward(src, 10**eta, psf, check=False)
+        src, eta, g = out.source[-1], out.log10_kappa[-1], out.final_shear
+        model_img = sim.forward(src, 10**eta, psf, shear=g, check=False)
         chi2_nu = reduced_chi_squared(model_img, observation, sigma_b, mask)[0]
         with torch.no_grad():
             reported = float(
                 reduced_chi_squared(
-                    sim.forward(src.clamp_min(0), 10**eta, psf, check=False), observation, sigma_b, mask
+                    sim.forward(src.clamp_min(0), 10**eta, psf, shear=g, check=False), observation, sigma_b, mask
                 )[0]
             )
         result.chi2_history.append(reported)
         if reported < best:
             best = reported
             result.source, result.kappa, result.chi2_nu = src.detach().clamp_min(0), (10**eta).detach(), reported
+            result.shear = None if g is None else g.detach()
         if reported < options.target_chi2_nu:
             result.steps = step
             break
@@ -311,9 +330,17 @@ def refine(simulator, observation, psf, sigma_b, result: FinetuneResult, options
     a better chi2_nu replaces the estimate (see the module docstring)."""
     s_ref, eta_ref = result.source.detach(), torch.log10(result.kappa.detach())
     s, eta = s_ref.clone().requires_grad_(True), eta_ref.clone().requires_grad_(True)
+    # the external shear (when the model has one) is free, without a prior; L-BFGS moves it in units of
+    # SHEAR_UNIT: in natural units its gradient is so large that the first trial step sends the rays
+    # off the source grid, where the objective is flat and the line search gives up
+    u = None if result.shear is None else (result.shear.detach() / SHEAR_UNIT).clone().requires_grad_(True)
+    free = [s, eta] if u is None else [s, eta, u]
+
+    def shear() -> torch.Tensor | None:
+        return None if u is None else u * SHEAR_UNIT
 
     def new_lbfgs():
-        return torch.optim.LBFGS([s, eta], lr=1, max_iter=1, line_search_fn="strong_wolfe", history_size=20)
+        return torch.optim.LBFGS(free, lr=1, max_iter=1, line_search_fn="strong_wolfe", history_size=20)
 
     opt = new_lbfgs()
     n_used = float(used_pixels(sigma_b, observation.shape, mask).sum())
@@ -321,7 +348,7 @@ def refine(simulator, observation, psf, sigma_b, result: FinetuneResult, options
 
     def closure():
         opt.zero_grad()
-        model_img = simulator.forward(s.clamp_min(0), 10**eta, psf, check=False)
+        model_img = simulator.forward(s.clamp_min(0), 10**eta, psf, shear=shear(), check=False)
         loss = 0.5 * chi_squared(model_img, observation, sigma_b, mask).sum() / n_used + w * (
             ((s - s_ref) ** 2).mean() + ((eta - eta_ref) ** 2).mean()
         )
@@ -338,9 +365,11 @@ def refine(simulator, observation, psf, sigma_b, result: FinetuneResult, options
             opt = new_lbfgs()
         previous = objective
         with torch.no_grad():
-            src = s.detach().clamp_min(0)
+            src, g = s.detach().clamp_min(0), shear()
             chi2_nu = float(
-                reduced_chi_squared(simulator.forward(src, 10**eta, psf, check=False), observation, sigma_b, mask)[0]
+                reduced_chi_squared(
+                    simulator.forward(src, 10**eta, psf, shear=g, check=False), observation, sigma_b, mask
+                )[0]
             )
         result.chi2_history.append(chi2_nu)
         result.refine_steps = it + 1
@@ -348,5 +377,6 @@ def refine(simulator, observation, psf, sigma_b, result: FinetuneResult, options
             break
         if chi2_nu < result.chi2_nu:
             result.source, result.kappa, result.chi2_nu = src.clone(), (10**eta).detach().clone(), chi2_nu
+            result.shear = None if g is None else g.detach().clone()
         if chi2_nu < options.target_chi2_nu:
             break

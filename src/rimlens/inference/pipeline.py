@@ -7,6 +7,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import json
+import math
 import time
 from dataclasses import dataclass, field
 from importlib import resources
@@ -38,15 +39,19 @@ from rimlens.physics import PSF
 from rimlens.physics.convergence import log10_kappa
 from rimlens.physics.lens_light import LensLightModel, fit_lens_light
 from rimlens.physics.likelihood import reduced_chi_squared
+from rimlens.physics.profiles import shear_deflection
+from rimlens.physics.simulator import LensSimulator
 
 __all__ = [
     "FinetuneSetup",
     "FolderSummary",
     "Reconstruction",
+    "describe_shear",
     "reconstruct_folder",
     "reconstruct_observation",
     "reconstruct_prepared",
     "run_demo",
+    "total_deflection",
 ]
 
 
@@ -96,6 +101,7 @@ class Reconstruction:
     refine_steps: int | None = None
     lens_light: torch.Tensor | None = None  # 1 x 1 x N x N, PSF-convolved, when modelled
     lens_light_model: LensLightModel | None = None
+    shear: torch.Tensor | None = None  # 1 x 2 external shear (gamma1, gamma2) when the model estimates one
 
     @property
     def lensed_source(self) -> torch.Tensor:
@@ -109,6 +115,8 @@ class Reconstruction:
             "baseline_chi2_nu": self.baseline_chi2_nu,
             "seconds": round(self.seconds, 3),
         }
+        if self.shear is not None:
+            out["external_shear"] = describe_shear(self.shear)
         if self.finetune_steps is not None:
             out.update(
                 finetune_steps=self.finetune_steps,
@@ -125,12 +133,39 @@ LENS_LIGHT_MODES = ("auto", "mge", "none")
 LENS_LIGHT_ROUNDS = 3  # RIM <-> lens-light alternations (measured: the arcs' chi2 settles by the third)
 
 
-def _rim(model: RIM, data: torch.Tensor, prep: PreparedObservation, psf: PSF) -> tuple[torch.Tensor, torch.Tensor]:
-    """RIM estimates (source in ``data``'s units, kappa) for ``data`` on the model grid (:func:`_rim_input`)."""
+def describe_shear(shear: torch.Tensor) -> dict:
+    """``summary.json``'s external shear: components, magnitude and angle (degrees, counter-clockwise
+    from +x, lenstronomy's convention: ``phi = atan2(gamma2, gamma1) / 2``)."""
+    g1, g2 = (float(v) for v in shear.reshape(-1)[:2])
+    return {
+        "gamma1": g1,
+        "gamma2": g2,
+        "magnitude": math.hypot(g1, g2),
+        "angle_deg": math.degrees(0.5 * math.atan2(g2, g1)),
+        "convention": "lenstronomy SHEAR about the model grid's centre (ra_0 = dec_0 = 0)",
+    }
+
+
+def total_deflection(sim: LensSimulator, kappa: torch.Tensor, shear: torch.Tensor | None) -> torch.Tensor:
+    """Deflection ``B x 2 x N x N`` (arcsec) at the pixel centres: the convergence map's plus the
+    external shear's (when given, ``B x 2``)."""
+    alpha = sim.deflection(kappa, check=False)
+    if shear is None:
+        return alpha
+    x, y = sim.image_grid.coordinates(alpha.dtype, alpha.device)
+    ax, ay = shear_deflection(x, y, shear[:, 0, None, None], shear[:, 1, None, None])
+    return alpha + torch.stack([ax, ay], dim=1)
+
+
+def _rim(
+    model: RIM, data: torch.Tensor, prep: PreparedObservation, psf: PSF
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """RIM estimates (source in ``data``'s units, kappa, external shear or ``None``) for ``data`` on the
+    model grid (:func:`rim_input`)."""
     scaled, sigma, gain = rim_input(data, prep)
     with torch.no_grad():
         out = model(scaled, psf, sigma, mask=prep.mask)
-    return out.final_source / gain, out.final_kappa
+    return out.final_source / gain, out.final_kappa, out.final_shear
 
 
 def _fit_light(prep: PreparedObservation, data: torch.Tensor, psf: PSF, light: LensLightModel | None) -> LensLightModel:
@@ -173,9 +208,9 @@ def reconstruct_prepared(
         if lens_light == "mge":
             light = _fit_light(prep, obs - arcs, psf, light)
             light_image = light.image().detach().to(obs.dtype)
-        source, kappa = _rim(model, obs - light_image, prep, psf)
+        source, kappa, shear = _rim(model, obs - light_image, prep, psf)
         with torch.no_grad():
-            arcs = sim.forward(source, kappa, psf, check=False)
+            arcs = sim.forward(source, kappa, psf, shear=shear, check=False)
     with torch.no_grad():
         if light is not None:
             light = light.resolve(obs - arcs, prep.noise_sigma, prep.mask)
@@ -200,18 +235,20 @@ def reconstruct_prepared(
             with torch.no_grad():
                 assert light is not None
                 light = light.resolve(
-                    obs - sim.forward(ft.source / gain, ft.kappa, psf, check=False), prep.noise_sigma, prep.mask
+                    obs - sim.forward(ft.source / gain, ft.kappa, psf, shear=ft.shear, check=False),
+                    prep.noise_sigma,
+                    prep.mask,
                 )
                 light_image = light.image().detach().to(obs.dtype)
                 scaled = (obs - light_image).masked_fill(~prep.mask, 0.0) * gain
-                model_img = sim.forward(ft.source, ft.kappa, psf, check=False)
+                model_img = sim.forward(ft.source, ft.kappa, psf, shear=ft.shear, check=False)
                 ft.chi2_nu = float(reduced_chi_squared(model_img, scaled, sigma, prep.mask)[0])
             done = ft.refine_steps
             refine(sim, scaled, psf, sigma, ft, finetune_with.options, prep.mask)
             ft.refine_steps += done  # refine() counts its own iterations only
-        source, kappa = ft.source / gain, ft.kappa
+        source, kappa, shear = ft.source / gain, ft.kappa, ft.shear
         with torch.no_grad():
-            arcs = sim.forward(source, kappa, psf, check=False)
+            arcs = sim.forward(source, kappa, psf, shear=shear, check=False)
             if light is not None:
                 light = light.resolve(obs - arcs, prep.noise_sigma, prep.mask)
                 light_image = light.image().detach().to(obs.dtype)
@@ -225,7 +262,7 @@ def reconstruct_prepared(
             "refine_steps": ft.refine_steps,
         }
     with torch.no_grad():
-        alpha = sim.deflection(kappa, check=False)
+        alpha = total_deflection(sim, kappa, shear)
     return Reconstruction(
         **{
             "source": source,
@@ -237,6 +274,7 @@ def reconstruct_prepared(
             "seconds": time.time() - t0,
             "lens_light": None if light is None else light_image,
             "lens_light_model": light,
+            "shear": shear,
             **extra,
         }
     )
@@ -332,8 +370,10 @@ def _describe_light(light: LensLightModel | None, prep: PreparedObservation) -> 
 def export(out_dir: Path, model: RIM, prep: PreparedObservation, rec: Reconstruction) -> dict[str, str]:
     """Write the reconstruction for the standard tools beside the products: a COOLEST template
     (``coolest.json`` + ``coolest-*.fits``; kappa as a fully defined pixelated potential) and a
-    lenstronomy ``INTERPOL`` lens model (``lenstronomy_interpol.npz``). Returns the paths."""
+    lenstronomy ``INTERPOL`` lens model (``lenstronomy_interpol.npz``), both with the external shear
+    when the reconstruction has one (COOLEST ``ExternalShear``, lenstronomy ``SHEAR``). Returns the paths."""
     grid = model.grid
+    shear = None if rec.shear is None else tuple(float(v) for v in rec.shear.detach().reshape(-1)[:2])
     paths = write_coolest(
         out_dir,
         source=rec.source,
@@ -345,9 +385,11 @@ def export(out_dir: Path, model: RIM, prep: PreparedObservation, rec: Reconstruc
         psf=prep.psf,
         lens_light=rec.lens_light,
         mask=prep.mask,
+        # COOLEST admits gamma_ext < 1 only; a (nonsensical) larger estimate is left out there, kept below
+        shear=shear if shear is not None and math.hypot(*shear) < 1 else None,
     )
     paths["lenstronomy_interpol.npz"] = str(
-        write_lenstronomy(out_dir / "lenstronomy_interpol.npz", rec.kappa, grid.image_grid)
+        write_lenstronomy(out_dir / "lenstronomy_interpol.npz", rec.kappa, grid.image_grid, shear=shear)
     )
     return paths
 

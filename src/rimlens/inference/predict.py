@@ -29,7 +29,8 @@ __all__ = ["BatchReconstruction", "check_grids", "predict_file", "reconstruct"]
 @dataclass
 class BatchReconstruction:
     """Reconstructions of a batch: maps ``B x 1 x N x N`` (``source`` >= 0), ``chi2_nu`` ``(B,)`` of
-    the reported maps and ``chi2_nu_steps`` ``T-1 x B`` along the RIM's steps."""
+    the reported maps and ``chi2_nu_steps`` ``T-1 x B`` along the RIM's steps; ``shear`` ``B x 2`` the
+    external shear (zeros for a model without the shear term)."""
 
     source: torch.Tensor
     kappa: torch.Tensor
@@ -37,6 +38,7 @@ class BatchReconstruction:
     model_image: torch.Tensor
     chi2_nu: torch.Tensor
     chi2_nu_steps: torch.Tensor
+    shear: torch.Tensor
 
     def arrays(self) -> dict[str, np.ndarray]:
         """The fields as float32 numpy arrays, by name."""
@@ -62,7 +64,7 @@ def reconstruct(
     sim = model.simulator
     sim._check_image(observation, "observation")
     out: dict[str, list[torch.Tensor]] = {
-        k: [] for k in ("source", "kappa", "log10_kappa", "model_image", "chi2_nu", "chi2_nu_steps")
+        k: [] for k in ("source", "kappa", "log10_kappa", "model_image", "chi2_nu", "chi2_nu_steps", "shear")
     }
     sigma_all = check_noise_sigma(noise_sigma, observation.shape[0], tuple(observation.shape[-2:]), like=observation)
     kernels = psf.kernel if isinstance(psf, PSF) else torch.as_tensor(psf)
@@ -74,8 +76,9 @@ def reconstruct(
         p = PSF.from_kernel(k)
         m = None if mask is None else (mask[sl] if mask.shape[0] > 1 else mask)
         r = model(obs, p, sig, mask=m)
-        src, eta = r.final_source, r.log10_kappa[-1]
-        img = sim.forward(src, 10**eta, p, check=False)
+        src, eta, shear = r.final_source, r.log10_kappa[-1], r.final_shear
+        img = sim.forward(src, 10**eta, p, shear=shear, check=False)
+        out["shear"].append(src.new_zeros(src.shape[0], 2) if shear is None else shear)
         out["source"].append(src)
         out["log10_kappa"].append(eta)
         out["kappa"].append(10**eta)

@@ -67,7 +67,7 @@ def _rim_chi2(
     data, sigma, _ = rim_input(prep.observation if light is None else prep.observation - light, prep)
     with torch.no_grad():
         out = model(data, psf, sigma, mask=prep.mask)
-        image = model.simulator.forward(out.final_source, out.final_kappa, psf, check=False)
+        image = model.simulator.forward(out.final_source, out.final_kappa, psf, shear=out.final_shear, check=False)
         return float(reduced_chi_squared(image, data, sigma, prep.mask)[0])
 
 

@@ -25,14 +25,22 @@ lenstronomy (``INTERPOL`` profile)
     x), mirror the model first: reverse the columns of every map and change the signs of ``f_x`` and
     ``f_xy``.
 
+    With an external shear ``(gamma1, gamma2)`` (rimlens' :func:`rimlens.physics.profiles.shear_deflection`,
+    which is lenstronomy's ``SHEAR`` about the grid's centre) the model is ``(["INTERPOL", "SHEAR"],
+    [kwargs, {"gamma1": g1, "gamma2": g2, "ra_0": 0.0, "dec_0": 0.0}])``, in the same rimlens frame (in
+    the mirrored ``diag(-s, s)`` frame above, change the sign of ``gamma2`` as well).
+
     :func:`write_lenstronomy` saves the kwargs to a ``.npz`` file; load it with::
 
         import numpy as np
         from lenstronomy.LensModel.lens_model import LensModel
 
         with np.load("lens_interpol.npz") as f:
+            models = [str(m) for m in f["lens_model_list"]]  # ["INTERPOL"] or ["INTERPOL", "SHEAR"]
             kwargs_lens = [{key: f[key] for key in f["interpol_keys"]}]
-        lens_model = LensModel(["INTERPOL"])
+            if "SHEAR" in models:
+                kwargs_lens.append({str(k): float(v) for k, v in zip(f["shear_keys"], f["shear"])})
+        lens_model = LensModel(models)
         beta_x, beta_y = lens_model.ray_shooting(x, y, kwargs_lens)
 
     (or with :func:`read_lenstronomy`). lenstronomy's ``Interpol`` builds its splines on the first
@@ -50,10 +58,20 @@ COOLEST
     kappa grid, exactly the arrays of the lenstronomy export; stacks ``[f_x, f_y]`` and
     ``[f_xx, f_yy, f_xy]``), or ``PixelatedRegularGridPotential`` (potential only) on request. The
     convergence map itself is written next to them and named in the template's ``meta``.
+    An external shear becomes a ``MassField`` lensing entity ("external_shear", after the lens and the
+    source) with COOLEST's ``ExternalShear`` profile (``gamma_ext``, ``phi_ext``; origin (0, 0), the
+    grid's centre). COOLEST's ``phi_ext`` is the shear's position angle in degrees east of north in
+    ]-90, 90]; with x to the right (west) and y up (north) that is the counter-clockwise angle from +x
+    plus 90 degrees: ``phi_ext = degrees(atan2(gamma2, gamma1) / 2) + 90`` folded into ]-90, 90],
+    ``gamma_ext = hypot(gamma1, gamma2)``; inversely ``gamma1 = gamma_ext cos(2 (phi_ext - 90 deg))``,
+    ``gamma2 = gamma_ext sin(2 (phi_ext - 90 deg))``, which is what ``coolest.api.profiles.mass.ExternalShear``
+    evaluates (checked in the tests against it and against lenstronomy's COOLEST conversion of the
+    mirrored, x = RA, shear ``(gamma1, -gamma2)``).
 """
 
 from __future__ import annotations
 
+import math
 import warnings
 from pathlib import Path
 from typing import Any, Literal
@@ -72,6 +90,7 @@ from rimlens.physics.potential import lensing_hessian, lensing_potential
 __all__ = [
     "INTERPOL_KEYS",
     "MassProfile",
+    "coolest_shear",
     "lens_maps",
     "read_lenstronomy",
     "to_lenstronomy_interpol",
@@ -87,6 +106,15 @@ MassProfile = Literal["PixelatedRegularGridFullyDefined", "PixelatedRegularGridP
 
 MapLike = torch.Tensor | npt.NDArray[Any]
 """A map: ``N x N`` or ``1 x 1 x N x N``, tensor or array."""
+
+ShearLike = torch.Tensor | npt.ArrayLike
+"""An external shear ``(gamma1, gamma2)``: two numbers (any shape of size 2, e.g. ``1 x 2``)."""
+
+LensKwargs = dict[str, npt.NDArray[np.float64] | float]
+"""Keyword arguments of one lenstronomy lens profile (arrays for ``INTERPOL``, floats for ``SHEAR``)."""
+
+SHEAR_KEYS = ("gamma1", "gamma2", "ra_0", "dec_0")
+"""Keyword arguments of lenstronomy's ``SHEAR`` lens profile as written by :func:`write_lenstronomy`."""
 
 CONVENTIONS = (
     "rimlens frame: x to the right (columns), y up (rows, row 0 at the bottom), arcsec from the optical axis; "
@@ -139,25 +167,53 @@ def lens_maps(kappa: MapLike, grid: PixelGrid) -> dict[str, npt.NDArray[np.float
     return {key: v.numpy().astype(np.float64) for key, v in maps.items()}
 
 
+def _shear(shear: ShearLike | None) -> tuple[float, float] | None:
+    """``(gamma1, gamma2)`` as two finite floats, or ``None``."""
+    if shear is None:
+        return None
+    a = shear.detach().cpu().numpy() if isinstance(shear, torch.Tensor) else np.asarray(shear)
+    a = np.asarray(a, dtype=np.float64).reshape(-1)
+    if a.size != 2 or not np.all(np.isfinite(a)):
+        raise RimlensInputError(f"shear must be two finite numbers (gamma1, gamma2), got {a.tolist()}")
+    return float(a[0]), float(a[1])
+
+
+def coolest_shear(gamma1: float, gamma2: float) -> tuple[float, float]:
+    """COOLEST ``(gamma_ext, phi_ext)`` of a shear ``(gamma1, gamma2)`` in rimlens' frame (lenstronomy's ``SHEAR``).
+
+    ``gamma_ext = hypot(gamma1, gamma2)`` and ``phi_ext = degrees(atan2(gamma2, gamma1) / 2) + 90``
+    folded into ]-90, 90]: the position angle east of north in degrees, for x to the right (west)
+    and y up (north), as COOLEST defines it (see the module docstring).
+    """
+    phi = math.degrees(0.5 * math.atan2(gamma2, gamma1)) + 90.0
+    if phi > 90.0:
+        phi -= 180.0
+    return math.hypot(gamma1, gamma2), phi
+
+
 # ------------------------------------------------------------------------------ lenstronomy
 def to_lenstronomy_interpol(
-    kappa: MapLike, grid: PixelGrid
-) -> tuple[list[str], list[dict[str, npt.NDArray[np.float64]]]]:
-    """lenstronomy ``INTERPOL`` lens model of a rimlens convergence map.
+    kappa: MapLike, grid: PixelGrid, shear: ShearLike | None = None
+) -> tuple[list[str], list[LensKwargs]]:
+    """lenstronomy ``INTERPOL`` lens model of a rimlens convergence map (plus ``SHEAR`` if given).
 
     Args:
         kappa: convergence (dimensionless) on ``grid``, ``N x N`` or ``1 x 1 x N x N``.
         grid: the kappa (image) grid.
+        shear: optional external shear ``(gamma1, gamma2)`` (dimensionless), lenstronomy's ``SHEAR``
+            about the grid's centre in rimlens' frame (:func:`rimlens.physics.profiles.shear_deflection`).
 
     Returns:
         ``(lens_model_list, kwargs_lens)`` = ``(["INTERPOL"], [kwargs])``: ``grid_interp_x`` and
         ``grid_interp_y`` are the ``(N,)`` ascending pixel-centre axes (arcsec); ``f_`` (arcsec^2),
         ``f_x, f_y`` (arcsec), ``f_xx, f_yy, f_xy`` (dimensionless) are ``N x N`` float64 arrays
-        indexed ``[y, x]`` (see the module docstring for the conventions).
+        indexed ``[y, x]`` (see the module docstring for the conventions). With ``shear``,
+        ``(["INTERPOL", "SHEAR"], [kwargs, {"gamma1": g1, "gamma2": g2, "ra_0": 0.0, "dec_0": 0.0}])``.
     """
+    gamma = _shear(shear)
     maps = lens_maps(kappa, grid)
     axis = grid.axis(torch.float64).numpy()
-    kwargs = {
+    kwargs: LensKwargs = {
         "grid_interp_x": axis.copy(),
         "grid_interp_y": axis.copy(),
         "f_": maps["psi"],
@@ -167,26 +223,32 @@ def to_lenstronomy_interpol(
         "f_yy": maps["psi_yy"],
         "f_xy": maps["psi_xy"],
     }
-    return ["INTERPOL"], [kwargs]
+    if gamma is None:
+        return ["INTERPOL"], [kwargs]
+    kwargs_shear: LensKwargs = dict(zip(SHEAR_KEYS, (gamma[0], gamma[1], 0.0, 0.0), strict=True))
+    return ["INTERPOL", "SHEAR"], [kwargs, kwargs_shear]
 
 
-def write_lenstronomy(path: str | Path, kappa: MapLike, grid: PixelGrid) -> Path:
-    """Write the lenstronomy ``INTERPOL`` model of ``kappa`` to a NumPy ``.npz`` file (atomically).
+def write_lenstronomy(path: str | Path, kappa: MapLike, grid: PixelGrid, shear: ShearLike | None = None) -> Path:
+    """Write the lenstronomy ``INTERPOL`` model of ``kappa`` (plus ``SHEAR``) to a NumPy ``.npz`` file (atomically).
 
     The archive holds the eight ``INTERPOL`` arrays (:data:`INTERPOL_KEYS`, float64), their names as
     ``interpol_keys``, ``lens_model_list`` (``["INTERPOL"]``), ``kappa`` (the input map),
-    ``pixel_scale_arcsec``, ``n_pixels``, ``conventions`` and ``rimlens_version``; all plain arrays
-    (``np.load`` needs no pickle). Load it with :func:`read_lenstronomy` or as in the module docstring.
+    ``pixel_scale_arcsec``, ``n_pixels``, ``conventions`` and ``rimlens_version``; with ``shear``,
+    ``lens_model_list`` is ``["INTERPOL", "SHEAR"]`` and ``shear`` (float64 ``[gamma1, gamma2, 0, 0]``)
+    and ``shear_keys`` (:data:`SHEAR_KEYS`) hold the ``SHEAR`` kwargs. All plain arrays (``np.load``
+    needs no pickle). Load it with :func:`read_lenstronomy` or as in the module docstring.
 
     Args:
         path: output file (``.npz`` recommended; the name is used as given).
         kappa: convergence (dimensionless) on ``grid``, ``N x N`` or ``1 x 1 x N x N``.
         grid: the kappa grid.
+        shear: optional external shear ``(gamma1, gamma2)``, as in :func:`to_lenstronomy_interpol`.
 
     Returns:
         The path written.
     """
-    lens_model_list, kwargs_lens = to_lenstronomy_interpol(kappa, grid)
+    lens_model_list, kwargs_lens = to_lenstronomy_interpol(kappa, grid, shear)
     arrays: dict[str, Any] = dict(kwargs_lens[0])
     arrays["interpol_keys"] = np.array(INTERPOL_KEYS)
     arrays["lens_model_list"] = np.array(lens_model_list)
@@ -195,22 +257,29 @@ def write_lenstronomy(path: str | Path, kappa: MapLike, grid: PixelGrid) -> Path
     arrays["n_pixels"] = np.array(grid.n_pixels)
     arrays["conventions"] = np.array(CONVENTIONS)
     arrays["rimlens_version"] = np.array(__version__)
+    if len(kwargs_lens) > 1:
+        arrays["shear"] = np.array([kwargs_lens[1][k] for k in SHEAR_KEYS], dtype=np.float64)
+        arrays["shear_keys"] = np.array(SHEAR_KEYS)
     path = Path(path)
     with atomic_path(path, suffix=".npz.tmp") as tmp, open(tmp, "wb") as fh:
         np.savez(fh, **arrays)
     return path
 
 
-def read_lenstronomy(path: str | Path) -> tuple[list[str], list[dict[str, npt.NDArray[np.float64]]]]:
-    """Read a file of :func:`write_lenstronomy`: ``(lens_model_list, kwargs_lens)`` for lenstronomy's ``LensModel``."""
+def read_lenstronomy(path: str | Path) -> tuple[list[str], list[LensKwargs]]:
+    """Read a file of :func:`write_lenstronomy`: ``(lens_model_list, kwargs_lens)`` for lenstronomy's ``LensModel``
+    (``(["INTERPOL"], [kwargs])``, or ``(["INTERPOL", "SHEAR"], [kwargs, kwargs_shear])`` with float shear kwargs)."""
     path = Path(path)
     if not path.exists():
         raise RimlensInputError(f"lenstronomy export not found: {path}")
     with np.load(path, allow_pickle=False) as f:
         keys = [str(k) for k in f["interpol_keys"]]
-        kwargs = {k: np.asarray(f[k], dtype=np.float64) for k in keys}
+        kwargs: LensKwargs = {k: np.asarray(f[k], dtype=np.float64) for k in keys}
         models = [str(m) for m in f["lens_model_list"]]
-    return models, [kwargs]
+        kwargs_lens = [kwargs]
+        if "SHEAR" in models:
+            kwargs_lens.append({str(k): float(v) for k, v in zip(f["shear_keys"], f["shear"], strict=True)})
+    return models, kwargs_lens
 
 
 # ------------------------------------------------------------------------------ COOLEST
@@ -287,6 +356,7 @@ def write_coolest(
     origin_ra_dec: tuple[str, str] = ("0h0m0s", "0d0m0s"),
     instrument_name: str = "",
     band: str = "",
+    shear: ShearLike | None = None,
 ) -> dict[str, str]:
     """Write a rimlens reconstruction as a COOLEST template (``mode="MAP"``) and its FITS files.
 
@@ -301,7 +371,10 @@ def write_coolest(
 
     The template has two lensing entities, the ``Galaxy`` "lens" (mass: ``mass_profile`` on the
     image grid; light: a ``PixelatedRegularGrid`` on the image grid if ``lens_light`` is given) and
-    the ``Galaxy`` "source" (light: a ``PixelatedRegularGrid`` on ``source_grid``); an ``Observation``
+    the ``Galaxy`` "source" (light: a ``PixelatedRegularGrid`` on ``source_grid``), and with ``shear`` a
+    third, the ``MassField`` "external_shear" (redshift ``z_lens``) with an ``ExternalShear`` profile:
+    ``gamma_ext = hypot(gamma1, gamma2)``, ``phi_ext = degrees(atan2(gamma2, gamma1) / 2) + 90`` folded
+    into ]-90, 90] (degrees east of north, :func:`coolest_shear`); an ``Observation``
     (the image, ``UniformGaussianNoise`` for a scalar sigma or ``NoiseMap``), an ``Instrument`` (pixel
     size, ``PixelatedPSF``), the ``Cosmology`` if given and, with ``mask``, an ``ImagingDataLikelihood``.
     Light maps keep the observation's units: COOLEST evaluates a ``PixelatedRegularGrid`` by
@@ -331,6 +404,8 @@ def write_coolest(
         origin_ra_dec: RA and Dec (ICRS, strings with units, e.g. ``("10h21m3.5s", "-12d3m4s")``) of the
             optical axis, the origin of the x, y offsets.
         instrument_name, band: instrument metadata.
+        shear: optional external shear ``(gamma1, gamma2)`` in rimlens' frame (lenstronomy's ``SHEAR`` about
+            the grid's centre); ``hypot(gamma1, gamma2)`` must not exceed 1 (COOLEST's range for ``gamma_ext``).
 
     Returns:
         ``{"json": path, "<file name>": path, ...}`` of the files written (strings).
@@ -344,6 +419,7 @@ def write_coolest(
         Instrument,
         LensingEntityList,
         LightModel,
+        MassField,
         MassModel,
         NoiseMap,
         Observation,
@@ -361,6 +437,9 @@ def write_coolest(
         )
     if not name or "/" in name or name.startswith("."):
         raise RimlensInputError(f"name must be a plain file-name prefix, got {name!r}")
+    gamma = _shear(shear)
+    if gamma is not None and math.hypot(*gamma) > 1.0:
+        raise RimlensInputError(f"shear magnitude must be <= 1 for COOLEST, got {math.hypot(*gamma)} from {gamma}")
     out = Path(out_dir).resolve()  # COOLEST wants absolute template paths
     out.mkdir(parents=True, exist_ok=True)
     n = image_grid.n_pixels
@@ -445,6 +524,13 @@ def write_coolest(
         put("source", src, source_grid, "image units", "source surface brightness"), source_grid
     )
     source_gal = Galaxy("source", z_source, light_model=source_light, mass_model=MassModel())
+    entities = [lens, source_gal]
+    if gamma is not None:
+        shear_mass = MassModel("ExternalShear")
+        gamma_ext, phi_ext = coolest_shear(*gamma)
+        shear_mass[0].parameters["gamma_ext"].set_point_estimate(gamma_ext)
+        shear_mass[0].parameters["phi_ext"].set_point_estimate(phi_ext)
+        entities.append(MassField("external_shear", z_lens, mass_model=shear_mass))
 
     meta = {
         "name": name,
@@ -455,10 +541,15 @@ def write_coolest(
         "hessian_stack_order": "xx, yy, xy",
         "derivative_stack_order": "x, y",
     }
+    if gamma is not None:
+        meta["external_shear"] = (
+            f"gamma1 = {gamma[0]!r}, gamma2 = {gamma[1]!r} (lenstronomy SHEAR in the rimlens frame, about (0, 0)); "
+            "phi_ext = degrees(atan2(gamma2, gamma1) / 2) + 90 folded into ]-90, 90] (east of north)"
+        )
     template = COOLEST(
         "MAP",
         CoordinatesOrigin(*origin_ra_dec),
-        LensingEntityList(lens, source_gal),
+        LensingEntityList(*entities),
         observation_c,
         instrument,
         cosmology=None if cosmology is None else Cosmology(H0=float(cosmology[0]), Om0=float(cosmology[1])),

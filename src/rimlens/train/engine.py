@@ -23,7 +23,7 @@ from rimlens.errors import RimlensInputError
 from rimlens.io.atomic import atomic_path
 from rimlens.io.checkpoint import load_model
 from rimlens.io.figures import training_curve
-from rimlens.nn.rim import RIM, RIMOutput, rim_loss
+from rimlens.nn.rim import RIM, RIMOutput, expand_state_dict, rim_loss
 from rimlens.physics.convergence import log10_kappa
 from rimlens.train.loop import TrainingLoop, TrainResult, previous_run, refuse_resume_changes
 
@@ -87,11 +87,19 @@ class Trainer(TrainingLoop):
             ) == dataclasses.replace(
                 preset.grid, supersample=1
             )  # the weights carry over to a run that samples pixels more finely
-            if source.preset is None or source.preset.model != preset.model or not same_grid:
+            # a model without the shear term grows one (zero-initialised new weights: expand_state_dict)
+            grows_shear = (
+                source.preset is not None and preset.model.external_shear and not source.preset.model.external_shear
+            )
+            same_model = source.preset is not None and source.preset.model == (
+                dataclasses.replace(preset.model, external_shear=False) if grows_shear else preset.model
+            )
+            if source.preset is None or not same_model or not same_grid:
                 raise RimlensInputError(
                     f"--init-from {init_from}: its model or grid differs from preset {preset.name!r}"
                 )
-            self.model.load_state_dict(source.state_dict())
+            state = source.state_dict()
+            self.model.load_state_dict(expand_state_dict(state, self.model) if grows_shear else state)
         self.restore(ckpt)
         self.ddp_model: torch.nn.Module = self.model
         if self.world > 1:
@@ -140,7 +148,7 @@ class Trainer(TrainingLoop):
     def loss(self, batch: LensBatch) -> torch.Tensor:
         self.ddp_model.train()
         out = self.ddp_model(self._to(batch.observation), self._to(batch.psf), self._to(batch.noise_sigma))
-        return rim_loss(out, self._to(batch.source), self._to(batch.kappa))
+        return rim_loss(out, self._to(batch.source), self._to(batch.kappa), shear=self._to(batch.shear))
 
     def clip_gradients(self, norms: list[torch.Tensor]) -> None:
         """Per-tensor ``clip_by_norm`` at ``clip_norm``, as the paper (TF clip_by_norm)."""
@@ -160,12 +168,15 @@ class Trainer(TrainingLoop):
         """Validation loss and final-step errors, with the trivial mean-map baseline."""
         batch = batch or self.validation_set()
         self.model.eval()
-        losses, src_mse, kap_mse = [], [], []
+        losses, src_mse, kap_mse, shear_err = [], [], [], []
         for i in range(0, len(batch), chunk):
             b = batch.select(np.arange(i, min(i + chunk, len(batch))))
             out = self.model(self._to(b.observation), self._to(b.psf), self._to(b.noise_sigma))
             s, k = self._to(b.source), self._to(b.kappa)
-            losses.append(rim_loss(out, s, k, reduction="none").cpu())
+            g = self._to(b.shear)
+            losses.append(rim_loss(out, s, k, reduction="none", shear=g).cpu())
+            if out.final_shear is not None:
+                shear_err.append((out.final_shear - g).norm(dim=-1).cpu())
             src_mse.append(((out.source[-1] - s) ** 2).mean(dim=(1, 2, 3)).cpu())
             kap_mse.append(((out.log10_kappa[-1] - log10_kappa(k)) ** 2).mean(dim=(1, 2, 3)).cpu())
         src_mse, kap_mse = torch.cat(src_mse), torch.cat(kap_mse)
@@ -175,7 +186,14 @@ class Trainer(TrainingLoop):
         mean_eta = log_kappa.mean(0, keepdim=True)
         const = RIMOutput(mean_src.expand_as(batch.source)[None], mean_eta.expand_as(batch.kappa)[None], torch.zeros(0))
         baseline_loss = float(rim_loss(const, batch.source, batch.kappa))
+        shear = {}
+        if shear_err:  # median |gamma_hat - gamma| beside the trivial "no shear" guess
+            shear = {
+                "val_shear_error": float(torch.cat(shear_err).median()),
+                "baseline_shear_error": float(batch.shear.norm(dim=-1).median()),
+            }
         return {
+            **shear,
             "val_loss": float(torch.cat(losses).mean()),
             "baseline_loss": baseline_loss,
             "val_source_mse": float(src_mse.mean()),
