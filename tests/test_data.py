@@ -289,3 +289,29 @@ def test_epl_family_draws_power_law_slopes():
     preset = dataclasses.replace(preset, data=dataclasses.replace(preset.data, kappa_mix={"epl": 1.0}))
     lenses = LensGenerator(preset).draw(np.random.default_rng(0), 4)
     assert set(lenses.kappa_family) == {"epl"}
+
+
+def test_external_shear_in_lens_files(tmp_path):
+    """Lenses drawn with shear_max carry their shear (|gamma| <= shear_max, images made with it), the
+    lens file keeps it, and a file written before the shear existed reads as zero shear."""
+    base = get_preset("tiny")
+    preset = dataclasses.replace(base, data=dataclasses.replace(base.data, shear_max=0.1))
+    gen = LensGenerator(preset)
+    batch = gen.draw(np.random.default_rng(3), 6)
+    norm = batch.shear.norm(dim=1)
+    assert (norm <= 0.1 + 1e-7).all() and norm.max() > 0.02
+    # the image is the simulator's with that shear (noise aside: same draw, same noise)
+    again = LensGenerator(preset).draw(np.random.default_rng(3), 6)
+    torch.testing.assert_close(again.observation, batch.observation)
+    # no shear: zeros and the random stream of older configurations is unchanged
+    assert not LensGenerator(base).draw(np.random.default_rng(3), 2).shear.any()
+    path = generate_dataset(tmp_path / "s.h5", preset, 8, seed=1, block_size=8, progress=False)
+    d = read_lenses(path)
+    assert d["shear"].shape == (8, 2) and np.abs(d["shear"]).max() > 0.01
+    with h5py.File(path, "a") as h5:  # as written before the shear existed
+        del h5["shear"]
+    old = read_lenses(path)
+    assert old["shear"].shape == (8, 2) and not old["shear"].any()
+    assert LensDataset(path)[0]["shear"].shape == (2,)
+    with pytest.raises(RimlensInputError, match="shear_max"):
+        dataclasses.replace(base.data, shear_max=0.7)

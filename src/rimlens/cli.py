@@ -167,7 +167,9 @@ def reconstruct(image: Path, model: str, finetune: bool, out_dir: Path, **o):
             click.echo(f"reconstructed {done.done}/{done.lenses} lenses; table in {done.table}")
         return None
     s = reconstruct_observation(rim, image, out_dir=out_dir, center_arcsec=center, finetune_with=setup, **inputs)
-    click.echo(f"chi2_nu {s['chi2_nu']:.3f} (baseline {s['baseline_chi2_nu']:.3f}); products in {out_dir}")
+    shear = s.get("external_shear")
+    shear_text = f"; external shear {shear['magnitude']:.3f} at {shear['angle_deg']:.0f} deg" if shear else ""
+    click.echo(f"chi2_nu {s['chi2_nu']:.3f} (baseline {s['baseline_chi2_nu']:.3f}){shear_text}; products in {out_dir}")
     for warning in s["warnings"]:
         click.echo(f"warning: {warning}", err=True)
     return None

@@ -437,6 +437,8 @@ SUMMARY_COLUMNS = (
     "center_method",
     "padded_fraction",
     "lens_light",
+    "shear_gamma1",
+    "shear_gamma2",
     "seconds",
     "used_pixels",
 )
@@ -503,6 +505,8 @@ def reconstruct_folder(
             chi2_nu_arcs=q.get("chi2_nu_arcs", ""),
             poor_fit=q.get("poor", ""),
             likely_causes="; ".join(q.get("causes", [])),
+            shear_gamma1=(summary.get("external_shear") or {}).get("gamma1", ""),
+            shear_gamma2=(summary.get("external_shear") or {}).get("gamma2", ""),
         )
         rows.append({"lens": lens.name, **{k: summary.get(k, "") for k in SUMMARY_COLUMNS}})
     table = out_dir / "summary.csv"
