@@ -70,6 +70,7 @@ class FinetuneOptions:
     second_order: bool = False  # also differentiate through the RIM's likelihood-gradient inputs
     refine_steps: int = 0  # pixel-space refinement after the weight fine-tuning (0: the paper's method only)
     refine_weight: float = 1.0  # weight w of the proximity prior of the refinement
+    free_shear: bool = False  # refine an external shear (from 0) even when the model has no shear term
 
     def __post_init__(self):
         checks = {
@@ -319,6 +320,8 @@ def finetune(
     result.weight_change = max(float((p.detach() - a).abs().max()) for p, a in zip(params, anchor, strict=True))
     result.ewc_chi2_nu = result.chi2_nu
     if options.refine_steps > 0 and result.chi2_nu >= options.target_chi2_nu:
+        if result.shear is None and options.free_shear:
+            result.shear = observation.new_zeros(1, 2)
         refine(sim, observation, psf, sigma_b, result, options, mask)
     result.seconds = time.time() - t0
     return result
