@@ -65,3 +65,42 @@ def test_lens_light_is_modelled_by_default(tmp_path, capsys):
     assert light["axis_ratio"] == pytest.approx(0.8, abs=0.05) and min(light["amplitudes"]) >= 0
     for product in ("lens_light.fits", "lens_subtracted.fits"):
         assert (tmp_path / "auto" / product).exists()
+
+
+def test_a_shear_model_reports_its_shear_everywhere(tmp_path):
+    """With a RIM that estimates an external shear, the model image, the deflection, summary.json's
+    figures and both exports carry it (an untrained tiny model: the plumbing, not the accuracy)."""
+    import dataclasses
+
+    import torch
+
+    from rimlens.config import get_preset
+    from rimlens.inference.pipeline import export
+    from rimlens.io.export import read_lenstronomy
+    from rimlens.nn.rim import RIM
+    from rimlens.physics import PSF
+    from rimlens.physics.profiles import shear_deflection
+
+    base = get_preset("tiny")
+    preset = dataclasses.replace(base, model=dataclasses.replace(base.model, external_shear=True))
+    torch.manual_seed(0)
+    model = RIM.from_preset(preset).eval()
+    with torch.no_grad():  # a visible shear output: bias of the shear channels of the output layer
+        model.unet.output.bias[2:] = torch.tensor([0.01, -0.005])
+    obs = _lens(96, (0.0, 0.0))
+    prep = prepare_observation(obs, model.grid.image_grid, None)
+    rec = reconstruct_prepared(model, prep, lens_light="none")
+    assert rec.shear is not None and rec.shear.shape == (1, 2) and rec.shear.abs().min() > 1e-3
+    sim = model.simulator
+    expected = sim.forward(rec.source, rec.kappa, PSF.from_kernel(prep.psf), shear=rec.shear, check=False)
+    torch.testing.assert_close(rec.model_image, expected)
+    x, y = sim.image_grid.coordinates(rec.alpha.dtype)
+    ax, ay = shear_deflection(x, y, float(rec.shear[0, 0]), float(rec.shear[0, 1]))
+    torch.testing.assert_close(rec.alpha - sim.deflection(rec.kappa), torch.stack([ax, ay])[None])
+    s = rec.summary()["external_shear"]
+    assert s["gamma1"] == pytest.approx(float(rec.shear[0, 0])) and s["magnitude"] > 0
+    export(tmp_path, model, prep, rec)
+    models, kwargs = read_lenstronomy(tmp_path / "lenstronomy_interpol.npz")
+    assert models == ["INTERPOL", "SHEAR"] and kwargs[1]["gamma2"] == pytest.approx(float(rec.shear[0, 1]))
+    coolest = json.loads((tmp_path / "coolest.json").read_text())
+    assert "ExternalShear" in json.dumps(coolest)
