@@ -12,7 +12,7 @@ pixel means from lenstronomy's deflections, :func:`lenstronomy_lenses.truth_kapp
 ``c_rec``; the source on the source grid centred at ``c_rec``), so maps are compared pixel by pixel
 without any resampling. The stored ``truth.npz`` maps (centred on ``c_true``) serve as a check.
 
-Per lens (all from :mod:`rimlens.evaluate.lens_metrics`):
+Per lens (all from :mod:`rimlens.physics.lens_metrics`):
 
 * ``theta_true``: :func:`einstein_radius_of_map` of the truth map about ``d`` (the circle-enclosed
   radius: for q < 1 up to ~2 % below lenstronomy's ``theta_E``, which is also reported);
@@ -50,7 +50,9 @@ from pathlib import Path
 import numpy as np
 
 from lenstronomy_lenses import load_truth, truth_kappa, truth_source
-from rimlens.evaluate.lens_metrics import (
+from rimlens.io.fits import read_image
+from rimlens.physics import PixelGrid
+from rimlens.physics.lens_metrics import (
     einstein_radius_of_map,
     kappa_error_in_annulus,
     kappa_peak_center,
@@ -58,8 +60,6 @@ from rimlens.evaluate.lens_metrics import (
     pixel_mean_kappa,
     source_error,
 )
-from rimlens.io.fits import read_image
-from rimlens.physics import PixelGrid
 
 SNR_CUT = 5.0
 RING_SEARCH_ARCSEC = 3.0

@@ -41,7 +41,7 @@ bottom, x along columns, lenstronomy's flux per pixel) and ``truth.npz`` with
   centre), ``n_subhalos``, ``snr``, ``sigma_bkg``, ``exposure``, ``psf_fwhm``, ``lens_light_ratio``;
 * ``kappa``: the pixel-mean convergence of the EPL + subhaloes (the shear has none) on the model
   grid (64 px, 0.12"/px) centred on the true lens centre, exact by the divergence theorem with
-  lenstronomy's deflections (:func:`rimlens.evaluate.lens_metrics.pixel_mean_kappa`);
+  lenstronomy's deflections (:func:`rimlens.physics.lens_metrics.pixel_mean_kappa`);
 * ``source``: the source on the model's source grid (64 px over 3") centred on the true lens
   centre's source-plane position (the origin of a model frame centred on the lens), averaged over
   8 x 8 sub-pixels and peak-normalised like rimlens;
@@ -69,9 +69,9 @@ from lenstronomy.LensModel.lens_model import LensModel
 from lenstronomy.LightModel.light_model import LightModel
 from lenstronomy.Util import param_util
 
-from rimlens.evaluate.lens_metrics import pixel_mean_kappa
 from rimlens.io.fits import write_image
 from rimlens.physics import PixelGrid
+from rimlens.physics.lens_metrics import pixel_mean_kappa
 
 __all__ = ["MODEL_GRID", "SOURCE_GRID", "draw_lens", "make_lens", "truth_kappa", "truth_source"]
 

@@ -267,7 +267,7 @@ def test_epl_family_draws_power_law_slopes():
     """The ``epl`` convergence family (issue 11's population): slopes U(1.6, 2.4), recovered from
     the maps by the evaluation's own slope estimator; SIE draws are unchanged by its addition."""
     from rimlens.data.kappa import AnalyticKappaConfig, analytic_kappa
-    from rimlens.evaluate.lens_metrics import einstein_radius_of_map, log_slope
+    from rimlens.physics.lens_metrics import einstein_radius_of_map, log_slope
 
     grid = PixelGrid.from_fov(64, 7.68)
     cfg = AnalyticKappaConfig(

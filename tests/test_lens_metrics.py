@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from rimlens.evaluate.lens_metrics import (
+from rimlens.physics import PixelGrid, profiles
+from rimlens.physics.lens_metrics import (
     disc_pixel_areas,
     einstein_radius_of_map,
     enclosed_mean_kappa,
@@ -17,7 +18,6 @@ from rimlens.evaluate.lens_metrics import (
     pixel_mean_kappa,
     source_error,
 )
-from rimlens.physics import PixelGrid, profiles
 
 GRID = PixelGrid(64, 0.12)  # the shipped model's grid: 7.68"
 

@@ -32,7 +32,7 @@ import scipy.optimize
 import torch
 
 from rimlens.errors import RimlensInputError
-from rimlens.physics import PixelGrid
+from rimlens.physics.grid import PixelGrid
 
 __all__ = [
     "disc_pixel_areas",
@@ -85,7 +85,7 @@ def _quadrant_area(a: np.ndarray, b: np.ndarray, r: float) -> np.ndarray:
     inside = a**2 + b**2 <= r**2
     u0 = np.sqrt(np.clip(r**2 - b**2, 0.0, None))  # beyond u0 the circle is below y = b
 
-    def h(u):  # integral of sqrt(r^2 - t^2) from 0 to u
+    def h(u: np.ndarray) -> np.ndarray:  # integral of sqrt(r^2 - t^2) from 0 to u
         return 0.5 * (u * np.sqrt(np.clip(r**2 - u**2, 0.0, None)) + r**2 * np.arcsin(np.clip(u / r, -1.0, 1.0)))
 
     return np.where(inside, a * b, b * u0 + h(a) - h(np.minimum(u0, a)))
@@ -158,7 +158,7 @@ def einstein_radius_of_map(kappa: MapLike, grid: PixelGrid, center: Sequence[flo
     if r_max <= r_min:
         raise RimlensInputError(f"centre {c} lies too close to the edge of the map")
 
-    def f(r):
+    def f(r: float) -> float:
         return _enclosed_mean(k, grid, r, c) - 1.0
 
     radii = np.append(np.arange(r_min, r_max, 0.5 * s), r_max)
@@ -183,7 +183,7 @@ def kappa_peak_center(kappa: MapLike, grid: PixelGrid, fwhm_arcsec: float = 0.3)
     i, j = np.unravel_index(int(np.argmax(sm)), sm.shape)
     n = grid.n_pixels
 
-    def refine(lo, mid, hi):
+    def refine(lo: float, mid: float, hi: float) -> float:
         d = lo - 2 * mid + hi
         return 0.0 if d >= 0 else float(np.clip(0.5 * (lo - hi) / d, -0.5, 0.5))
 
@@ -409,5 +409,5 @@ def pixel_mean_kappa(
     return flux / (2 * s * s)
 
 
-def _to_numpy(a) -> np.ndarray:
+def _to_numpy(a: object) -> np.ndarray:
     return a.detach().cpu().double().numpy() if isinstance(a, torch.Tensor) else np.asarray(a, dtype=np.float64)
