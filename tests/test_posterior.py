@@ -87,3 +87,36 @@ def test_bad_options_are_refused():
     for bad in (dict(n_samples=0), dict(source_prior_sigma=0.0), dict(log10_kappa_prior_sigma=-1.0)):
         with pytest.raises(RimlensInputError):
             PosteriorOptions(**bad)
+
+
+def test_reconstruct_posterior_cli(tmp_path):
+    """`rimlens reconstruct --posterior N`: posterior-mean maps, std maps, the samples and percentiles."""
+    import json
+
+    import h5py
+    import numpy as np
+
+    from rimlens.cli import main
+    from rimlens.io.fits import read_image, write_image
+    from test_cutouts import _lens
+
+    obs = _lens(160, (0.0, 0.0))
+    for name, data in (("image", obs.image), ("psf", obs.psf), ("noise", obs.noise_sigma)):
+        write_image(tmp_path / f"{name}.fits", data, {"PIXSCALE": 0.05})
+    files = [str(tmp_path / "image.fits"), "--psf", str(tmp_path / "psf.fits"), "--noise", str(tmp_path / "noise.fits")]
+    out = tmp_path / "out"
+    assert main(["reconstruct", *files, "--posterior", "4", "--lens-light", "none", "--out", str(out)]) == 0
+    s = json.loads((out / "summary.json").read_text())
+    p = s["posterior"]
+    assert p["samples"] == 4 and len(p["einstein_radius_arcsec_p16_p50_p84"]) == 3
+    lo, mid, hi = p["einstein_radius_arcsec_p16_p50_p84"]
+    assert lo <= mid <= hi and abs(mid - 1.2) < 0.15  # the test lens has theta_E 1.2"
+    with h5py.File(out / "posterior_samples.h5") as h5:
+        kappa = h5["kappa"][:]
+        assert kappa.shape[0] == 4 and h5["source"].shape[0] == 4
+    mean, _ = read_image(out / "kappa.fits", "kappa")
+    std, _ = read_image(out / "kappa_std.fits", "kappa std")
+    np.testing.assert_allclose(mean, kappa.mean(0), rtol=1e-5)
+    np.testing.assert_allclose(std, kappa.std(0, ddof=1), rtol=1e-4, atol=1e-7)
+    assert (out / "source_std.fits").exists()
+    assert main(["reconstruct", *files, "--posterior", "1", "--out", str(tmp_path / "bad")]) == 2

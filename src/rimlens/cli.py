@@ -21,6 +21,7 @@ from rimlens.evaluate.report import evaluate_testset
 from rimlens.inference.finetune import FinetuneOptions
 from rimlens.inference.map_fit import MAPOptions, fit_map_file
 from rimlens.inference.pipeline import FinetuneSetup, reconstruct_folder, reconstruct_observation, run_demo
+from rimlens.inference.posterior import PosteriorOptions
 from rimlens.inference.predict import predict_file
 from rimlens.io.checkpoint import export_model, load_model
 from rimlens.train.engine import train_rim
@@ -121,6 +122,14 @@ def cli():
 @MODEL
 @click.option("--finetune", is_flag=True, help="Fine-tune the RIM on this observation (EWC prior, needs the VAEs).")
 @FINETUNE_OPTIONS
+@click.option(
+    "--posterior",
+    type=click.IntRange(min=2),
+    default=None,
+    metavar="N",
+    help="N posterior samples (perturb-and-MAP): kappa/source become posterior means, plus kappa_std.fits, "
+    "source_std.fits, posterior_samples.h5 and percentiles in summary.json.",
+)
 @click.option("--out", "out_dir", type=FOLDER, required=True)
 def reconstruct(image: Path, model: str, finetune: bool, out_dir: Path, **o):
     """Reconstruct the convergence and the source of a lens image (FITS) and write FITS/PNG/JSON products.
@@ -132,12 +141,15 @@ def reconstruct(image: Path, model: str, finetune: bool, out_dir: Path, **o):
     """
     inputs = {k: o.pop(k) for k in ("psf", "noise", "sigma", "pixel_scale_arcsec", "mask", "lens_light")}
     center = _center(o.pop("center"))
+    n_posterior = o.pop("posterior")
+    posterior = None if n_posterior is None else PosteriorOptions(n_samples=n_posterior)
     if image.suffix.lower() in (".h5", ".hdf5"):  # a simulated set: batched, resumable, sharded (as `predict`)
         given = {
             **inputs,
             "lens_light": inputs["lens_light"] != "auto",
             "finetune": finetune,
             "center": center != "auto",
+            "posterior": posterior is not None,
         }
         _refuse(given, "an HDF5 lens set (fine-tune a set with `evaluate --finetune N`)")
         return _predict(model, image, out_dir / "reconstructions.h5", 32)
@@ -162,14 +174,22 @@ def reconstruct(image: Path, model: str, finetune: bool, out_dir: Path, **o):
                 finetune_with=setup,
                 on_error=_echo_error,
                 pixel_scale_arcsec=inputs["pixel_scale_arcsec"],
+                posterior=posterior,
             )
         if done is not None:
             click.echo(f"reconstructed {done.done}/{done.lenses} lenses; table in {done.table}")
         return None
-    s = reconstruct_observation(rim, image, out_dir=out_dir, center_arcsec=center, finetune_with=setup, **inputs)
+    s = reconstruct_observation(
+        rim, image, out_dir=out_dir, center_arcsec=center, finetune_with=setup, posterior=posterior, **inputs
+    )
     shear = s.get("external_shear")
     shear_text = f"; external shear {shear['magnitude']:.3f} at {shear['angle_deg']:.0f} deg" if shear else ""
     click.echo(f"chi2_nu {s['chi2_nu']:.3f} (baseline {s['baseline_chi2_nu']:.3f}){shear_text}; products in {out_dir}")
+    if "posterior" in s:
+        t = s["posterior"]["einstein_radius_arcsec_p16_p50_p84"]
+        click.echo(
+            f'posterior ({n_posterior} samples): Einstein radius {t[1]:.3f}" (+{t[2] - t[1]:.3f} / -{t[1] - t[0]:.3f})'
+        )
     for warning in s["warnings"]:
         click.echo(f"warning: {warning}", err=True)
     return None

@@ -13,14 +13,17 @@ from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 
+import h5py
 import numpy as np
 import torch
 
+from rimlens.config import GridConfig
 from rimlens.data.lenses import LensGenerator
 from rimlens.data.random import child_rng
 from rimlens.distributed import collective_failure, rank_and_world
 from rimlens.errors import RimlensInputError
 from rimlens.inference.finetune import FinetuneOptions, check_vae_grids, finetune, refine
+from rimlens.inference.posterior import PosteriorOptions, PosteriorSamples, perturb_and_map
 from rimlens.inference.quality import assess, rim_input
 from rimlens.io.atomic import atomic_path
 from rimlens.io.checkpoint import load_vae
@@ -37,7 +40,9 @@ from rimlens.nn.rim import RIM
 from rimlens.nn.vae import VAE
 from rimlens.physics import PSF
 from rimlens.physics.convergence import log10_kappa
+from rimlens.physics.grid import PixelGrid
 from rimlens.physics.lens_light import LensLightModel, fit_lens_light
+from rimlens.physics.lens_metrics import einstein_radius_of_map, kappa_peak_center, log_slope
 from rimlens.physics.likelihood import reduced_chi_squared
 from rimlens.physics.profiles import shear_deflection
 from rimlens.physics.simulator import LensSimulator
@@ -46,12 +51,14 @@ __all__ = [
     "FinetuneSetup",
     "FolderSummary",
     "Reconstruction",
+    "describe_posterior",
     "describe_shear",
     "reconstruct_folder",
     "reconstruct_observation",
     "reconstruct_prepared",
     "run_demo",
     "total_deflection",
+    "write_posterior_samples",
 ]
 
 
@@ -102,6 +109,7 @@ class Reconstruction:
     lens_light: torch.Tensor | None = None  # 1 x 1 x N x N, PSF-convolved, when modelled
     lens_light_model: LensLightModel | None = None
     shear: torch.Tensor | None = None  # 1 x 2 external shear (gamma1, gamma2) when the model estimates one
+    posterior: PosteriorSamples | None = None  # samples (data units) when asked; the maps are then their means
 
     @property
     def lensed_source(self) -> torch.Tensor:
@@ -176,7 +184,11 @@ def _fit_light(prep: PreparedObservation, data: torch.Tensor, psf: PSF, light: L
 
 
 def reconstruct_prepared(
-    model: RIM, prep: PreparedObservation, finetune_with: FinetuneSetup | None = None, lens_light: str = "none"
+    model: RIM,
+    prep: PreparedObservation,
+    finetune_with: FinetuneSetup | None = None,
+    lens_light: str = "none",
+    posterior: PosteriorOptions | None = None,
 ) -> Reconstruction:
     """Reconstruct one prepared observation with the RIM, then fine-tune if ``finetune_with`` is given.
 
@@ -192,6 +204,9 @@ def reconstruct_prepared(
             lens-light model, and the light is re-solved against the observation minus the lensed
             source, ``LENS_LIGHT_ROUNDS`` times; fine-tuning then works on the subtracted data and
             the light is re-solved once more.
+        posterior: draw posterior samples around the final estimate
+            (:func:`rimlens.inference.posterior.perturb_and_map`, on the lens-subtracted data); the
+            returned maps are then the posterior means and ``posterior`` holds the samples.
     """
     if lens_light not in LENS_LIGHT_MODES:
         raise RimlensInputError(f"lens light must be one of {LENS_LIGHT_MODES}, got {lens_light!r}")
@@ -261,6 +276,20 @@ def reconstruct_prepared(
             "ewc_chi2_nu": ft.ewc_chi2_nu,
             "refine_steps": ft.refine_steps,
         }
+    samples, baseline_chi2 = None, chi2
+    if posterior is not None:
+        scaled, sigma, gain = rim_input(obs - light_image, prep)
+        samples = perturb_and_map(
+            sim, scaled, psf, sigma, source * gain, log10_kappa(kappa), shear, posterior, mask=prep.mask
+        )
+        samples.source = samples.source / gain
+        source, kappa = samples.source.mean(0, keepdim=True), samples.kappa.mean(0, keepdim=True)
+        shear = None if samples.shear is None else samples.shear.mean(0, keepdim=True)
+        with torch.no_grad():
+            image = sim.forward(source, kappa, psf, shear=shear, check=False) + light_image
+            chi2 = float(reduced_chi_squared(image, obs, prep.noise_sigma, prep.mask)[0])
+        if "chi2_nu" in extra:
+            extra["chi2_nu"] = chi2
     with torch.no_grad():
         alpha = total_deflection(sim, kappa, shear)
     return Reconstruction(
@@ -270,11 +299,12 @@ def reconstruct_prepared(
             "model_image": image,
             "alpha": alpha,
             "chi2_nu": chi2,
-            "baseline_chi2_nu": chi2,
+            "baseline_chi2_nu": baseline_chi2,
             "seconds": time.time() - t0,
             "lens_light": None if light is None else light_image,
             "lens_light_model": light,
             "shear": shear,
+            "posterior": samples,
             **extra,
         }
     )
@@ -322,6 +352,15 @@ def _write(
         "quality": quality.as_dict(),
         "warnings": [w for w in (quality.warning(),) if w],
     }
+    extra_maps: dict[str, tuple[torch.Tensor, str]] = {}
+    if rec.lens_light is not None:
+        extra_maps["lens_light.fits"] = (rec.lens_light, "normalised flux per pixel")
+        extra_maps["lens_subtracted.fits"] = (prep.observation - rec.lens_light, "normalised flux per pixel")
+    std_maps = None
+    if rec.posterior is not None:
+        summary["posterior"] = describe_posterior(rec.posterior, grid.image_grid)
+        std_maps = {"source": rec.posterior.mean_std("source")[1], "kappa": rec.posterior.mean_std("kappa")[1]}
+        write_posterior_samples(out_dir / "posterior_samples.h5", rec.posterior, grid)
     if truth is not None:
         summary["source_mse"] = float(((rec.source - truth["source"]) ** 2).mean())
         summary["log10_kappa_mse"] = float(((log10_kappa(rec.kappa) - log10_kappa(truth["kappa"])) ** 2).mean())
@@ -341,14 +380,60 @@ def _write(
         summary=summary,
         truth=truth,
         title=title,
-        extra_maps={}
-        if rec.lens_light is None
-        else {
-            "lens_light.fits": (rec.lens_light, "normalised flux per pixel"),
-            "lens_subtracted.fits": (prep.observation - rec.lens_light, "normalised flux per pixel"),
-        },
+        extra_maps=extra_maps,
+        std_maps=std_maps,
     )
     return summary
+
+
+def describe_posterior(samples: PosteriorSamples, grid: PixelGrid) -> dict:
+    """``summary.json``'s posterior block: the Einstein radius (arcsec) and log-slope of every
+    kappa sample (about the posterior mean's own centre; slope over 0.5-2 of the median Einstein
+    radius), the external shear, and the samples' chi2_nu, as 16/50/84 percentiles."""
+    mean_kappa = samples.kappa.mean(0)[0].numpy()
+    center = kappa_peak_center(mean_kappa, grid)
+    theta = np.array([einstein_radius_of_map(k[0].numpy(), grid, center) for k in samples.kappa])
+    finite = theta[np.isfinite(theta)]
+    theta_mid = float(np.median(finite)) if len(finite) else float("nan")
+    slope = np.array(
+        [
+            log_slope(k[0].numpy(), grid, theta_mid, center) if math.isfinite(theta_mid) else np.nan
+            for k in samples.kappa
+        ]
+    )
+
+    def pct(v: np.ndarray) -> list[float]:
+        v = np.asarray(v, dtype=float)
+        v = v[np.isfinite(v)]
+        return [float(x) for x in np.percentile(v, [16, 50, 84])] if len(v) else [float("nan")] * 3
+
+    out = {
+        "samples": int(samples.source.shape[0]),
+        "method": "perturb-and-MAP around the reconstruction (rimlens.inference.posterior)",
+        "einstein_radius_arcsec_p16_p50_p84": pct(theta),
+        "log_slope_p16_p50_p84": pct(slope),
+        "kappa_center_arcsec": [float(c) for c in center],
+        "chi2_nu_p16_p50_p84": pct(samples.chi2_nu.numpy()),
+    }
+    if samples.shear is not None:
+        out["shear_gamma1_p16_p50_p84"] = pct(samples.shear[:, 0].numpy())
+        out["shear_gamma2_p16_p50_p84"] = pct(samples.shear[:, 1].numpy())
+    return out
+
+
+def write_posterior_samples(path: Path, samples: PosteriorSamples, grid: GridConfig) -> Path:
+    """The samples as HDF5 (atomically): ``source`` ``S x M x M`` (the data's normalised units),
+    ``kappa`` ``S x N x N``, ``shear`` ``S x 2`` if estimated, ``chi2_nu`` ``(S,)``; grids in attributes."""
+    with atomic_path(path) as tmp, h5py.File(tmp, "w") as h5:
+        h5.create_dataset("source", data=samples.source[:, 0].numpy().astype(np.float32), compression="gzip")
+        h5.create_dataset("kappa", data=samples.kappa[:, 0].numpy().astype(np.float32), compression="gzip")
+        if samples.shear is not None:
+            h5.create_dataset("shear", data=samples.shear.numpy().astype(np.float32))
+        h5.create_dataset("chi2_nu", data=samples.chi2_nu.numpy().astype(np.float32))
+        h5.attrs["image_grid"] = json.dumps(grid.image_grid.as_dict())
+        h5.attrs["source_grid"] = json.dumps(grid.source_grid.as_dict())
+        h5.attrs["conventions"] = "row 0 at the bottom (FITS order), x along columns; arcsec"
+    return path
 
 
 def _describe_light(light: LensLightModel | None, prep: PreparedObservation) -> dict | str:
@@ -407,14 +492,16 @@ def reconstruct_observation(
     center_arcsec: tuple[float, float] | str | None = "auto",
     lens_light: str = "auto",
     finetune_with: FinetuneSetup | None = None,
+    posterior: PosteriorOptions | None = None,
 ) -> dict:
     """Reconstruct one FITS observation and write its products (FITS maps, PNG, ``summary.json``)
-    into ``out_dir``. Returns the summary (``chi2_nu``, ``baseline_chi2_nu``, ``seconds``, ...)."""
+    into ``out_dir``. Returns the summary (``chi2_nu``, ``baseline_chi2_nu``, ``seconds``, ...).
+    With ``posterior``: posterior-mean maps, their standard deviations and the samples as well."""
     if psf is None:
         raise RimlensInputError("a PSF is required (--psf)")
     obs = load_observation(image, psf, noise, sigma, pixel_scale_arcsec, mask)
     prep = prepare_observation(obs, model.grid.image_grid, center_arcsec)
-    rec = reconstruct_prepared(model, prep, finetune_with, lens_light)
+    rec = reconstruct_prepared(model, prep, finetune_with, lens_light, posterior)
     return _write(model, prep, rec, Path(out_dir), {"image": str(image)}, finetune_with, title=obs.name, obs=obs)
 
 
@@ -455,6 +542,7 @@ def reconstruct_folder(
     lens_light: str = "auto",
     finetune_with: FinetuneSetup | None = None,
     on_error=None,
+    posterior: PosteriorOptions | None = None,
 ) -> FolderSummary | None:
     """Reconstruct every lens sub-folder of ``folder`` (``image.fits``, ``psf.fits`` and
     ``noise_map.fits`` unless ``sigma``) into ``out_dir/<name>/``, then write ``out_dir/summary.csv``.
@@ -487,6 +575,7 @@ def reconstruct_folder(
                     center_arcsec=center_arcsec,
                     lens_light=lens_light,
                     finetune_with=finetune_with,
+                    posterior=posterior,
                 )
             except RimlensInputError as exc:
                 errors[lens.name] = str(exc)

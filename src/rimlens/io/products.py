@@ -59,11 +59,13 @@ def write_products(
     truth: dict | None = None,
     title: str = "",
     extra_maps: dict[str, tuple[torch.Tensor, str]] | None = None,
+    std_maps: dict[str, torch.Tensor] | None = None,
 ) -> dict:
     """Write FITS maps, ``reconstruction.png`` and ``summary.json`` into ``out_dir``; returns the paths.
 
     ``extra_maps``: more image-grid maps to write, ``{file name: (1 x 1 x N x N map, unit)}``
-    (e.g. ``lens_light.fits``)."""
+    (e.g. ``lens_light.fits``). ``std_maps``: posterior standard deviations ``{"source": 1 x 1 x M x M,
+    "kappa": 1 x 1 x N x N}``, written as ``source_std.fits`` / ``kappa_std.fits`` and shown in the PNG."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     model_card = {
@@ -81,6 +83,9 @@ def write_products(
         "residuals.fits": (resid, image_grid, "(observation - model) / sigma"),
         **{name: (arr, image_grid, unit) for name, (arr, unit) in (extra_maps or {}).items()},
     }
+    if std_maps is not None:
+        maps["source_std.fits"] = (std_maps["source"], source_grid, "posterior std of the source")
+        maps["kappa_std.fits"] = (std_maps["kappa"], image_grid, "posterior std of kappa")
     paths = {}
     for name, (arr, grid, unit) in maps.items():
         paths[name] = str(
@@ -98,6 +103,7 @@ def write_products(
         chi2_nu,
         title,
         truth,
+        std_maps,
     )
     paths["reconstruction.png"] = str(png)
     summary = {
@@ -116,11 +122,23 @@ def write_products(
 
 
 def reconstruction_page(
-    path, observation, model_image, resid, source, kappa, image_grid, source_grid, chi2_nu, title="", truth=None
+    path,
+    observation,
+    model_image,
+    resid,
+    source,
+    kappa,
+    image_grid,
+    source_grid,
+    chi2_nu,
+    title="",
+    truth=None,
+    std_maps=None,
 ):
-    """One page: observation, model, normalised residuals, source, log10 kappa (and the truth if known)."""
+    """One page: observation, model, normalised residuals, source, log10 kappa (and the truth if known;
+    and the posterior standard deviations of source and kappa, and kappa's relative one, if given)."""
 
-    rows = 2 if truth else 1
+    rows = 1 + bool(truth) + (std_maps is not None)
     fig, axes = plt.subplots(rows, 5, figsize=(19, 3.8 * rows), squeeze=False)
     ei, es = (
         _extent(image_grid.n_pixels, image_grid.pixel_scale_arcsec),
@@ -156,5 +174,20 @@ def reconstruction_page(
         show(axes[1, 3], truth["source"][0, 0].cpu().numpy(), es, "magma", "source (truth)")
         tk = np.log10(np.clip(truth["kappa"][0, 0].cpu().numpy(), 1e-3, None))
         show(axes[1, 4], tk, ei, "viridis", r"$\log_{10}\kappa$ (truth)", vmin=lk.min(), vmax=lk.max())
+    if std_maps is not None:
+        r = rows - 1
+        for c in range(3):
+            axes[r, c].axis("off")
+        show(axes[r, 3], std_maps["source"][0, 0].cpu().numpy(), es, "magma", "source: posterior std")
+        rel = (std_maps["kappa"] / kappa.clamp_min(1e-3))[0, 0].cpu().numpy()
+        show(
+            axes[r, 4],
+            rel,
+            ei,
+            "viridis",
+            r"$\sigma_\kappa / \kappa$ (posterior)",
+            vmin=0,
+            vmax=max(0.3, float(np.percentile(rel, 95))),
+        )
     fig.tight_layout()
     return save_figure(fig, path, dpi=90)
