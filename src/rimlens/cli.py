@@ -212,7 +212,9 @@ def demo(out_dir: Path, model: str, seed: int):
 
 
 @cli.command()
-@click.option("--preset", default="cpu64", show_default=True, help="Named configuration (tiny, cpu64, paper128).")
+@click.option(
+    "--preset", default="cpu64", show_default=True, help="Named configuration (tiny, cpu64, hst128, paper128)."
+)
 @click.option("--count", type=POSITIVE, required=True, help="Number of validated lenses.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Same seed, same data, bit for bit.")
 @click.option("--out", "out_path", type=FILE, required=True, help="Output HDF5 file.")
@@ -244,7 +246,9 @@ def show(path: Path, out_png: Path | None, count: int, start: int):
 
 
 @cli.command()
-@click.option("--preset", default="cpu64", show_default=True, help="Named configuration (tiny, cpu64, paper128).")
+@click.option(
+    "--preset", default="cpu64", show_default=True, help="Named configuration (tiny, cpu64, hst128, paper128)."
+)
 @click.option("--out", "out_dir", type=FOLDER, required=True, help="Run folder.")
 @click.option("--resume", is_flag=True, help="Continue the run in --out from its latest checkpoint.")
 @click.option("--max-steps", type=POSITIVE, default=None, help="Override the preset's step limit.")

@@ -360,7 +360,8 @@ def refine(simulator, observation, psf, sigma_b, result: FinetuneResult, options
 
     previous = None
     for it in range(options.refine_steps):
-        objective = float(opt.step(closure).detach())
+        with torch.enable_grad():  # callable under torch.no_grad()
+            objective = float(opt.step(closure).detach())
         # the source clamp makes the objective kinked; when the line search then makes no progress, the
         # curvature history is stale: restart from a gradient step (without it the refinement
         # stalled far above the noise on some high-SNR lenses; README, fine-tuning)

@@ -283,7 +283,8 @@ def reconstruct_prepared(
             sim, scaled, psf, sigma, source * gain, log10_kappa(kappa), shear, posterior, mask=prep.mask
         )
         samples.source = samples.source / gain
-        source, kappa = samples.source.mean(0, keepdim=True), samples.kappa.mean(0, keepdim=True)
+        # the reported source is non-negative, as every rimlens source (the samples are kept as drawn)
+        source, kappa = samples.source.mean(0, keepdim=True).clamp_min(0), samples.kappa.mean(0, keepdim=True)
         shear = None if samples.shear is None else samples.shear.mean(0, keepdim=True)
         with torch.no_grad():
             image = sim.forward(source, kappa, psf, shear=shear, check=False) + light_image
@@ -392,15 +393,24 @@ def describe_posterior(samples: PosteriorSamples, grid: PixelGrid) -> dict:
     radius), the external shear, and the samples' chi2_nu, as 16/50/84 percentiles."""
     mean_kappa = samples.kappa.mean(0)[0].numpy()
     center = kappa_peak_center(mean_kappa, grid)
-    theta = np.array([einstein_radius_of_map(k[0].numpy(), grid, center) for k in samples.kappa])
+
+    def radius(k: np.ndarray) -> float:
+        try:
+            return einstein_radius_of_map(k, grid, center)
+        except RimlensInputError:  # e.g. a centre too close to the map's edge: no radius, not no products
+            return float("nan")
+
+    theta = np.array([radius(k[0].numpy()) for k in samples.kappa])
     finite = theta[np.isfinite(theta)]
     theta_mid = float(np.median(finite)) if len(finite) else float("nan")
-    slope = np.array(
-        [
-            log_slope(k[0].numpy(), grid, theta_mid, center) if math.isfinite(theta_mid) else np.nan
-            for k in samples.kappa
-        ]
-    )
+
+    def slope_of(k: np.ndarray) -> float:
+        try:
+            return log_slope(k, grid, theta_mid, center) if math.isfinite(theta_mid) else float("nan")
+        except RimlensInputError:
+            return float("nan")
+
+    slope = np.array([slope_of(k[0].numpy()) for k in samples.kappa])
 
     def pct(v: np.ndarray) -> list[float]:
         v = np.asarray(v, dtype=float)
@@ -414,6 +424,8 @@ def describe_posterior(samples: PosteriorSamples, grid: PixelGrid) -> dict:
         "log_slope_p16_p50_p84": pct(slope),
         "kappa_center_arcsec": [float(c) for c in center],
         "chi2_nu_p16_p50_p84": pct(samples.chi2_nu.numpy()),
+        "optimiser_iterations": samples.iterations,
+        "max_whitened_gradient": samples.max_gradient,
     }
     if samples.shear is not None:
         out["shear_gamma1_p16_p50_p84"] = pct(samples.shear[:, 0].numpy())

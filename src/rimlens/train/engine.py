@@ -184,8 +184,12 @@ class Trainer(TrainingLoop):
         mean_src = batch.source.mean(0, keepdim=True)
         log_kappa = log10_kappa(batch.kappa)
         mean_eta = log_kappa.mean(0, keepdim=True)
-        const = RIMOutput(mean_src.expand_as(batch.source)[None], mean_eta.expand_as(batch.kappa)[None], torch.zeros(0))
-        baseline_loss = float(rim_loss(const, batch.source, batch.kappa))
+        # (with the shear term, the baseline guesses no shear, so that both losses hold the same terms)
+        no_shear = torch.zeros(1, len(batch), 2) if self.model.shear else None
+        const = RIMOutput(
+            mean_src.expand_as(batch.source)[None], mean_eta.expand_as(batch.kappa)[None], torch.zeros(0), no_shear
+        )
+        baseline_loss = float(rim_loss(const, batch.source, batch.kappa, shear=batch.shear))
         shear = {}
         if shear_err:  # median |gamma_hat - gamma| beside the trivial "no shear" guess
             shear = {
