@@ -51,7 +51,7 @@ def process_group(backend: str = "gloo"):
     """Join the ``torchrun`` process group for the duration of a command.
 
     A no-op in a plain run (``WORLD_SIZE`` unset or 1) or when a group already exists; a group
-    started here is destroyed on exit, also on errors.
+    started here is destroyed on exit (after a barrier on success; at once on errors).
 
     Yields:
         ``(rank, world size)`` as :func:`rank_and_world` gives it.
@@ -63,9 +63,15 @@ def process_group(backend: str = "gloo"):
         dist.init_process_group(backend)
     try:
         yield rank_and_world()
-    finally:
-        if started:
+    except BaseException:
+        if started:  # no barrier here: another rank may never arrive
             dist.destroy_process_group()
+        raise
+    if started:
+        # On success every rank arrives: waiting for all of them before tearing down keeps one rank's
+        # gloo teardown from aborting a peer that is still finishing its last collective.
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 def barrier() -> None:
