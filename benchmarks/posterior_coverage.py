@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -53,6 +54,70 @@ def lens_figures(kappa_s, source_s, chi2_nu, kappa_true, source_true, grid, cent
     }
 
 
+def block_mean(a: np.ndarray, factor: int) -> np.ndarray:
+    """Mean over ``factor x factor`` pixel blocks of the last two axes (their sizes divisible by it)."""
+    *lead, h, w = a.shape
+    return a.reshape(*lead, h // factor, factor, w // factor, factor).mean(axis=(-3, -1))
+
+
+def lens_vectors(kappa_s, source_s, kappa_true, source_true, grid, center) -> dict:
+    """TARP parameter vectors of one lens: each a function applied alike to every sample and to the
+    truth. ``lens``: (Einstein radius, log-slope over 0.5-2 of the true Einstein radius), both about
+    the true centre; ``kappa``: log10 kappa in 8 x 8-pixel blocks; ``source``: the source in 8 x 8
+    blocks. Returns ``{name: (samples S x D, truth D)}``."""
+    from rimlens.errors import RimlensInputError
+    from rimlens.physics.lens_metrics import einstein_radius_of_map, log_slope
+
+    theta_true = einstein_radius_of_map(kappa_true, grid, center)
+
+    def lens(k: np.ndarray) -> list[float]:
+        try:
+            return [einstein_radius_of_map(k, grid, center), log_slope(k, grid, theta_true, center)]
+        except RimlensInputError:
+            return [float("nan"), float("nan")]
+
+    def flat(a: np.ndarray) -> np.ndarray:
+        return a.reshape(a.shape[0], -1)
+
+    return {
+        "lens": (np.array([lens(k) for k in kappa_s]), np.array(lens(kappa_true))),
+        "kappa": (flat(block_mean(np.log10(kappa_s), 8)), block_mean(np.log10(kappa_true), 8).ravel()),
+        "source": (flat(block_mean(source_s, 8)), block_mean(source_true, 8).ravel()),
+    }
+
+
+def tarp_test(vectors: list[dict], out_png: Path | None = None, seed: int = 0) -> dict:
+    """TARP expected-coverage curves (Lemos, Coogan et al. 2023; the ``tarp`` package) of each
+    vector over all lenses, with 100 bootstrap resamplings; lenses with a non-finite vector are
+    left out. Returns, per vector, the lenses used and the largest |ECP - credibility| of the
+    bootstrap-mean curve (0 for a calibrated posterior), and draws the curves to ``out_png``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import tarp
+
+    figures = {}
+    fig, axes = plt.subplots(1, len(vectors[0]), figsize=(4 * len(vectors[0]), 4), squeeze=False)
+    for ax, name in zip(axes[0], vectors[0], strict=True):
+        keep = [v[name] for v in vectors if np.isfinite(v[name][0]).all() and np.isfinite(v[name][1]).all()]
+        samples = np.stack([s for s, _ in keep], axis=1)  # S x lenses x D
+        truth = np.stack([t for _, t in keep])
+        ecp, alpha = tarp.get_tarp_coverage(samples, truth, norm=True, bootstrap=True, num_bootstrap=100, seed=seed)
+        mean, std = ecp.mean(0), ecp.std(0)
+        figures[name] = {"lenses": len(keep), "max_abs_ecp_minus_alpha": float(np.max(np.abs(mean - alpha)))}
+        ax.plot([0, 1], [0, 1], "k--", lw=1, label="calibrated")
+        ax.plot(alpha, mean, label=f"rimlens ({len(keep)} lenses)")
+        ax.fill_between(alpha, mean - std, mean + std, alpha=0.3)
+        ax.set(xlabel="credibility level", ylabel="expected coverage", title=f"TARP: {name}", xlim=(0, 1), ylim=(0, 1))
+        ax.legend(loc="upper left")
+    fig.tight_layout()
+    if out_png is not None:
+        fig.savefig(out_png, dpi=100)
+    plt.close(fig)
+    return figures
+
+
 def _medians(rows: list[dict]) -> dict:
     keys = [k for k in rows[0] if isinstance(rows[0][k], float)]
     return {k: float(np.nanmedian([r[k] for r in rows])) for k in keys}
@@ -60,6 +125,7 @@ def _medians(rows: list[dict]) -> dict:
 
 def calibrate(args) -> None:
     """Coverage on rimlens-simulated held-out lenses for each pair of prior widths."""
+    from rimlens.config import get_preset
     from rimlens.data.lenses import LensGenerator
     from rimlens.data.random import child_rng
     from rimlens.inference.posterior import PosteriorOptions, perturb_and_map
@@ -69,13 +135,19 @@ def calibrate(args) -> None:
 
     model = load_model(args.model).eval()
     grid = model.grid.image_grid
-    lenses = LensGenerator(model.preset, split="test", noise="high").draw(child_rng(args.seed, 0), args.count)
+    # the lens population: the model's own, or a preset's (same grids), e.g. cpu64's EPL + shear population
+    population = model.preset if args.preset is None else get_preset(args.preset)
+    if population.grid.image_grid != grid:
+        sys.exit(f"preset {args.preset!r} has another image grid than the model")
+    lenses = LensGenerator(population, split="test", noise="high").draw(child_rng(args.seed, 0), args.count)
     with torch.no_grad():
         out = model(lenses.observation, lenses.psf, lenses.noise_sigma)
     results = {}
+    if args.out is not None:
+        args.out.mkdir(parents=True, exist_ok=True)
     for tau_k in args.tau_kappa:
         for tau_s in args.tau_source:
-            rows = []
+            rows, vectors, start = [], [], time.perf_counter()
             for i in range(args.count):
                 opts = PosteriorOptions(
                     n_samples=args.samples, source_prior_sigma=tau_s, log10_kappa_prior_sigma=tau_k, seed=i
@@ -105,11 +177,29 @@ def calibrate(args) -> None:
                         theta,
                     )
                 )
-            results[f"tau_kappa={tau_k} tau_source={tau_s}"] = _medians(rows)
+                vectors.append(
+                    lens_vectors(
+                        post.kappa[:, 0].numpy(),
+                        post.source[:, 0].numpy(),
+                        k_true,
+                        lenses.source[i, 0].numpy(),
+                        grid,
+                        (0.0, 0.0),
+                    )
+                )
+            results[f"tau_kappa={tau_k} tau_source={tau_s}"] = {
+                **_medians(rows),
+                "seconds_per_lens": (time.perf_counter() - start) / args.count,
+            }
+            if args.count >= 10:
+                png = None if args.out is None else args.out / f"tarp_tau_kappa{tau_k}_tau_source{tau_s}.png"
+                results[f"tau_kappa={tau_k} tau_source={tau_s}"]["tarp"] = tarp_test(vectors, png)
             print(
                 f"tau_kappa {tau_k} tau_source {tau_s}: {json.dumps(results[f'tau_kappa={tau_k} tau_source={tau_s}'])}"
             )
             sys.stdout.flush()
+    if args.out is not None:
+        (args.out / "calibration.json").write_text(json.dumps(results, indent=1))
 
 
 def judge(args) -> None:
@@ -119,7 +209,7 @@ def judge(args) -> None:
     from lenstronomy_lenses import load_truth, truth_kappa, truth_source
     from rimlens.physics.lens_metrics import einstein_radius_of_map
 
-    rows = []
+    rows, vectors = [], []
     for lens_dir in sorted(p for p in args.lenses.iterdir() if (p / "truth.npz").exists()):
         rec = args.reconstructions / lens_dir.name
         if not (rec / "posterior_samples.h5").exists():
@@ -140,12 +230,16 @@ def judge(args) -> None:
         scale = float((mean * source_true).sum() / max((source_true**2).sum(), 1e-30))
         theta = einstein_radius_of_map(kappa_true, grid, d)
         row = lens_figures(kappa_s, source_s, chi2, kappa_true, source_true * scale, grid, d, theta)
-        rows.append({"lens": lens_dir.name, **row})
+        rows.append({"lens": lens_dir.name, "seconds": summary.get("seconds", float("nan")), **row})
+        vectors.append(lens_vectors(kappa_s, source_s, kappa_true, source_true * scale, grid, d))
     if not rows:
         sys.exit("no posterior samples found")
     medians = _medians(rows)
-    print(json.dumps({"lenses": len(rows), "medians": medians}, indent=1))
-    (args.reconstructions / "posterior_coverage.json").write_text(json.dumps({"medians": medians, "lenses": rows}))
+    tarp_figures = tarp_test(vectors, args.reconstructions / "tarp.png") if len(rows) >= 10 else {}
+    print(json.dumps({"lenses": len(rows), "medians": medians, "tarp": tarp_figures}, indent=1))
+    (args.reconstructions / "posterior_coverage.json").write_text(
+        json.dumps({"medians": medians, "tarp": tarp_figures, "lenses": rows})
+    )
 
 
 def main(argv=None):
@@ -153,11 +247,13 @@ def main(argv=None):
     sub = ap.add_subparsers(dest="mode", required=True)
     c = sub.add_parser("calibrate")
     c.add_argument("--model", default="default")
+    c.add_argument("--preset", default=None, help="draw lenses from this preset's population (default: the model's)")
     c.add_argument("--count", type=int, default=16)
     c.add_argument("--seed", type=int, default=777)
     c.add_argument("--samples", type=int, default=16)
     c.add_argument("--tau-kappa", type=float, nargs="+", default=[0.05])
     c.add_argument("--tau-source", type=float, nargs="+", default=[0.1])
+    c.add_argument("--out", type=Path, default=None, help="folder for the TARP figures and calibration.json")
     j = sub.add_parser("judge")
     j.add_argument("lenses", type=Path)
     j.add_argument("reconstructions", type=Path)

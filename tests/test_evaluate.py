@@ -78,3 +78,31 @@ def test_evaluate_report(tmp_path):
     assert m["rim"]["lenses"] == 8 and m["map"]["lenses"] == 2
     for f in ("report.md", "chi2.png", "coherence.png", "gallery.png"):
         assert (tmp_path / "ev" / f).exists()
+
+
+def test_evaluate_reports_the_external_shear(tmp_path):
+    """A model with the shear term on a set with external shear: the report gives its median shear
+    error beside guessing no shear (the median |gamma| of the set)."""
+    import dataclasses
+
+    from rimlens.cli import main
+    from rimlens.data.storage import generate_dataset, read_lenses
+    from rimlens.train import Trainer
+
+    base = get_preset("tiny")
+    preset = dataclasses.replace(
+        base,
+        model=dataclasses.replace(base.model, external_shear=True),
+        data=dataclasses.replace(base.data, shear_max=0.1),
+    )
+    Trainer(with_train_settings(preset, {"max_steps": 2, "val_size": 4}), tmp_path / "run", progress=False).train()
+    data = generate_dataset(
+        tmp_path / "t.h5", preset, 8, seed=1, split="test", noise="high", block_size=8, progress=False
+    )
+    assert main(["evaluate", str(tmp_path / "run"), str(data), "--out", str(tmp_path / "ev")]) == 0
+    m = json.loads((tmp_path / "ev" / "metrics.json").read_text())
+    truth = np.linalg.norm(read_lenses(data)["shear"], axis=-1)
+    assert truth.max() > 0.01
+    assert np.isclose(m["rim"]["no_shear_baseline_error_median"], np.median(truth), rtol=1e-5)
+    assert np.isfinite(m["rim"]["shear_error_median"])
+    assert "external-shear error" in (tmp_path / "ev" / "report.md").read_text()

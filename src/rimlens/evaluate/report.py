@@ -57,6 +57,7 @@ class TestSet:
     source: torch.Tensor
     kappa: torch.Tensor
     snr: np.ndarray
+    shear: torch.Tensor | None = None  # ``B x 2`` external shear (zeros for sets written without it)
 
     @classmethod
     def read(cls, path: str | Path) -> TestSet:
@@ -65,6 +66,7 @@ class TestSet:
             Path(path),
             *(torch.as_tensor(d[k]) for k in ("observation", "psf", "noise_sigma", "source", "kappa")),
             np.asarray(d["snr"]),
+            torch.as_tensor(d["shear"]),
         )
 
     def __len__(self) -> int:
@@ -81,6 +83,7 @@ class MethodResult:
     chi2_nu: torch.Tensor
     seconds_per_lens: float
     extra: dict = field(default_factory=dict)
+    shear: torch.Tensor | None = None  # ``B x 2`` when the method estimates an external shear
 
     @property
     def lenses(self) -> int:
@@ -122,6 +125,7 @@ def compute_methods(
             "source": r.source.numpy(),
             "kappa": r.kappa.numpy(),
             "chi2_nu": r.chi2_nu.numpy(),
+            "shear": r.shear.numpy(),
             "seconds": [time.perf_counter() - t],
         }
 
@@ -163,6 +167,7 @@ def compute_methods(
             return {
                 "source": f.source.numpy(),
                 "kappa": f.kappa.numpy(),
+                "shear": np.zeros((1, 2), np.float32) if f.shear is None else f.shear.reshape(1, 2).numpy(),
                 "chi2_nu": [f.chi2_nu],
                 "seconds": [f.seconds],
                 "steps": [f.steps],
@@ -200,13 +205,26 @@ def compute_methods(
             torch.as_tensor(r["chi2_nu"]),
             float(r["seconds"].sum()) / len(r["chi2_nu"]),
             extra,
+            torch.as_tensor(r["shear"]).reshape(-1, 2) if model.config.external_shear and "shear" in r else None,
         )
     return results
 
 
-def _quality(source: torch.Tensor, kappa: torch.Tensor, chi2_nu: torch.Tensor, data: TestSet) -> dict:
+def _quality(
+    source: torch.Tensor,
+    kappa: torch.Tensor,
+    chi2_nu: torch.Tensor,
+    data: TestSet,
+    shear: torch.Tensor | None = None,
+) -> dict:
     k = source.shape[0]
     loss = lens_losses(source, kappa, data.source[:k], data.kappa[:k])
+    extra = {}
+    if shear is not None and data.shear is not None:  # |gamma_hat - gamma|, beside guessing no shear
+        extra = {
+            "shear_error_median": float(np.median((shear[:k] - data.shear[:k]).norm(dim=-1).numpy())),
+            "no_shear_baseline_error_median": float(np.median(data.shear[:k].norm(dim=-1).numpy())),
+        }
     return {
         "lenses": k,
         "log10_loss_mean": float(np.log10(loss).mean()),
@@ -216,6 +234,7 @@ def _quality(source: torch.Tensor, kappa: torch.Tensor, chi2_nu: torch.Tensor, d
             ((log10_kappa(kappa) - log10_kappa(data.kappa[:k])) ** 2).mean(dim=(1, 2, 3)).median()
         ),
         "chi2_nu_median": float(chi2_nu.median()),
+        **extra,
     }
 
 
@@ -226,10 +245,14 @@ def aggregate(results: dict[str, MethodResult], data: TestSet) -> dict:
     rim = results["rim"]
     metrics: dict = {"n_lenses": len(data), "dof_per_lens": data.observation[0].numel(), "data": str(data.path)}
     for name, r in results.items():
-        metrics[name] = {**_quality(r.source, r.kappa, r.chi2_nu, data), "seconds_per_lens": r.seconds_per_lens}
+        metrics[name] = {
+            **_quality(r.source, r.kappa, r.chi2_nu, data, r.shear),
+            "seconds_per_lens": r.seconds_per_lens,
+        }
         if name != "rim":  # the RIM on exactly the same lenses, for a like-for-like comparison
             k = r.lenses
-            metrics[name]["rim_same_lenses"] = _quality(rim.source[:k], rim.kappa[:k], rim.chi2_nu[:k], data)
+            rim_shear = None if rim.shear is None else rim.shear[:k]
+            metrics[name]["rim_same_lenses"] = _quality(rim.source[:k], rim.kappa[:k], rim.chi2_nu[:k], data, rim_shear)
         if "steps" in r.extra:
             metrics[name].update(
                 median_steps=float(np.median(r.extra["steps"])),
@@ -412,6 +435,13 @@ def _report(out: Path, m: dict) -> None:
                     f"| (RIM on the same {q['lenses']}) | {q['lenses']} | {q['log10_loss_mean']:.2f} ± {q['log10_loss_std']:.2f} "
                     f"| {q['source_mse_median']:.4f} | {q['log10_kappa_mse_median']:.4f} | {q['chi2_nu_median']:.2f} | |"
                 )
+    for name in ("rim", "finetuned"):
+        if name in m and "shear_error_median" in m[name]:
+            r = m[name]
+            lines.append(
+                f"\n{METHOD_LABELS[name]}: median external-shear error |γ̂ − γ| {r['shear_error_median']:.4f} "
+                f"(guessing no shear: {r['no_shear_baseline_error_median']:.4f})."
+            )
     b = m["mean_map_baseline"]
     lines.append(
         f"| mean maps (trivial) | {m['n_lenses']} | {b['log10_loss_mean']:.2f} ± {b['log10_loss_std']:.2f} | | | | |"
