@@ -145,12 +145,17 @@ def calibrate(args) -> None:
     results = {}
     if args.out is not None:
         args.out.mkdir(parents=True, exist_ok=True)
-    for tau_k in args.tau_kappa:
+    for tau_k, corr in [(t, c) for t in args.tau_kappa for c in args.correlation]:
         for tau_s in args.tau_source:
             rows, vectors, start = [], [], time.perf_counter()
+            key = f"tau_kappa={tau_k} correlation={corr} tau_source={tau_s}"
             for i in range(args.count):
                 opts = PosteriorOptions(
-                    n_samples=args.samples, source_prior_sigma=tau_s, log10_kappa_prior_sigma=tau_k, seed=i
+                    n_samples=args.samples,
+                    source_prior_sigma=tau_s,
+                    log10_kappa_prior_sigma=tau_k,
+                    log10_kappa_correlation_arcsec=corr,
+                    seed=i,
                 )
                 shear = None if out.final_shear is None else out.final_shear[i : i + 1]
                 post = perturb_and_map(
@@ -187,16 +192,14 @@ def calibrate(args) -> None:
                         (0.0, 0.0),
                     )
                 )
-            results[f"tau_kappa={tau_k} tau_source={tau_s}"] = {
+            results[key] = {
                 **_medians(rows),
                 "seconds_per_lens": (time.perf_counter() - start) / args.count,
             }
             if args.count >= 10:
-                png = None if args.out is None else args.out / f"tarp_tau_kappa{tau_k}_tau_source{tau_s}.png"
-                results[f"tau_kappa={tau_k} tau_source={tau_s}"]["tarp"] = tarp_test(vectors, png)
-            print(
-                f"tau_kappa {tau_k} tau_source {tau_s}: {json.dumps(results[f'tau_kappa={tau_k} tau_source={tau_s}'])}"
-            )
+                png = None if args.out is None else args.out / f"tarp_tau_kappa{tau_k}_corr{corr}_tau_source{tau_s}.png"
+                results[key]["tarp"] = tarp_test(vectors, png)
+            print(f"{key}: {json.dumps(results[key])}")
             sys.stdout.flush()
     if args.out is not None:
         (args.out / "calibration.json").write_text(json.dumps(results, indent=1))
@@ -253,6 +256,9 @@ def main(argv=None):
     c.add_argument("--samples", type=int, default=16)
     c.add_argument("--tau-kappa", type=float, nargs="+", default=[0.05])
     c.add_argument("--tau-source", type=float, nargs="+", default=[0.1])
+    c.add_argument(
+        "--correlation", type=float, nargs="+", default=[0.0], help="log10 kappa correlation lengths (arcsec)"
+    )
     c.add_argument("--out", type=Path, default=None, help="folder for the TARP figures and calibration.json")
     j = sub.add_parser("judge")
     j.add_argument("lenses", type=Path)

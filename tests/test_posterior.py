@@ -2,6 +2,7 @@
 linear-Gaussian source behind a fixed lens), and a mis-specified noise level showing up as
 mis-calibration."""
 
+import numpy as np
 import pytest
 import torch
 
@@ -120,3 +121,18 @@ def test_reconstruct_posterior_cli(tmp_path):
     np.testing.assert_allclose(std, kappa.std(0, ddof=1), rtol=1e-4, atol=1e-7)
     assert (out / "source_std.fits").exists()
     assert main(["reconstruct", *files, "--posterior", "1", "--out", str(tmp_path / "bad")]) == 2
+
+
+def test_correlated_prior_field_has_unit_variance_and_gaussian_correlation():
+    """White noise smoothed by a Gaussian of standard deviation l (pixels) has, away from the edges,
+    unit variance and correlation exp(-d^2 / (4 l^2)) at a lag of d pixels (closed form)."""
+    from rimlens.inference.posterior import correlated_field
+
+    g = torch.Generator().manual_seed(3)
+    white = torch.randn(400, 1, 48, 48, generator=g, dtype=torch.float64)
+    field = correlated_field(white, 2.0)[..., 12:-12, 12:-12]
+    assert abs(float(field.var()) - 1) < 0.02
+    for lag in (1, 2, 4):
+        corr = float((field[..., :, lag:] * field[..., :, :-lag]).mean() / field.var())
+        assert abs(corr - np.exp(-(lag**2) / 16)) < 0.02, (lag, corr)
+    assert torch.equal(correlated_field(white, 0.0), white)

@@ -49,6 +49,10 @@ class PosteriorOptions:
         n_samples: number of posterior samples.
         source_prior_sigma: prior width ``tau`` of each source pixel (the data's units).
         log10_kappa_prior_sigma: prior width of each log10 kappa pixel (dex); 0 holds kappa fixed.
+        log10_kappa_correlation_arcsec: correlation length of the log10 kappa prior (arcsec): its
+            perturbations are white noise smoothed by a Gaussian of this standard deviation (scaled
+            to keep the per-pixel width), since a reconstruction's kappa errors are smooth, not
+            pixel-to-pixel; 0 makes the pixels independent.
         shear_prior_sigma: prior width of each external-shear component; 0 holds the shear fixed.
         max_iter: L-BFGS iterations at most (all samples together).
         gradient_tolerance: stop when every whitened gradient component is below this.
@@ -58,6 +62,7 @@ class PosteriorOptions:
     n_samples: int = 16
     source_prior_sigma: float = 0.1
     log10_kappa_prior_sigma: float = 0.05
+    log10_kappa_correlation_arcsec: float = 0.0
     shear_prior_sigma: float = 0.01
     max_iter: int = 300
     gradient_tolerance: float = 1e-3
@@ -70,7 +75,7 @@ class PosteriorOptions:
             raise RimlensInputError(f"max_iter must be an integer >= 1, got {self.max_iter!r}")
         if not (math.isfinite(self.source_prior_sigma) and self.source_prior_sigma > 0):
             raise RimlensInputError(f"source_prior_sigma must be > 0, got {self.source_prior_sigma!r}")
-        for name in ("log10_kappa_prior_sigma", "shear_prior_sigma"):
+        for name in ("log10_kappa_prior_sigma", "log10_kappa_correlation_arcsec", "shear_prior_sigma"):
             value = getattr(self, name)
             if not (math.isfinite(value) and value >= 0):
                 raise RimlensInputError(f"{name} must be >= 0, got {value!r}")
@@ -99,6 +104,20 @@ class PosteriorSamples:
             raise RimlensInputError(f"no samples named {name!r}")
         x = getattr(self, name)
         return x.mean(0, keepdim=True), x.std(0, keepdim=True, unbiased=x.shape[0] > 1)
+
+
+def correlated_field(white: torch.Tensor, correlation_pixels: float) -> torch.Tensor:
+    """White noise ``B x 1 x N x N`` smoothed by a Gaussian of ``correlation_pixels`` standard
+    deviation, normalised so that each pixel keeps unit variance (away from the edges, where the
+    zero padding lowers it); the identity for ``correlation_pixels`` = 0. Linear in ``white``."""
+    if correlation_pixels <= 0:
+        return white
+    half = max(1, math.ceil(3 * correlation_pixels))
+    r = torch.arange(-half, half + 1, dtype=white.dtype, device=white.device)
+    g = torch.exp(-0.5 * (r / correlation_pixels) ** 2)
+    g = g / torch.sqrt((g**2).sum())  # separable: the 2-D kernel's squares then sum to 1 as well
+    out = torch.nn.functional.conv2d(white, g.reshape(1, 1, 1, -1), padding=(0, half))
+    return torch.nn.functional.conv2d(out, g.reshape(1, 1, -1, 1), padding=(half, 0))
 
 
 def perturb_and_map(
@@ -143,14 +162,20 @@ def perturb_and_map(
     used = used_pixels(sigma, observation.shape, mask)
     y = observation + sigma * used * normal(observation)  # excluded pixels (sigma >= 1e6) stay unperturbed
     tau_s, tau_e, tau_g = options.source_prior_sigma, options.log10_kappa_prior_sigma, options.shear_prior_sigma
+    # log10 kappa = mean + tau_e * C(w): w ~ N(0, I) whitened, C the (linear) correlation operator
+    corr = options.log10_kappa_correlation_arcsec / simulator.image_grid.pixel_scale_arcsec
+
+    def kappa_offset(w: torch.Tensor) -> torch.Tensor:
+        return tau_e * correlated_field(w, corr)
+
     m_s = source.detach() + tau_s * normal(source)
-    m_e = log10_kappa.detach() + tau_e * normal(log10_kappa)
+    xi_e = normal(log10_kappa)
     free_shear = shear is not None and tau_g > 0
     m_g = None if shear is None else shear.detach().reshape(1, 2) + tau_g * normal(shear.reshape(1, 2))
     # optimise whitened offsets from the perturbed prior means: every variable then has unit prior
     # variance, which L-BFGS's scalar initial Hessian suits
     z_s = torch.zeros_like(m_s, requires_grad=True)
-    z_e = torch.zeros_like(m_e, requires_grad=tau_e > 0)
+    z_e = torch.zeros_like(xi_e, requires_grad=tau_e > 0)
     z_g = None if m_g is None else torch.zeros_like(m_g, requires_grad=free_shear)
     free = [z for z in (z_s, z_e, z_g) if z is not None and z.requires_grad]
     opt = torch.optim.LBFGS(
@@ -165,7 +190,7 @@ def perturb_and_map(
 
     def current() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         g = None if m_g is None or z_g is None else m_g + tau_g * z_g
-        return m_s + tau_s * z_s, m_e + tau_e * z_e, g
+        return m_s + tau_s * z_s, log10_kappa.detach() + kappa_offset(xi_e + z_e), g
 
     def closure() -> torch.Tensor:
         opt.zero_grad()
