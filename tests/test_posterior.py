@@ -112,6 +112,8 @@ def test_reconstruct_posterior_cli(tmp_path):
     assert p["samples"] == 4 and len(p["einstein_radius_arcsec_p16_p50_p84"]) == 3
     lo, mid, hi = p["einstein_radius_arcsec_p16_p50_p84"]
     assert lo <= mid <= hi and abs(mid - 1.2) < 0.15  # the test lens has theta_E 1.2"
+    # the samples fit the data: they start from the pixel refinement of the RIM's estimate
+    assert s["refine_steps"] >= 1 and p["chi2_nu_p16_p50_p84"][2] < 2.0, (s["baseline_chi2_nu"], p)
     with h5py.File(out / "posterior_samples.h5") as h5:
         kappa = h5["kappa"][:]
         assert kappa.shape[0] == 4 and h5["source"].shape[0] == 4

@@ -22,7 +22,7 @@ from rimlens.data.lenses import LensGenerator
 from rimlens.data.random import child_rng
 from rimlens.distributed import collective_failure, rank_and_world
 from rimlens.errors import RimlensInputError
-from rimlens.inference.finetune import FinetuneOptions, check_vae_grids, finetune, refine
+from rimlens.inference.finetune import FinetuneOptions, FinetuneResult, check_vae_grids, finetune, refine
 from rimlens.inference.posterior import PosteriorOptions, PosteriorSamples, perturb_and_map
 from rimlens.inference.quality import assess, rim_input
 from rimlens.io.atomic import atomic_path
@@ -134,6 +134,8 @@ class Reconstruction:
             )
             if finetune_options is not None:
                 out["finetune_options"] = dataclasses.asdict(finetune_options)
+        elif self.refine_steps is not None:  # the pixel refinement that starts posterior sampling
+            out["refine_steps"] = self.refine_steps
         return out
 
 
@@ -206,7 +208,9 @@ def reconstruct_prepared(
             the light is re-solved once more.
         posterior: draw posterior samples around the final estimate
             (:func:`rimlens.inference.posterior.perturb_and_map`, on the lens-subtracted data); the
-            returned maps are then the posterior means and ``posterior`` holds the samples.
+            returned maps are then the posterior means and ``posterior`` holds the samples. Without
+            ``finetune_with`` the RIM's estimate is first refined in pixel space (the samples start
+            from, and must match, a fit to the data).
     """
     if lens_light not in LENS_LIGHT_MODES:
         raise RimlensInputError(f"lens light must be one of {LENS_LIGHT_MODES}, got {lens_light!r}")
@@ -279,6 +283,19 @@ def reconstruct_prepared(
     samples, baseline_chi2 = None, chi2
     if posterior is not None:
         scaled, sigma, gain = rim_input(obs - light_image, prep)
+        if finetune_with is None:
+            # samples must fit the data (a sample that does not is no posterior sample), and perturb-and-MAP
+            # converges from a fit, not from the RIM's first guess: refine its pixels first (no VAEs needed)
+            with torch.no_grad():
+                start_chi2 = float(
+                    reduced_chi_squared(
+                        sim.forward(source * gain, kappa, psf, shear=shear, check=False), scaled, sigma, prep.mask
+                    )[0]
+                )
+            fit = FinetuneResult(source * gain, kappa, start_chi2, source * gain, kappa, start_chi2, shear=shear)
+            refine(sim, scaled, psf, sigma, fit, FinetuneOptions.refine_only(), prep.mask)
+            source, kappa, shear = fit.source / gain, fit.kappa, fit.shear
+            extra["refine_steps"] = fit.refine_steps
         samples = perturb_and_map(
             sim, scaled, psf, sigma, source * gain, log10_kappa(kappa), shear, posterior, mask=prep.mask
         )
