@@ -132,8 +132,10 @@ def calibrate(args) -> None:
     from rimlens.config import get_preset
     from rimlens.data.lenses import LensGenerator
     from rimlens.data.random import child_rng
+    from rimlens.inference.finetune import refine_estimate
     from rimlens.inference.posterior import PosteriorOptions, perturb_and_map
     from rimlens.io.checkpoint import load_model
+    from rimlens.physics import PSF
     from rimlens.physics.convergence import log10_kappa
     from rimlens.physics.lens_metrics import einstein_radius_of_map
 
@@ -162,15 +164,14 @@ def calibrate(args) -> None:
                     seed=i,
                 )
                 shear = None if out.final_shear is None else out.final_shear[i : i + 1]
+                obs, psf = lenses.observation[i : i + 1], PSF.from_kernel(lenses.psf[i : i + 1])
+                sigma = lenses.noise_sigma[i : i + 1]
+                # as `rimlens reconstruct --posterior` does: refine the RIM's estimate, sample around the fit
+                fit = refine_estimate(
+                    model.simulator, obs, psf, sigma, out.source[-1][i : i + 1], out.final_kappa[i : i + 1], shear
+                )
                 post = perturb_and_map(
-                    model.simulator,
-                    lenses.observation[i : i + 1],
-                    lenses.psf[i : i + 1],
-                    lenses.noise_sigma[i : i + 1],
-                    out.source[-1][i : i + 1],
-                    log10_kappa(out.final_kappa[i : i + 1]),
-                    shear,
-                    opts,
+                    model.simulator, obs, psf, sigma, fit.source, log10_kappa(fit.kappa), fit.shear, opts
                 )
                 k_true = lenses.kappa[i, 0].numpy()
                 theta = einstein_radius_of_map(k_true, grid, (0.0, 0.0))

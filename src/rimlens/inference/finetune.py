@@ -37,7 +37,15 @@ from rimlens.nn.vae import VAE
 from rimlens.physics import PSF
 from rimlens.physics.likelihood import chi_squared, reduced_chi_squared, used_pixels
 
-__all__ = ["FinetuneOptions", "FinetuneResult", "check_vae_grids", "finetune", "fisher_diagonal", "refine"]
+__all__ = [
+    "FinetuneOptions",
+    "FinetuneResult",
+    "check_vae_grids",
+    "finetune",
+    "fisher_diagonal",
+    "refine",
+    "refine_estimate",
+]
 
 
 SHEAR_UNIT = 0.01  # the refinement's step unit of the external shear (see refine)
@@ -384,3 +392,33 @@ def refine(simulator, observation, psf, sigma_b, result: FinetuneResult, options
             result.shear = None if g is None else g.detach().clone()
         if chi2_nu < options.target_chi2_nu:
             break
+
+
+def refine_estimate(
+    simulator,
+    observation: torch.Tensor,
+    psf: PSF,
+    sigma,
+    source: torch.Tensor,
+    kappa: torch.Tensor,
+    shear: torch.Tensor | None = None,
+    mask: torch.Tensor | None = None,
+    options: FinetuneOptions | None = None,
+) -> FinetuneResult:
+    """The pixel refinement (:func:`refine`, ``refine_only`` options unless given) of an estimate
+    that did not come from :func:`finetune`, e.g. the RIM's maps before posterior sampling.
+
+    Args:
+        observation: ``1 x 1 x N x N`` data in the RIM's units; ``sigma`` its noise (scalar, ``(1,)``
+            or a map); ``source`` ``1 x 1 x M x M``, ``kappa`` ``1 x 1 x N x N``, ``shear`` ``1 x 2``.
+
+    Returns:
+        A :class:`FinetuneResult` whose ``source`` / ``kappa`` / ``shear`` / ``chi2_nu`` are the refined
+        estimate (the starting one when refinement did not lower chi2_nu) and ``refine_steps`` its iterations.
+    """
+    with torch.no_grad():
+        model_img = simulator.forward(source, kappa, psf, shear=shear, check=False)
+        chi2 = float(reduced_chi_squared(model_img, observation, sigma, mask)[0])
+    result = FinetuneResult(source, kappa, chi2, source, kappa, chi2, baseline_shear=shear, shear=shear)
+    refine(simulator, observation, psf, sigma, result, options or FinetuneOptions.refine_only(), mask)
+    return result

@@ -22,7 +22,7 @@ from rimlens.data.lenses import LensGenerator
 from rimlens.data.random import child_rng
 from rimlens.distributed import collective_failure, rank_and_world
 from rimlens.errors import RimlensInputError
-from rimlens.inference.finetune import FinetuneOptions, FinetuneResult, check_vae_grids, finetune, refine
+from rimlens.inference.finetune import FinetuneOptions, check_vae_grids, finetune, refine, refine_estimate
 from rimlens.inference.posterior import PosteriorOptions, PosteriorSamples, perturb_and_map
 from rimlens.inference.quality import assess, rim_input
 from rimlens.io.atomic import atomic_path
@@ -286,14 +286,7 @@ def reconstruct_prepared(
         if finetune_with is None:
             # samples must fit the data (a sample that does not is no posterior sample), and perturb-and-MAP
             # converges from a fit, not from the RIM's first guess: refine its pixels first (no VAEs needed)
-            with torch.no_grad():
-                start_chi2 = float(
-                    reduced_chi_squared(
-                        sim.forward(source * gain, kappa, psf, shear=shear, check=False), scaled, sigma, prep.mask
-                    )[0]
-                )
-            fit = FinetuneResult(source * gain, kappa, start_chi2, source * gain, kappa, start_chi2, shear=shear)
-            refine(sim, scaled, psf, sigma, fit, FinetuneOptions.refine_only(), prep.mask)
+            fit = refine_estimate(sim, scaled, psf, sigma, source * gain, kappa, shear, prep.mask)
             source, kappa, shear = fit.source / gain, fit.kappa, fit.shear
             extra["refine_steps"] = fit.refine_steps
         samples = perturb_and_map(
