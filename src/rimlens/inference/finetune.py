@@ -49,6 +49,8 @@ __all__ = [
 
 
 SHEAR_UNIT = 0.01  # the refinement's step unit of the external shear (see refine)
+STALL_ITERATIONS = 20  # the refinement stops after this many iterations without a relative gain of
+STALL_TOLERANCE = 1e-4  # ... this much in chi2_nu
 
 
 def _fisher_loss(
@@ -366,7 +368,7 @@ def refine(simulator, observation, psf, sigma_b, result: FinetuneResult, options
         loss.backward()
         return loss
 
-    previous = None
+    previous, stalled = None, 0
     for it in range(options.refine_steps):
         with torch.enable_grad():  # callable under torch.no_grad()
             objective = float(opt.step(closure).detach())
@@ -387,10 +389,16 @@ def refine(simulator, observation, psf, sigma_b, result: FinetuneResult, options
         result.refine_steps = it + 1
         if not math.isfinite(chi2_nu):
             break
+        improved = chi2_nu < result.chi2_nu * (1 - STALL_TOLERANCE)
         if chi2_nu < result.chi2_nu:
             result.source, result.kappa, result.chi2_nu = src.clone(), (10**eta).detach().clone(), chi2_nu
             result.shear = None if g is None else g.detach().clone()
         if chi2_nu < options.target_chi2_nu:
+            break
+        # a refinement stuck at a kink of the clamped objective repeats the same chi2_nu for the rest of
+        # its budget (seen: 260 of 300 iterations on a lenstronomy lens); stop once restarts stop helping
+        stalled = 0 if improved else stalled + 1
+        if stalled >= STALL_ITERATIONS:
             break
 
 
