@@ -133,7 +133,7 @@ def calibrate(args) -> None:
     from rimlens.data.lenses import LensGenerator
     from rimlens.data.random import child_rng
     from rimlens.inference.finetune import refine_estimate
-    from rimlens.inference.posterior import PosteriorOptions, perturb_and_map
+    from rimlens.inference.posterior import PosteriorOptions, sample_posterior
     from rimlens.io.checkpoint import load_model
     from rimlens.physics import PSF
     from rimlens.physics.convergence import log10_kappa
@@ -162,6 +162,7 @@ def calibrate(args) -> None:
                     log10_kappa_prior_sigma=tau_k,
                     log10_kappa_correlation_arcsec=corr,
                     seed=i,
+                    method=args.method,
                 )
                 shear = None if out.final_shear is None else out.final_shear[i : i + 1]
                 obs, psf = lenses.observation[i : i + 1], PSF.from_kernel(lenses.psf[i : i + 1])
@@ -170,7 +171,7 @@ def calibrate(args) -> None:
                 fit = refine_estimate(
                     model.simulator, obs, psf, sigma, out.source[-1][i : i + 1], out.final_kappa[i : i + 1], shear
                 )
-                post = perturb_and_map(
+                post = sample_posterior(
                     model.simulator, obs, psf, sigma, fit.source, log10_kappa(fit.kappa), fit.shear, opts
                 )
                 k_true = lenses.kappa[i, 0].numpy()

@@ -1,13 +1,13 @@
-"""Posterior sampling (issue 13): perturb-and-MAP against a posterior known in closed form (a
-linear-Gaussian source behind a fixed lens), and a mis-specified noise level showing up as
-mis-calibration."""
+"""Posterior sampling (issue 13): both samplers (low-rank Laplace, perturb-and-MAP) against a
+posterior known in closed form (a linear-Gaussian source behind a fixed lens), and a mis-specified
+noise level showing up as mis-calibration."""
 
 import numpy as np
 import pytest
 import torch
 
 from rimlens.errors import RimlensInputError
-from rimlens.inference.posterior import PosteriorOptions, perturb_and_map
+from rimlens.inference.posterior import PosteriorOptions, laplace_samples, perturb_and_map
 from rimlens.physics import PSF, LensSimulator, PixelGrid
 
 
@@ -32,7 +32,11 @@ def _exact(a, y, sigma, prior_mean, tau):
     return mean, cov
 
 
-def test_samples_follow_the_exact_linear_gaussian_posterior():
+SAMPLERS = pytest.mark.parametrize("sampler", [laplace_samples, perturb_and_map], ids=["laplace", "perturb"])
+
+
+@SAMPLERS
+def test_samples_follow_the_exact_linear_gaussian_posterior(sampler):
     sim, kappa, psf, a = _problem()
     sigma, tau = 0.05, 0.3
     truth = torch.rand(36, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
@@ -40,7 +44,7 @@ def test_samples_follow_the_exact_linear_gaussian_posterior():
     prior_mean = torch.full((36,), 0.4, dtype=torch.float64)
     mean, cov = _exact(a, y, sigma, prior_mean, tau)
     opts = PosteriorOptions(n_samples=3000, source_prior_sigma=tau, log10_kappa_prior_sigma=0.0, max_iter=400)
-    post = perturb_and_map(
+    post = sampler(
         sim, y.reshape(1, 1, 12, 12), psf, sigma, prior_mean.reshape(1, 1, 6, 6), torch.log10(kappa), options=opts
     )
     s = post.source.reshape(3000, 36)
@@ -56,7 +60,8 @@ def test_samples_follow_the_exact_linear_gaussian_posterior():
     assert 0.7 < float(post.chi2_nu.median()) < 1.3
 
 
-def test_a_misspecified_noise_level_shows_as_miscalibration():
+@SAMPLERS
+def test_a_misspecified_noise_level_shows_as_miscalibration(sampler):
     """Over repeated data sets the truth falls within 1 posterior sigma ~68% of the time when the
     noise level is right, and far less often when it is claimed 3x too small."""
     sim, kappa, psf, a = _problem()
@@ -68,7 +73,7 @@ def test_a_misspecified_noise_level_shows_as_miscalibration():
         y = a @ truth + sigma * torch.randn(144, dtype=torch.float64, generator=gen)
         for factor in inside:
             opts = PosteriorOptions(n_samples=200, source_prior_sigma=tau, log10_kappa_prior_sigma=0.0, seed=k)
-            post = perturb_and_map(
+            post = sampler(
                 sim,
                 y.reshape(1, 1, 12, 12),
                 psf,

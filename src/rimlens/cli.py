@@ -127,7 +127,7 @@ def cli():
     type=click.IntRange(min=2),
     default=None,
     metavar="N",
-    help="N posterior samples (perturb-and-MAP): kappa/source become posterior means, plus kappa_std.fits, "
+    help="N posterior samples (low-rank Laplace about the pixel-refined fit): kappa/source become posterior means, plus kappa_std.fits, "
     "source_std.fits, posterior_samples.h5 and percentiles in summary.json.",
 )
 @click.option("--out", "out_dir", type=FOLDER, required=True)

@@ -23,7 +23,7 @@ from rimlens.data.random import child_rng
 from rimlens.distributed import collective_failure, rank_and_world
 from rimlens.errors import RimlensInputError
 from rimlens.inference.finetune import FinetuneOptions, check_vae_grids, finetune, refine, refine_estimate
-from rimlens.inference.posterior import PosteriorOptions, PosteriorSamples, perturb_and_map
+from rimlens.inference.posterior import PosteriorOptions, PosteriorSamples, sample_posterior
 from rimlens.inference.quality import assess, rim_input
 from rimlens.io.atomic import atomic_path
 from rimlens.io.checkpoint import load_vae
@@ -207,7 +207,7 @@ def reconstruct_prepared(
             source, ``LENS_LIGHT_ROUNDS`` times; fine-tuning then works on the subtracted data and
             the light is re-solved once more.
         posterior: draw posterior samples around the final estimate
-            (:func:`rimlens.inference.posterior.perturb_and_map`, on the lens-subtracted data); the
+            (:func:`rimlens.inference.posterior.sample_posterior`, on the lens-subtracted data); the
             returned maps are then the posterior means and ``posterior`` holds the samples. Without
             ``finetune_with`` the RIM's estimate is first refined in pixel space (the samples start
             from, and must match, a fit to the data).
@@ -284,12 +284,12 @@ def reconstruct_prepared(
     if posterior is not None:
         scaled, sigma, gain = rim_input(obs - light_image, prep)
         if finetune_with is None:
-            # samples must fit the data (a sample that does not is no posterior sample), and perturb-and-MAP
-            # converges from a fit, not from the RIM's first guess: refine its pixels first (no VAEs needed)
+            # samples must fit the data (a sample that does not is no posterior sample), and the sampler
+            # linearises about a fit, not about the RIM's first guess: refine its pixels first (no VAEs needed)
             fit = refine_estimate(sim, scaled, psf, sigma, source * gain, kappa, shear, prep.mask)
             source, kappa, shear = fit.source / gain, fit.kappa, fit.shear
             extra["refine_steps"] = fit.refine_steps
-        samples = perturb_and_map(
+        samples = sample_posterior(
             sim, scaled, psf, sigma, source * gain, log10_kappa(kappa), shear, posterior, mask=prep.mask
         )
         samples.source = samples.source / gain
@@ -429,14 +429,16 @@ def describe_posterior(samples: PosteriorSamples, grid: PixelGrid) -> dict:
 
     out = {
         "samples": int(samples.source.shape[0]),
-        "method": "perturb-and-MAP around the reconstruction (rimlens.inference.posterior)",
+        "method": f"{samples.method} about the reconstruction (rimlens.inference.posterior)",
         "einstein_radius_arcsec_p16_p50_p84": pct(theta),
         "log_slope_p16_p50_p84": pct(slope),
         "kappa_center_arcsec": [float(c) for c in center],
         "chi2_nu_p16_p50_p84": pct(samples.chi2_nu.numpy()),
-        "optimiser_iterations": samples.iterations,
-        "max_whitened_gradient": samples.max_gradient,
     }
+    if samples.method == "laplace":
+        out["smallest_kept_eigenvalue"] = samples.smallest_kept_eigenvalue
+    else:
+        out.update(optimiser_iterations=samples.iterations, max_whitened_gradient=samples.max_gradient)
     if samples.shear is not None:
         out["shear_gamma1_p16_p50_p84"] = pct(samples.shear[:, 0].numpy())
         out["shear_gamma2_p16_p50_p84"] = pct(samples.shear[:, 1].numpy())

@@ -38,9 +38,12 @@ from rimlens.errors import RimlensInputError, check_noise_sigma
 from rimlens.physics import PSF
 from rimlens.physics.likelihood import chi_squared, used_pixels
 
-__all__ = ["PosteriorOptions", "PosteriorSamples", "perturb_and_map"]
+__all__ = ["PosteriorOptions", "PosteriorSamples", "laplace_samples", "perturb_and_map", "sample_posterior"]
 
 CHUNK = 25  # L-BFGS iterations between convergence checks
+POSTERIOR_METHODS = ("laplace", "perturb-and-map")
+FD_STEP = 1e-4  # central-difference step (whitened units) of the Jacobian products (no forward AD for grid_sample)
+BATCH = 256  # columns per batched simulator call of the randomised SVD
 
 
 @dataclass(frozen=True)
@@ -56,9 +59,14 @@ class PosteriorOptions:
             to keep the per-pixel width), since a reconstruction's kappa errors are smooth, not
             pixel-to-pixel; 0 makes the pixels independent.
         shear_prior_sigma: prior width of each external-shear component; 0 holds the shear fixed.
-        max_iter: L-BFGS iterations at most (all samples together).
-        gradient_tolerance: stop when every whitened gradient component is below this.
+        max_iter: perturb-and-MAP: L-BFGS iterations at most (all samples together).
+        gradient_tolerance: perturb-and-MAP: stop when every whitened gradient component is below this.
         seed: seed of the perturbations.
+        method: ``"laplace"`` (:func:`laplace_samples`, the default) or ``"perturb-and-map"``
+            (:func:`perturb_and_map`).
+        rank: laplace: number of data-informed directions kept (the largest eigenvalues of the
+            whitened Gauss-Newton Hessian, found by a randomised SVD).
+        power_iterations: laplace: power iterations of the randomised SVD.
     """
 
     n_samples: int = 16
@@ -70,10 +78,19 @@ class PosteriorOptions:
     max_iter: int = 300
     gradient_tolerance: float = 1e-3
     seed: int = 0
+    method: str = "laplace"
+    rank: int = 200
+    power_iterations: int = 2
 
     def __post_init__(self) -> None:
         if not isinstance(self.n_samples, int) or self.n_samples < 1:
             raise RimlensInputError(f"n_samples must be an integer >= 1, got {self.n_samples!r}")
+        if self.method not in POSTERIOR_METHODS:
+            raise RimlensInputError(f"posterior method must be one of {POSTERIOR_METHODS}, got {self.method!r}")
+        for name in ("rank", "power_iterations"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < (1 if name == "rank" else 0):
+                raise RimlensInputError(f"{name} must be a non-negative integer (rank >= 1), got {value!r}")
         if not isinstance(self.max_iter, int) or self.max_iter < 1:
             raise RimlensInputError(f"max_iter must be an integer >= 1, got {self.max_iter!r}")
         if not (math.isfinite(self.source_prior_sigma) and self.source_prior_sigma > 0):
@@ -95,6 +112,8 @@ class PosteriorSamples:
     chi2_nu: torch.Tensor
     iterations: int = 0
     max_gradient: float = float("nan")  # largest whitened gradient component at the end
+    method: str = "perturb-and-map"
+    smallest_kept_eigenvalue: float = float("nan")  # laplace: data information of the last kept direction
 
     @property
     def kappa(self) -> torch.Tensor:
@@ -223,3 +242,168 @@ def perturb_and_map(
         model = simulator.forward(s, torch.pow(10.0, e), psf, shear=g, check=False)
         chi2_nu = chi_squared(model, observation.expand_as(model), sigma, mask) / used.sum().clamp_min(1)
     return PosteriorSamples(s.detach(), e.detach(), None if g is None else g.detach(), chi2_nu, iterations, max_grad)
+
+
+def sample_posterior(
+    simulator,
+    observation: torch.Tensor,
+    psf: PSF | torch.Tensor,
+    noise_sigma,
+    source: torch.Tensor,
+    log10_kappa: torch.Tensor,
+    shear: torch.Tensor | None = None,
+    options: PosteriorOptions | None = None,
+    mask: torch.Tensor | None = None,
+) -> PosteriorSamples:
+    """Posterior samples by ``options.method`` (arguments as :func:`perturb_and_map`)."""
+    options = options or PosteriorOptions()
+    sampler = laplace_samples if options.method == "laplace" else perturb_and_map
+    return sampler(simulator, observation, psf, noise_sigma, source, log10_kappa, shear, options, mask)
+
+
+def laplace_samples(
+    simulator,
+    observation: torch.Tensor,
+    psf: PSF | torch.Tensor,
+    noise_sigma,
+    source: torch.Tensor,
+    log10_kappa: torch.Tensor,
+    shear: torch.Tensor | None = None,
+    options: PosteriorOptions | None = None,
+    mask: torch.Tensor | None = None,
+) -> PosteriorSamples:
+    """Exact samples of the Gauss-Newton (Laplace) posterior about a reconstruction.
+
+    In whitened variables ``w`` (``x = x_hat + L w``, ``L`` the prior's square root: widths ``tau``
+    and, for log10 kappa, the correlation of :func:`correlated_field`), the prior is ``N(0, I)`` and
+    the whitened residuals ``r(w) = (f(x) - y) / sigma`` are linearised about ``w = 0``:
+    ``r ~ r0 + A w``; the posterior precision is ``I + A^T A``. Each sample is the randomise-then-
+    optimise solution of ``(I + A^T A) w = xi + A^T (eps - r0)`` (``xi``, ``eps`` standard normal),
+    an exact draw of this Gaussian, solved by conjugate gradients for all samples at once (``A v`` by
+    central differences of batched simulator calls -- grid_sample has no forward-mode derivative --
+    and ``A^T u`` by back-propagation, in float64). The preconditioner is the Hessian's ``rank``
+    largest data-informed directions ``V``, ``lambda`` (a randomised SVD of ``A``; Halko et al. 2011):
+    ``(I + V diag(lambda) V^T)^-1`` is exact, and CG is left with the spectrum below ``lambda_rank``
+    (low-rank data-informed updates of the prior: Flath et al. 2011; Bui-Thanh et al. 2013). CG stops
+    when the preconditioned residual per parameter, ``sqrt(r^T M^-1 r / n)``, falls below
+    ``gradient_tolerance`` or after ``max_iter`` iterations.
+
+    Args and returns as :func:`perturb_and_map`: ``iterations`` are the CG iterations and
+    ``max_gradient`` the largest preconditioned residual per parameter at the end; ``smallest_kept_eigenvalue`` is
+    ``lambda_rank``.
+    """
+    options = options or PosteriorOptions()
+    if observation.ndim != 4 or observation.shape[0] != 1:
+        raise RimlensInputError(
+            f"laplace_samples samples one observation (1 x 1 x N x N), got {tuple(observation.shape)}"
+        )
+    psf = psf if isinstance(psf, PSF) else PSF.from_kernel(psf)
+    dt, out_dtype = torch.float64, observation.dtype
+    psf64 = PSF.from_kernel(psf.kernel.to(dt))
+    y = observation.detach().to(dt)
+    sigma = check_noise_sigma(noise_sigma, 1, tuple(observation.shape[-2:]), like=y)
+    used = used_pixels(sigma, y.shape, None if mask is None else mask)
+    s0, e0 = source.detach().to(dt), log10_kappa.detach().to(dt)
+    tau_s, tau_e, tau_g = options.source_prior_sigma, options.log10_kappa_prior_sigma, options.shear_prior_sigma
+    free_shear = shear is not None and tau_g > 0
+    g0 = None if shear is None else shear.detach().reshape(1, 2).to(dt)
+    corr = options.log10_kappa_correlation_arcsec / simulator.image_grid.pixel_scale_arcsec
+    n_s, n_e, n_g = s0[0].numel(), e0[0].numel() if tau_e > 0 else 0, 2 if free_shear else 0
+    n_par = n_s + n_e + n_g
+
+    def unpack(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        b = w.shape[0]
+        src = s0 + tau_s * w[:, :n_s].reshape(b, *s0.shape[1:])
+        eta = e0 if n_e == 0 else e0 + tau_e * correlated_field(w[:, n_s : n_s + n_e].reshape(b, *e0.shape[1:]), corr)
+        g = g0 if g0 is None or n_g == 0 else g0 + tau_g * w[:, n_s + n_e :]
+        if g is not None and g.shape[0] != b:
+            g = g.expand(b, 2)
+        return src, eta.expand(b, *e0.shape[1:]), g
+
+    def residual(w: torch.Tensor) -> torch.Tensor:
+        src, eta, g = unpack(w)
+        model = simulator.forward(src, torch.pow(10.0, eta), psf64, shear=g, check=False)
+        return ((model - y) / sigma * used).reshape(w.shape[0], -1)
+
+    def a_times(v: torch.Tensor) -> torch.Tensor:  # v: n_par x k -> n_pix x k
+        cols = []
+        with torch.no_grad():
+            for j in range(0, v.shape[1], BATCH):
+                # unit directions: the difference step stays FD_STEP prior sigmas whatever v's norm
+                block = v[:, j : j + BATCH].T
+                norm = block.norm(dim=1, keepdim=True).clamp_min(1e-300)
+                step = FD_STEP * block / norm
+                cols.append((norm * (residual(step) - residual(-step)) / (2 * FD_STEP)).T)
+        return torch.cat(cols, dim=1)
+
+    def at_times(u: torch.Tensor) -> torch.Tensor:  # u: n_pix x k -> n_par x k
+        cols = []
+        for j in range(0, u.shape[1], BATCH):
+            block = u[:, j : j + BATCH].T
+            w = torch.zeros(block.shape[0], n_par, dtype=dt, requires_grad=True)
+            with torch.enable_grad():
+                residual(w).backward(block)
+            assert w.grad is not None
+            cols.append(w.grad.T)
+        return torch.cat(cols, dim=1)
+
+    gen = torch.Generator().manual_seed(options.seed)
+    k = min(options.rank, n_par)
+    width = min(k + 16, n_par)
+    q, _ = torch.linalg.qr(a_times(torch.randn(n_par, width, generator=gen, dtype=dt)))
+    for _ in range(options.power_iterations):
+        z, _ = torch.linalg.qr(at_times(q))
+        q, _ = torch.linalg.qr(a_times(z))
+    _, sv, vt = torch.linalg.svd(at_times(q).T, full_matrices=False)  # Q^T A = U S V^T
+    v, lam = vt[:k].T, sv[:k] ** 2
+
+    def inverse_preconditioner(x: torch.Tensor) -> torch.Tensor:
+        """(I + V diag(lambda) V^T)^-1 x for columns x (n_par x m)."""
+        return x - v @ ((lam / (1 + lam))[:, None] * (v.T @ x))
+
+    def hessian_times(x: torch.Tensor) -> torch.Tensor:
+        return x + at_times(a_times(x))
+
+    # randomise-then-optimise on the linearised problem: sample i minimises
+    # 1/2 |r0 + A w - eps_i|^2 + 1/2 |w - xi_i|^2, i.e. solves (I + A^T A) w = xi_i + A^T (eps_i - r0)
+    with torch.no_grad():
+        r0 = residual(torch.zeros(1, n_par, dtype=dt))
+    n = options.n_samples
+    eps = torch.randn(n, r0.shape[1], generator=gen, dtype=dt) * used.reshape(1, -1)
+    rhs = torch.randn(n_par, n, generator=gen, dtype=dt) + at_times((eps - r0).T)
+    # preconditioned conjugate gradients, one independent solve per column; the low-rank part of the
+    # Hessian is the preconditioner, so only its spectrum below lambda_rank is left to CG
+    w = inverse_preconditioner(rhs)
+    res = rhs - hessian_times(w)
+    z = inverse_preconditioner(res)
+    d = z.clone()
+    rz = (res * z).sum(0)
+    # stop on the residual in the preconditioned norm, per parameter: the error is then measured in
+    # prior standard deviations in the uninformed directions (a residual relative to the right-hand
+    # side, dominated by the data-informed terms, left errors of many prior sigmas there)
+    iterations, relative = 0, float((rz / n_par).sqrt().max())
+    while iterations < options.max_iter and relative > options.gradient_tolerance:
+        hd = hessian_times(d)
+        alpha = rz / (d * hd).sum(0)
+        w = w + alpha * d
+        res = res - alpha * hd
+        z = inverse_preconditioner(res)
+        rz_new = (res * z).sum(0)
+        d = z + (rz_new / rz) * d
+        rz = rz_new
+        iterations += 1
+        relative = float((rz / n_par).sqrt().max())
+    with torch.no_grad():
+        src, eta, g = unpack(w.T)
+        model = simulator.forward(src, torch.pow(10.0, eta), psf64, shear=g, check=False)
+        chi2_nu = chi_squared(model, y.expand_as(model), sigma, mask) / used.sum().clamp_min(1)
+    return PosteriorSamples(
+        src.to(out_dtype),
+        eta.to(out_dtype),
+        None if g is None else g.to(out_dtype),
+        chi2_nu.to(out_dtype),
+        iterations,
+        relative,
+        method="laplace",
+        smallest_kept_eigenvalue=float(lam[-1]),
+    )
