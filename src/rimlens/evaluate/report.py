@@ -435,6 +435,10 @@ def _report(out: Path, m: dict) -> None:
                     f"| (RIM on the same {q['lenses']}) | {q['lenses']} | {q['log10_loss_mean']:.2f} ± {q['log10_loss_std']:.2f} "
                     f"| {q['source_mse_median']:.4f} | {q['log10_kappa_mse_median']:.4f} | {q['chi2_nu_median']:.2f} | |"
                 )
+    b = m["mean_map_baseline"]
+    lines.append(
+        f"| mean maps (trivial) | {m['n_lenses']} | {b['log10_loss_mean']:.2f} ± {b['log10_loss_std']:.2f} | | | | |"
+    )
     for name in ("rim", "finetuned"):
         if name in m and "shear_error_median" in m[name]:
             r = m[name]
@@ -442,10 +446,6 @@ def _report(out: Path, m: dict) -> None:
                 f"\n{METHOD_LABELS[name]}: median external-shear error |γ̂ − γ| {r['shear_error_median']:.4f} "
                 f"(guessing no shear: {r['no_shear_baseline_error_median']:.4f})."
             )
-    b = m["mean_map_baseline"]
-    lines.append(
-        f"| mean maps (trivial) | {m['n_lenses']} | {b['log10_loss_mean']:.2f} ± {b['log10_loss_std']:.2f} | | | | |"
-    )
     lines += ["", "![chi2](chi2.png)", "", "![coherence](coherence.png)", "", "![gallery](gallery.png)", ""]
     with atomic_path(out / "report.md") as tmp:
         tmp.write_text("\n".join(lines))
