@@ -67,6 +67,8 @@ class PosteriorOptions:
         rank: laplace: number of data-informed directions kept (the largest eigenvalues of the
             whitened Gauss-Newton Hessian, found by a randomised SVD).
         power_iterations: laplace: power iterations of the randomised SVD.
+        gauss_newton_steps: laplace: Gauss-Newton steps of each sample (1: the linearised posterior).
+        cg_iterations: laplace: conjugate-gradient iterations at most per Gauss-Newton step.
     """
 
     n_samples: int = 16
@@ -81,15 +83,17 @@ class PosteriorOptions:
     method: str = "laplace"
     rank: int = 200
     power_iterations: int = 2
+    gauss_newton_steps: int = 4
+    cg_iterations: int = 100
 
     def __post_init__(self) -> None:
         if not isinstance(self.n_samples, int) or self.n_samples < 1:
             raise RimlensInputError(f"n_samples must be an integer >= 1, got {self.n_samples!r}")
         if self.method not in POSTERIOR_METHODS:
             raise RimlensInputError(f"posterior method must be one of {POSTERIOR_METHODS}, got {self.method!r}")
-        for name in ("rank", "power_iterations"):
+        for name in ("rank", "power_iterations", "gauss_newton_steps", "cg_iterations"):
             value = getattr(self, name)
-            if not isinstance(value, int) or value < (1 if name == "rank" else 0):
+            if not isinstance(value, int) or value < (0 if name == "power_iterations" else 1):
                 raise RimlensInputError(f"{name} must be a non-negative integer (rank >= 1), got {value!r}")
         if not isinstance(self.max_iter, int) or self.max_iter < 1:
             raise RimlensInputError(f"max_iter must be an integer >= 1, got {self.max_iter!r}")
@@ -325,22 +329,27 @@ def laplace_samples(
         model = simulator.forward(src, torch.pow(10.0, eta), psf64, shear=g, check=False)
         return ((model - y) / sigma * used).reshape(w.shape[0], -1)
 
-    def a_times(v: torch.Tensor) -> torch.Tensor:  # v: n_par x k -> n_pix x k
+    def a_times(v: torch.Tensor, at: torch.Tensor | None = None) -> torch.Tensor:
+        """A v for columns v (n_par x k) -> n_pix x k, A the Jacobian at ``at`` (n_par x k, one
+        point per column; None: w = 0)."""
         cols = []
         with torch.no_grad():
             for j in range(0, v.shape[1], BATCH):
                 # unit directions: the difference step stays FD_STEP prior sigmas whatever v's norm
                 block = v[:, j : j + BATCH].T
+                base = 0.0 if at is None else at[:, j : j + BATCH].T
                 norm = block.norm(dim=1, keepdim=True).clamp_min(1e-300)
                 step = FD_STEP * block / norm
-                cols.append((norm * (residual(step) - residual(-step)) / (2 * FD_STEP)).T)
+                cols.append((norm * (residual(base + step) - residual(base - step)) / (2 * FD_STEP)).T)
         return torch.cat(cols, dim=1)
 
-    def at_times(u: torch.Tensor) -> torch.Tensor:  # u: n_pix x k -> n_par x k
+    def at_times(u: torch.Tensor, at: torch.Tensor | None = None) -> torch.Tensor:
+        """A^T u for columns u (n_pix x k) -> n_par x k, A the Jacobian at ``at`` as in a_times."""
         cols = []
         for j in range(0, u.shape[1], BATCH):
             block = u[:, j : j + BATCH].T
-            w = torch.zeros(block.shape[0], n_par, dtype=dt, requires_grad=True)
+            w = torch.zeros(block.shape[0], n_par, dtype=dt) if at is None else at[:, j : j + BATCH].T.clone()
+            w.requires_grad_(True)
             with torch.enable_grad():
                 residual(w).backward(block)
             assert w.grad is not None
@@ -361,38 +370,64 @@ def laplace_samples(
         """(I + V diag(lambda) V^T)^-1 x for columns x (n_par x m)."""
         return x - v @ ((lam / (1 + lam))[:, None] * (v.T @ x))
 
-    def hessian_times(x: torch.Tensor) -> torch.Tensor:
-        return x + at_times(a_times(x))
+    iterations, relative = 0, 0.0
 
-    # randomise-then-optimise on the linearised problem: sample i minimises
-    # 1/2 |r0 + A w - eps_i|^2 + 1/2 |w - xi_i|^2, i.e. solves (I + A^T A) w = xi_i + A^T (eps_i - r0)
+    def solve(rhs: torch.Tensor, at: torch.Tensor | None) -> torch.Tensor:
+        """(I + A^T A) x = rhs per column by preconditioned conjugate gradients (A at ``at``)."""
+        nonlocal iterations, relative
+
+        def hessian_times(x: torch.Tensor) -> torch.Tensor:
+            return x + at_times(a_times(x, at), at)
+
+        x = inverse_preconditioner(rhs)
+        res = rhs - hessian_times(x)
+        z = inverse_preconditioner(res)
+        d, rz = z.clone(), (res * z).sum(0)
+        # stop on the residual in the preconditioned norm, per parameter: the error is then measured
+        # in prior standard deviations in the uninformed directions (a residual relative to the
+        # right-hand side, dominated by the data-informed terms, leaves errors of many sigmas there)
+        relative = float((rz / n_par).sqrt().max())
+        for _ in range(options.cg_iterations):
+            if relative <= options.gradient_tolerance:
+                break
+            hd = hessian_times(d)
+            alpha = rz / (d * hd).sum(0)
+            x, res = x + alpha * d, res - alpha * hd
+            z = inverse_preconditioner(res)
+            rz_new = (res * z).sum(0)
+            d, rz = z + (rz_new / rz) * d, rz_new
+            iterations += 1
+            relative = float((rz / n_par).sqrt().max())
+        return x
+
+    # randomise-then-optimise: sample i minimises phi_i(w) = 1/2 |r(w) - eps_i|^2 + 1/2 |w - xi_i|^2.
+    # The first Gauss-Newton step, from w = 0, is the linearised (Laplace) posterior's exact draw; the
+    # next ones re-linearise about each sample (batched: every column at its own point), since a
+    # draw of the linear posterior's width can leave the region where the lensing is linear
+    n = options.n_samples
     with torch.no_grad():
         r0 = residual(torch.zeros(1, n_par, dtype=dt))
-    n = options.n_samples
     eps = torch.randn(n, r0.shape[1], generator=gen, dtype=dt) * used.reshape(1, -1)
-    rhs = torch.randn(n_par, n, generator=gen, dtype=dt) + at_times((eps - r0).T)
-    # preconditioned conjugate gradients, one independent solve per column; the low-rank part of the
-    # Hessian is the preconditioner, so only its spectrum below lambda_rank is left to CG
-    w = inverse_preconditioner(rhs)
-    res = rhs - hessian_times(w)
-    z = inverse_preconditioner(res)
-    d = z.clone()
-    rz = (res * z).sum(0)
-    # stop on the residual in the preconditioned norm, per parameter: the error is then measured in
-    # prior standard deviations in the uninformed directions (a residual relative to the right-hand
-    # side, dominated by the data-informed terms, left errors of many prior sigmas there)
-    iterations, relative = 0, float((rz / n_par).sqrt().max())
-    while iterations < options.max_iter and relative > options.gradient_tolerance:
-        hd = hessian_times(d)
-        alpha = rz / (d * hd).sum(0)
-        w = w + alpha * d
-        res = res - alpha * hd
-        z = inverse_preconditioner(res)
-        rz_new = (res * z).sum(0)
-        d = z + (rz_new / rz) * d
-        rz = rz_new
-        iterations += 1
-        relative = float((rz / n_par).sqrt().max())
+    xi = torch.randn(n_par, n, generator=gen, dtype=dt)
+
+    def objective(w: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            return 0.5 * ((residual(w.T) - eps) ** 2).sum(1) + 0.5 * ((w - xi) ** 2).sum(0)
+
+    w = solve(xi + at_times((eps - r0).T), None)
+    for _ in range(options.gauss_newton_steps - 1):
+        with torch.no_grad():
+            r = residual(w.T)
+        gradient = at_times((r - eps).T, w) + (w - xi)
+        step = solve(-gradient, w)
+        current, scale = objective(w), torch.ones(n, dtype=dt)
+        for _ in range(4):  # halve the step of the samples whose objective it does not lower
+            trial = objective(w + scale * step)
+            worse = ~(trial <= current)
+            if not worse.any():
+                break
+            scale = torch.where(worse, scale / 2, scale)
+        w = torch.where(worse, w, w + scale * step)
     with torch.no_grad():
         src, eta, g = unpack(w.T)
         model = simulator.forward(src, torch.pow(10.0, eta), psf64, shear=g, check=False)
