@@ -143,3 +143,31 @@ def test_correlated_prior_field_has_unit_variance_and_gaussian_correlation():
         corr = float((field[..., :, lag:] * field[..., :, :-lag]).mean() / field.var())
         assert abs(corr - np.exp(-(lag**2) / 16)) < 0.02, (lag, corr)
     assert torch.equal(correlated_field(white, 0.0), white)
+
+
+def test_samples_that_do_not_fit_are_flagged(tmp_path):
+    """A prior far wider than the linearisation holds gives samples that miss the data: the summary
+    says so instead of presenting their spread as an error bar."""
+    import json
+
+    from rimlens.inference.pipeline import reconstruct_observation
+    from rimlens.io.checkpoint import load_model
+    from rimlens.io.fits import write_image
+    from test_cutouts import _lens
+
+    obs = _lens(160, (0.0, 0.0))
+    for name, data in (("image", obs.image), ("psf", obs.psf), ("noise", obs.noise_sigma)):
+        write_image(tmp_path / f"{name}.fits", data, {"PIXSCALE": 0.05})
+    wide = PosteriorOptions(n_samples=4, log10_kappa_prior_sigma=0.5, source_prior_sigma=1.0, gauss_newton_steps=1)
+    reconstruct_observation(
+        load_model("default"),
+        tmp_path / "image.fits",
+        tmp_path / "psf.fits",
+        tmp_path / "out",
+        noise=tmp_path / "noise.fits",
+        lens_light="none",
+        posterior=wide,
+    )
+    s = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert s["posterior"]["chi2_nu_p16_p50_p84"][1] > 2 * max(s["chi2_nu"], 1.0)
+    assert any("posterior samples do not fit" in w for w in s["warnings"])

@@ -140,6 +140,7 @@ class Reconstruction:
 
 
 LENS_LIGHT_MODES = ("auto", "mge", "none")
+POSTERIOR_FIT_FACTOR = 2.0  # samples' median chi2_nu above this times max(chi2_nu of their mean, 1): warn
 LENS_LIGHT_ROUNDS = 3  # RIM <-> lens-light alternations (measured: the arcs' chi2 settles by the third)
 
 
@@ -370,6 +371,14 @@ def _write(
     std_maps = None
     if rec.posterior is not None:
         summary["posterior"] = describe_posterior(rec.posterior, grid.image_grid)
+        sample_chi2 = summary["posterior"]["chi2_nu_p16_p50_p84"][1]
+        if sample_chi2 > POSTERIOR_FIT_FACTOR * max(rec.chi2_nu, 1.0):
+            # samples that do not fit the data are no posterior samples: say so rather than report their spread
+            summary["warnings"].append(
+                f"posterior samples do not fit the data (median chi2_nu {sample_chi2:.1f} against "
+                f"{rec.chi2_nu:.2f} for their mean): the lensing is too non-linear over the prior's widths "
+                "for the sampler here; read kappa_std / source_std as indicative only"
+            )
         std_maps = {"source": rec.posterior.mean_std("source")[1], "kappa": rec.posterior.mean_std("kappa")[1]}
         write_posterior_samples(out_dir / "posterior_samples.h5", rec.posterior, grid)
     if truth is not None:

@@ -1,6 +1,8 @@
-"""Posterior samples of the source, log10 kappa (and external shear) by perturb-and-MAP (issue 13).
+"""Posterior samples of the source, log10 kappa (and external shear) by randomise-then-optimise (issue 13).
 
-Each sample minimises, from its own random perturbations of the data and of the prior mean,
+Two samplers of the same objective: :func:`laplace_samples` (the default: Gauss-Newton steps with
+preconditioned conjugate gradients, see its docstring) and :func:`perturb_and_map` (L-BFGS on each
+sample; slower to converge on the stiff lensing problem, kept for comparison). Each sample minimises, from its own random perturbations of the data and of the prior mean,
 
     1/2 sum_p (y_p + eps_p - f(x)_p)^2 / sigma_p^2  +  1/2 sum_k (x_k - m_k - delta_k)^2 / tau_k^2,
 
@@ -73,8 +75,8 @@ class PosteriorOptions:
 
     n_samples: int = 16
     # defaults calibrated by coverage on rimlens's held-out simulations (README, "Posterior samples")
-    source_prior_sigma: float = 0.2
-    log10_kappa_prior_sigma: float = 0.1
+    source_prior_sigma: float = 0.1
+    log10_kappa_prior_sigma: float = 0.05
     log10_kappa_correlation_arcsec: float = 0.3
     shear_prior_sigma: float = 0.01
     max_iter: int = 300
