@@ -90,9 +90,20 @@ def test_a_misspecified_noise_level_shows_as_miscalibration(sampler):
 
 
 def test_bad_options_are_refused():
-    for bad in (dict(n_samples=0), dict(source_prior_sigma=0.0), dict(log10_kappa_prior_sigma=-1.0)):
+    for bad in (
+        dict(n_samples=0),
+        dict(source_prior_sigma=0.0),
+        dict(log10_kappa_prior_sigma=-1.0),
+        dict(method="mcmc"),
+        dict(rank=0),
+        dict(gauss_newton_steps=0),
+    ):
         with pytest.raises(RimlensInputError):
             PosteriorOptions(**bad)
+    sim, kappa, psf, _ = _problem()
+    for sampler in (laplace_samples, perturb_and_map):  # one observation at a time
+        with pytest.raises(RimlensInputError, match="samples one observation"):
+            sampler(sim, torch.zeros(2, 1, 12, 12), psf, 0.05, torch.zeros(1, 1, 6, 6), torch.log10(kappa))
 
 
 def test_reconstruct_posterior_cli(tmp_path):

@@ -148,6 +148,13 @@ def correlated_field(white: torch.Tensor, correlation_pixels: float) -> torch.Te
     return torch.nn.functional.conv2d(out, g.reshape(1, 1, -1, 1), padding=(half, 0))
 
 
+def _one_observation(observation: torch.Tensor, psf: PSF | torch.Tensor, sampler: str) -> PSF:
+    """Refuse anything but one ``1 x 1 x N x N`` observation; the PSF as a :class:`PSF`."""
+    if observation.ndim != 4 or observation.shape[0] != 1:
+        raise RimlensInputError(f"{sampler} samples one observation (1 x 1 x N x N), got {tuple(observation.shape)}")
+    return psf if isinstance(psf, PSF) else PSF.from_kernel(psf)
+
+
 def perturb_and_map(
     simulator,
     observation: torch.Tensor,
@@ -173,12 +180,7 @@ def perturb_and_map(
     Returns:
         :class:`PosteriorSamples` with ``options.n_samples`` samples.
     """
-    options = options or PosteriorOptions()
-    if observation.ndim != 4 or observation.shape[0] != 1:
-        raise RimlensInputError(
-            f"perturb_and_map samples one observation (1 x 1 x N x N), got {tuple(observation.shape)}"
-        )
-    psf = psf if isinstance(psf, PSF) else PSF.from_kernel(psf)
+    options, psf = options or PosteriorOptions(), _one_observation(observation, psf, "perturb_and_map")
     n = options.n_samples
     gen = torch.Generator().manual_seed(options.seed)
     dtype = observation.dtype
@@ -298,12 +300,7 @@ def laplace_samples(
     ``max_gradient`` the largest preconditioned residual per parameter at the end; ``smallest_kept_eigenvalue`` is
     ``lambda_rank``.
     """
-    options = options or PosteriorOptions()
-    if observation.ndim != 4 or observation.shape[0] != 1:
-        raise RimlensInputError(
-            f"laplace_samples samples one observation (1 x 1 x N x N), got {tuple(observation.shape)}"
-        )
-    psf = psf if isinstance(psf, PSF) else PSF.from_kernel(psf)
+    options, psf = options or PosteriorOptions(), _one_observation(observation, psf, "laplace_samples")
     dt, out_dtype = torch.float64, observation.dtype
     psf64 = PSF.from_kernel(psf.kernel.to(dt))
     y = observation.detach().to(dt)
