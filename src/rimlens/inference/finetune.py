@@ -424,6 +424,7 @@ def refine_estimate(
         A :class:`FinetuneResult` whose ``source`` / ``kappa`` / ``shear`` / ``chi2_nu`` are the refined
         estimate (the starting one when refinement did not lower chi2_nu) and ``refine_steps`` its iterations.
     """
+    sigma = check_noise_sigma(sigma, 1, tuple(observation.shape[-2:]), like=observation)
     with torch.no_grad():
         model_img = simulator.forward(source, kappa, psf, shear=shear, check=False)
         chi2 = float(reduced_chi_squared(model_img, observation, sigma, mask)[0])
