@@ -163,6 +163,7 @@ def calibrate(args) -> None:
                     log10_kappa_correlation_arcsec=corr,
                     seed=i,
                     method=args.method,
+                    gauss_newton_steps=args.gauss_newton_steps,
                 )
                 shear = None if out.final_shear is None else out.final_shear[i : i + 1]
                 obs, psf = lenses.observation[i : i + 1], PSF.from_kernel(lenses.psf[i : i + 1])
@@ -263,6 +264,7 @@ def main(argv=None):
     c.add_argument("--tau-kappa", type=float, nargs="+", default=[0.05])
     c.add_argument("--tau-source", type=float, nargs="+", default=[0.1])
     c.add_argument("--method", default="laplace", choices=["laplace", "perturb-and-map"])
+    c.add_argument("--gauss-newton-steps", type=int, default=4, help="laplace: 1 = the linearised posterior only")
     c.add_argument(
         "--correlation", type=float, nargs="+", default=[0.0], help="log10 kappa correlation lengths (arcsec)"
     )

@@ -2,7 +2,9 @@
 
 Two samplers of the same objective: :func:`laplace_samples` (the default: Gauss-Newton steps with
 preconditioned conjugate gradients, see its docstring) and :func:`perturb_and_map` (L-BFGS on each
-sample; slower to converge on the stiff lensing problem, kept for comparison). Each sample minimises, from its own random perturbations of the data and of the prior mean,
+sample; far from converged within its iteration budget on the stiff lensing problem, kept for
+comparison). Each sample minimises, from its own random perturbations of the data and of the prior
+mean,
 
     1/2 sum_p (y_p + eps_p - f(x)_p)^2 / sigma_p^2  +  1/2 sum_k (x_k - m_k - delta_k)^2 / tau_k^2,
 
@@ -62,7 +64,8 @@ class PosteriorOptions:
             pixel-to-pixel; 0 makes the pixels independent.
         shear_prior_sigma: prior width of each external-shear component; 0 holds the shear fixed.
         max_iter: perturb-and-MAP: L-BFGS iterations at most (all samples together).
-        gradient_tolerance: perturb-and-MAP: stop when every whitened gradient component is below this.
+        gradient_tolerance: perturb-and-MAP: stop when every whitened gradient component is below
+            this; laplace: stop CG when the preconditioned residual per parameter is below this.
         seed: seed of the perturbations.
         method: ``"laplace"`` (:func:`laplace_samples`, the default) or ``"perturb-and-map"``
             (:func:`perturb_and_map`).
@@ -74,7 +77,8 @@ class PosteriorOptions:
     """
 
     n_samples: int = 16
-    # defaults calibrated by coverage on rimlens's held-out simulations (README, "Posterior samples")
+    # widths chosen so that the samples fit the data (samples' chi2_nu ~ 1); NOT calibrated: their
+    # coverage of the truth is measured in the README ("Posterior samples") and falls short
     source_prior_sigma: float = 0.1
     log10_kappa_prior_sigma: float = 0.05
     log10_kappa_correlation_arcsec: float = 0.3
@@ -95,8 +99,9 @@ class PosteriorOptions:
             raise RimlensInputError(f"posterior method must be one of {POSTERIOR_METHODS}, got {self.method!r}")
         for name in ("rank", "power_iterations", "gauss_newton_steps", "cg_iterations"):
             value = getattr(self, name)
-            if not isinstance(value, int) or value < (0 if name == "power_iterations" else 1):
-                raise RimlensInputError(f"{name} must be a non-negative integer (rank >= 1), got {value!r}")
+            least = 0 if name == "power_iterations" else 1
+            if not isinstance(value, int) or value < least:
+                raise RimlensInputError(f"{name} must be an integer >= {least}, got {value!r}")
         if not isinstance(self.max_iter, int) or self.max_iter < 1:
             raise RimlensInputError(f"max_iter must be an integer >= 1, got {self.max_iter!r}")
         if not (math.isfinite(self.source_prior_sigma) and self.source_prior_sigma > 0):
@@ -294,18 +299,18 @@ def laplace_samples(
     ``(I + V diag(lambda) V^T)^-1`` is exact, and CG is left with the spectrum below ``lambda_rank``
     (low-rank data-informed updates of the prior: Flath et al. 2011; Bui-Thanh et al. 2013). CG stops
     when the preconditioned residual per parameter, ``sqrt(r^T M^-1 r / n)``, falls below
-    ``gradient_tolerance`` or after ``max_iter`` iterations.
+    ``gradient_tolerance`` or after ``cg_iterations`` iterations.
 
-    Args and returns as :func:`perturb_and_map`: ``iterations`` are the CG iterations and
-    ``max_gradient`` the largest preconditioned residual per parameter at the end; ``smallest_kept_eigenvalue`` is
-    ``lambda_rank``.
+    Args and returns as :func:`perturb_and_map`: ``iterations`` are the CG iterations (all steps),
+    ``max_gradient`` the largest preconditioned residual per parameter at the end and
+    ``smallest_kept_eigenvalue`` is ``lambda_rank``.
     """
     options, psf = options or PosteriorOptions(), _one_observation(observation, psf, "laplace_samples")
     dt, out_dtype = torch.float64, observation.dtype
     psf64 = PSF.from_kernel(psf.kernel.to(dt))
     y = observation.detach().to(dt)
     sigma = check_noise_sigma(noise_sigma, 1, tuple(observation.shape[-2:]), like=y)
-    used = used_pixels(sigma, y.shape, None if mask is None else mask)
+    used = used_pixels(sigma, y.shape, mask)
     s0, e0 = source.detach().to(dt), log10_kappa.detach().to(dt)
     tau_s, tau_e, tau_g = options.source_prior_sigma, options.log10_kappa_prior_sigma, options.shear_prior_sigma
     free_shear = shear is not None and tau_g > 0
