@@ -294,8 +294,10 @@ def reconstruct_prepared(
             sim, scaled, psf, sigma, source * gain, log10_kappa(kappa), shear, posterior, mask=prep.mask
         )
         samples.source = samples.source / gain
-        # the reported source is non-negative, as every rimlens source (the samples are kept as drawn)
-        source, kappa = samples.source.mean(0, keepdim=True).clamp_min(0), samples.kappa.mean(0, keepdim=True)
+        # the plain sample mean, not clipped at zero: where the source is empty the samples scatter about 0
+        # (~40% of its pixels), and clipping their mean adds flux everywhere -- measured on lenstronomy
+        # lenses it doubled the mean's chi2_nu (1.18 -> 2.44); the negative pixels are within source_std
+        source, kappa = samples.source.mean(0, keepdim=True), samples.kappa.mean(0, keepdim=True)
         shear = None if samples.shear is None else samples.shear.mean(0, keepdim=True)
         with torch.no_grad():
             image = sim.forward(source, kappa, psf, shear=shear, check=False) + light_image
@@ -444,10 +446,11 @@ def describe_posterior(samples: PosteriorSamples, grid: PixelGrid) -> dict:
         "kappa_center_arcsec": [float(c) for c in center],
         "chi2_nu_p16_p50_p84": pct(samples.chi2_nu.numpy()),
     }
+    # the optimiser's own account: CG iterations and final preconditioned residual (laplace), or
+    # L-BFGS iterations and largest whitened gradient (perturb-and-map)
+    out.update(optimiser_iterations=samples.iterations, optimiser_final_residual=samples.max_gradient)
     if samples.method == "laplace":
         out["smallest_kept_eigenvalue"] = samples.smallest_kept_eigenvalue
-    else:
-        out.update(optimiser_iterations=samples.iterations, max_whitened_gradient=samples.max_gradient)
     if samples.shear is not None:
         out["shear_gamma1_p16_p50_p84"] = pct(samples.shear[:, 0].numpy())
         out["shear_gamma2_p16_p50_p84"] = pct(samples.shear[:, 1].numpy())
