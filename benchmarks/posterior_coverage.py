@@ -4,6 +4,7 @@ Two modes:
 
     # calibrate the prior widths on rimlens's own held-out simulations (never on the judging set)
     python benchmarks/posterior_coverage.py calibrate --count 16 --tau-kappa 0.02 0.05 0.1 --tau-source 0.05 0.1
+    python benchmarks/posterior_coverage.py calibrate --preset cpu64 --mode-scale 0 0.5 1 2   # the error modes
 
     # judge on lenstronomy's lenses reconstructed with `rimlens reconstruct LT --posterior N --out OUT`
     python benchmarks/posterior_coverage.py judge LT OUT
@@ -135,7 +136,7 @@ def calibrate(args) -> None:
     from rimlens.inference.finetune import refine_estimate
     from rimlens.inference.posterior import PosteriorOptions, sample_posterior
     from rimlens.io.checkpoint import load_model
-    from rimlens.physics import PSF
+    from rimlens.physics import PSF, LensSimulator
     from rimlens.physics.convergence import log10_kappa
     from rimlens.physics.lens_metrics import einstein_radius_of_map
 
@@ -148,13 +149,20 @@ def calibrate(args) -> None:
     lenses = LensGenerator(population, split="test", noise="high").draw(child_rng(args.seed, 0), args.count)
     with torch.no_grad():
         out = model(lenses.observation, lenses.psf, lenses.noise_sigma)
+    # the simulator of the refinement and the sampler: the model's, or one integrating over pixels
+    simulator = model.simulator
+    if args.supersample is not None:
+        simulator = LensSimulator(grid, model.grid.source_grid, supersample=args.supersample)
     results = {}
     if args.out is not None:
         args.out.mkdir(parents=True, exist_ok=True)
-    for tau_k, corr in [(t, c) for t in args.tau_kappa for c in args.correlation]:
+    default = PosteriorOptions()
+    mode_names = ("log10_kappa_offset_sigma", "slope_prior_sigma", "quadrupole_prior_sigma", "quadrupole_slope_sigma")
+    settings = [(t, c, m) for t in args.tau_kappa for c in args.correlation for m in args.mode_scale]
+    for tau_k, corr, mode_scale in settings:
         for tau_s in args.tau_source:
             rows, vectors, start = [], [], time.perf_counter()
-            key = f"tau_kappa={tau_k} correlation={corr} tau_source={tau_s}"
+            key = f"tau_kappa={tau_k} correlation={corr} mode_scale={mode_scale} tau_source={tau_s}"
             for i in range(args.count):
                 opts = PosteriorOptions(
                     n_samples=args.samples,
@@ -164,17 +172,16 @@ def calibrate(args) -> None:
                     seed=i,
                     method=args.method,
                     gauss_newton_steps=args.gauss_newton_steps,
+                    **{name: mode_scale * getattr(default, name) for name in mode_names},
                 )
                 shear = None if out.final_shear is None else out.final_shear[i : i + 1]
                 obs, psf = lenses.observation[i : i + 1], PSF.from_kernel(lenses.psf[i : i + 1])
                 sigma = lenses.noise_sigma[i : i + 1]
                 # as `rimlens reconstruct --posterior` does: refine the RIM's estimate, sample around the fit
                 fit = refine_estimate(
-                    model.simulator, obs, psf, sigma, out.source[-1][i : i + 1], out.final_kappa[i : i + 1], shear
+                    simulator, obs, psf, sigma, out.source[-1][i : i + 1], out.final_kappa[i : i + 1], shear
                 )
-                post = sample_posterior(
-                    model.simulator, obs, psf, sigma, fit.source, log10_kappa(fit.kappa), fit.shear, opts
-                )
+                post = sample_posterior(simulator, obs, psf, sigma, fit.source, log10_kappa(fit.kappa), fit.shear, opts)
                 k_true = lenses.kappa[i, 0].numpy()
                 theta = einstein_radius_of_map(k_true, grid, (0.0, 0.0))
                 rows.append(
@@ -204,7 +211,8 @@ def calibrate(args) -> None:
                 "seconds_per_lens": (time.perf_counter() - start) / args.count,
             }
             if args.count >= 10:
-                png = None if args.out is None else args.out / f"tarp_tau_kappa{tau_k}_corr{corr}_tau_source{tau_s}.png"
+                name = f"tarp_tau_kappa{tau_k}_corr{corr}_modes{mode_scale}_tau_source{tau_s}.png"
+                png = None if args.out is None else args.out / name
                 results[key]["tarp"] = tarp_test(vectors, png)
             print(f"{key}: {json.dumps(results[key])}")
             sys.stdout.flush()
@@ -267,6 +275,19 @@ def main(argv=None):
     c.add_argument("--gauss-newton-steps", type=int, default=4, help="laplace: 1 = the linearised posterior only")
     c.add_argument(
         "--correlation", type=float, nargs="+", default=[0.0], help="log10 kappa correlation lengths (arcsec)"
+    )
+    c.add_argument(
+        "--mode-scale",
+        type=float,
+        nargs="+",
+        default=[1.0],
+        help="factor on the default widths of log10 kappa's global error modes (0: none)",
+    )
+    c.add_argument(
+        "--supersample",
+        type=int,
+        default=None,
+        help="rays per pixel side of the refinement's and the sampler's simulator (default: the model's)",
     )
     c.add_argument("--out", type=Path, default=None, help="folder for the TARP figures and calibration.json")
     j = sub.add_parser("judge")

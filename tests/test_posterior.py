@@ -226,3 +226,93 @@ def test_posterior_mean_products_fit_the_data(tmp_path):
         source, samples.mean(0) * float(source.max() / samples.mean(0).max()), rtol=1e-4, atol=1e-6
     )
     assert s["chi2_nu"] <= 1.2 * s["posterior"]["chi2_nu_p16_p50_p84"][1], s
+
+
+def test_error_modes_follow_the_estimate_and_their_widths():
+    """The global modes of log10 kappa about an SIS's own centre and Einstein radius (closed form:
+    kappa = theta_E / (2 r), theta_E = 1.2"): the offset is the width everywhere, the slope mode is
+    -width * log10(r / theta_E) (zero on the Einstein ring), the quadrupoles are cos / sin 2 phi;
+    zero widths drop modes."""
+    from rimlens.inference.posterior import kappa_error_modes
+    from rimlens.physics.lens_metrics import einstein_radius_of_map
+
+    grid = PixelGrid(64, 0.12)
+    x, y = grid.coordinates(torch.float64)
+    r = torch.hypot(x, y)
+    log10_kappa = torch.log10(1.2 / (2 * r))[None, None]
+    opts = PosteriorOptions(
+        log10_kappa_offset_sigma=0.1, slope_prior_sigma=0.2, quadrupole_prior_sigma=0.03, quadrupole_slope_sigma=0.05
+    )
+    modes = kappa_error_modes(log10_kappa, grid, opts)
+    assert modes.shape == (6, 64, 64)
+    assert torch.allclose(modes[0], torch.full_like(r, 0.1))
+    # the modes are about the map's own Einstein radius, measured on point-sampled pixels: 2.7% below
+    # 1.2" here (the cusp's pixel-centre values fall short of its pixel means)
+    theta = einstein_radius_of_map(10**log10_kappa, grid, (0.0, 0.0))
+    assert abs(theta / 1.2 - 1) < 0.03
+    far = r > 0.5
+    assert torch.allclose(modes[1], -0.2 * torch.log10(r.clamp_min(0.12) / theta), atol=1e-9)
+    phi = torch.atan2(y, x)
+    assert torch.allclose(modes[2][far], 0.03 * torch.cos(2 * phi)[far], atol=1e-6)
+    assert torch.allclose(modes[5][far], (0.05 * torch.log10(r / theta) * torch.sin(2 * phi))[far], atol=1e-9)
+    none = PosteriorOptions(
+        log10_kappa_offset_sigma=0.1, slope_prior_sigma=0, quadrupole_prior_sigma=0, quadrupole_slope_sigma=0
+    )
+    assert kappa_error_modes(log10_kappa, grid, none).shape == (1, 64, 64)
+
+
+def test_source_dilation_stretches_a_gaussian_by_the_factor():
+    """S(beta / (1 + d)) of a round Gaussian of width w is a Gaussian of width w (1 + d) (closed form),
+    and d = 0 leaves the source unchanged."""
+    from rimlens.inference.posterior import dilate_source
+
+    grid = PixelGrid(64, 3.0 / 64)
+    x, y = grid.coordinates(torch.float64)
+    source = torch.exp(-(x**2 + y**2) / (2 * 0.3**2))[None, None].expand(2, 1, 64, 64)
+    out = dilate_source(source, torch.tensor([0.0, 0.2], dtype=torch.float64))
+    assert torch.allclose(out[0], source[0], atol=1e-12)
+
+    def width(img):
+        return float(torch.sqrt((img * (x**2 + y**2)).sum() / img.sum() / 2))
+
+    assert abs(width(out[1, 0]) / width(source[0, 0]) - 1.2) < 0.01
+
+
+def test_data_free_samples_follow_the_prior_with_its_modes():
+    """With data that say nothing (sigma 1e4), the Laplace samples' log10 kappa about the estimate is
+    the prior: per-pixel variance tau^2 (correlated field, pixel-independent here) plus the sum of the
+    squared error modes at that pixel -- so the modes are in the sampler with their widths."""
+    from rimlens.inference.posterior import kappa_error_modes
+
+    sim, kappa, psf, _ = _problem()
+    opts = PosteriorOptions(
+        n_samples=2000,
+        source_prior_sigma=0.3,
+        log10_kappa_prior_sigma=0.05,
+        log10_kappa_correlation_arcsec=0.0,
+        log10_kappa_offset_sigma=0.1,
+        slope_prior_sigma=0.2,
+        quadrupole_prior_sigma=0.05,
+        quadrupole_slope_sigma=0.05,
+        gauss_newton_steps=1,
+    )
+    e0 = torch.log10(kappa)
+    post = laplace_samples(
+        sim,
+        torch.zeros(1, 1, 12, 12, dtype=torch.float64),
+        psf,
+        1e4,
+        torch.zeros(1, 1, 6, 6, dtype=torch.float64),
+        e0,
+        options=opts,
+    )
+    delta = (post.log10_kappa - e0)[:, 0]
+    modes = kappa_error_modes(e0, sim.image_grid, opts)
+    expected = 0.05**2 + (modes**2).sum(0)
+    ratio = delta.var(0) / expected
+    # 2000 samples: the variance's relative standard error is sqrt(2 / 2000) = 3%
+    assert float((ratio - 1).abs().max()) < 0.15, ratio
+    # the modes correlate distant pixels as the prior says: covariance of the two corners' deviations
+    cov = float(((delta[:, 0, 0] - delta[:, 0, 0].mean()) * (delta[:, -1, -1] - delta[:, -1, -1].mean())).mean())
+    assert abs(cov - float((modes[:, 0, 0] * modes[:, -1, -1]).sum())) < 0.15 * float(expected[0, 0])
+    assert float(delta.var(0).mean()) > 2 * 0.05**2  # without the modes it would be tau^2 alone
