@@ -157,7 +157,13 @@ def calibrate(args) -> None:
     if args.out is not None:
         args.out.mkdir(parents=True, exist_ok=True)
     default = PosteriorOptions()
-    mode_names = ("log10_kappa_offset_sigma", "slope_prior_sigma", "quadrupole_prior_sigma", "quadrupole_slope_sigma")
+    mode_names = (
+        "log10_kappa_offset_sigma",
+        "slope_prior_sigma",
+        "quadrupole_prior_sigma",
+        "quadrupole_slope_sigma",
+        "source_dilation_sigma",
+    )
     settings = [(t, c, m) for t in args.tau_kappa for c in args.correlation for m in args.mode_scale]
     for tau_k, corr, mode_scale in settings:
         for tau_s in args.tau_source:
@@ -281,7 +287,7 @@ def main(argv=None):
         type=float,
         nargs="+",
         default=[1.0],
-        help="factor on the default widths of log10 kappa's global error modes (0: none)",
+        help="factor on the default widths of log10 kappa's global error modes and the source dilation (0: none)",
     )
     c.add_argument(
         "--supersample",

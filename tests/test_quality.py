@@ -75,7 +75,8 @@ def test_a_shear_model_reports_its_shear_everywhere(tmp_path):
     import torch
 
     from rimlens.config import get_preset
-    from rimlens.inference.pipeline import export
+    from rimlens.inference.finetune import fit_simulator
+    from rimlens.inference.pipeline import FIT_SUPERSAMPLE, export
     from rimlens.io.export import read_lenstronomy
     from rimlens.nn.rim import RIM
     from rimlens.physics import PSF
@@ -91,7 +92,10 @@ def test_a_shear_model_reports_its_shear_everywhere(tmp_path):
     prep = prepare_observation(obs, model.grid.image_grid, None)
     rec = reconstruct_prepared(model, prep, lens_light="none")
     assert rec.shear is not None and rec.shear.shape == (1, 2) and rec.shear.abs().min() > 1e-3
-    sim = model.simulator
+    # the model image is the fit's forward model: integrated over pixels (FIT_SUPERSAMPLE), whatever the RIM's
+    assert rec.fit_supersample == FIT_SUPERSAMPLE and rec.summary()["fit_supersample"] == FIT_SUPERSAMPLE
+    sim = fit_simulator(model, FIT_SUPERSAMPLE)
+    assert sim.supersample == FIT_SUPERSAMPLE
     expected = sim.forward(rec.source, rec.kappa, PSF.from_kernel(prep.psf), shear=rec.shear, check=False)
     torch.testing.assert_close(rec.model_image, expected)
     x, y = sim.image_grid.coordinates(rec.alpha.dtype)

@@ -20,7 +20,13 @@ from rimlens.errors import RimlensInputError, TrainingDivergedError
 from rimlens.evaluate.report import evaluate_testset
 from rimlens.inference.finetune import FinetuneOptions
 from rimlens.inference.map_fit import MAPOptions, fit_map_file
-from rimlens.inference.pipeline import FinetuneSetup, reconstruct_folder, reconstruct_observation, run_demo
+from rimlens.inference.pipeline import (
+    FIT_SUPERSAMPLE,
+    FinetuneSetup,
+    reconstruct_folder,
+    reconstruct_observation,
+    run_demo,
+)
 from rimlens.inference.posterior import PosteriorOptions
 from rimlens.inference.predict import predict_file
 from rimlens.io.checkpoint import export_model, load_model
@@ -130,6 +136,13 @@ def cli():
     help="N posterior samples (low-rank Laplace about the pixel-refined fit): kappa/source become posterior means, plus kappa_std.fits, "
     "source_std.fits, posterior_samples.h5 and percentiles in summary.json.",
 )
+@click.option(
+    "--fit-supersample",
+    type=click.IntRange(min=1),
+    default=FIT_SUPERSAMPLE,
+    show_default=True,
+    help="Rays per pixel side of the forward model fitted after the RIM (data are pixel-integrated).",
+)
 @click.option("--out", "out_dir", type=FOLDER, required=True)
 def reconstruct(image: Path, model: str, finetune: bool, out_dir: Path, **o):
     """Reconstruct the convergence and the source of a lens image (FITS) and write FITS/PNG/JSON products.
@@ -139,7 +152,9 @@ def reconstruct(image: Path, model: str, finetune: bool, out_dir: Path, **o):
     lenses are skipped), sharded over processes under torchrun, with a table OUT/summary.csv.
     An HDF5 lens set (from `rimlens simulate`) is reconstructed into OUT/reconstructions.h5, as `predict`.
     """
-    inputs = {k: o.pop(k) for k in ("psf", "noise", "sigma", "pixel_scale_arcsec", "mask", "lens_light")}
+    inputs = {
+        k: o.pop(k) for k in ("psf", "noise", "sigma", "pixel_scale_arcsec", "mask", "lens_light", "fit_supersample")
+    }
     center = _center(o.pop("center"))
     n_posterior = o.pop("posterior")
     posterior = None if n_posterior is None else PosteriorOptions(n_samples=n_posterior)
@@ -150,6 +165,7 @@ def reconstruct(image: Path, model: str, finetune: bool, out_dir: Path, **o):
             "finetune": finetune,
             "center": center != "auto",
             "posterior": posterior is not None,
+            "fit_supersample": inputs["fit_supersample"] != FIT_SUPERSAMPLE,
         }
         _refuse(given, "an HDF5 lens set (fine-tune a set with `evaluate --finetune N`)")
         return _predict(model, image, out_dir / "reconstructions.h5", 32)
@@ -175,6 +191,7 @@ def reconstruct(image: Path, model: str, finetune: bool, out_dir: Path, **o):
                 on_error=_echo_error,
                 pixel_scale_arcsec=inputs["pixel_scale_arcsec"],
                 posterior=posterior,
+                fit_supersample=inputs["fit_supersample"],
             )
         if done is not None:
             click.echo(f"reconstructed {done.done}/{done.lenses} lenses; table in {done.table}")

@@ -34,7 +34,7 @@ from torch.func import functional_call, grad, vmap
 from rimlens.errors import RimlensInputError, check_noise_sigma
 from rimlens.nn.rim import RIM, RIMOutput, rim_loss
 from rimlens.nn.vae import VAE
-from rimlens.physics import PSF
+from rimlens.physics import PSF, LensSimulator
 from rimlens.physics.likelihood import chi_squared, reduced_chi_squared, used_pixels
 
 __all__ = [
@@ -43,6 +43,7 @@ __all__ = [
     "check_vae_grids",
     "finetune",
     "fisher_diagonal",
+    "fit_simulator",
     "refine",
     "refine_estimate",
 ]
@@ -250,6 +251,17 @@ def check_vae_grids(model: RIM, source_vae: VAE, kappa_vae: VAE) -> None:
             )
 
 
+def fit_simulator(model: RIM, supersample: int | None = None) -> LensSimulator:
+    """The forward model of the fits that follow the RIM (fine-tuning's chi2, refinement, posterior):
+    the model's grids with ``supersample`` x ``supersample`` rays per image pixel (``None``: the
+    model's own setting). Real and peer-simulated images are integrated over their pixels; a model
+    trained on point-sampled images keeps that in its own simulator (its learned updates expect it),
+    while a fit of the data needs the integrated image (README, "Posterior samples")."""
+    if supersample is None or supersample == model.simulator.supersample:
+        return model.simulator
+    return LensSimulator(model.simulator.image_grid, model.simulator.source_grid, supersample=supersample)
+
+
 def finetune(
     model: RIM,
     observation: torch.Tensor,
@@ -260,12 +272,14 @@ def finetune(
     options: FinetuneOptions | None = None,
     mask: torch.Tensor | None = None,
     fisher: list[torch.Tensor] | None = None,
+    simulator: LensSimulator | None = None,
 ) -> FinetuneResult:
     """Fine-tune a copy of ``model`` on one observation (``1 x 1 x N x N``); the model is not modified.
     A batch of several observations is refused (fine-tune each lens on its own).
 
     ``fisher`` (one tensor per trainable weight, as returned by :func:`fisher_diagonal`) skips the
-    Fisher estimate, e.g. to compare optimiser settings on the same observation.
+    Fisher estimate, e.g. to compare optimiser settings on the same observation. ``simulator`` is the
+    forward model of the fit's chi2 and refinement (:func:`fit_simulator`; default the model's own).
     """
     options = options or FinetuneOptions()
     if not isinstance(observation, torch.Tensor) or observation.ndim != 4 or observation.shape[0] != 1:
@@ -276,7 +290,7 @@ def finetune(
     check_vae_grids(model, source_vae, kappa_vae)
     t0 = time.time()
     psf = psf if isinstance(psf, PSF) else PSF.from_kernel(psf)
-    sim = model.simulator
+    sim = simulator or model.simulator
     sigma = torch.as_tensor(noise_sigma, dtype=observation.dtype)
     sigma_b = sigma.reshape(-1, 1, 1, 1) if sigma.ndim <= 1 else sigma
     work = copy.deepcopy(model).train()

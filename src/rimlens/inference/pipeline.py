@@ -22,7 +22,14 @@ from rimlens.data.lenses import LensGenerator
 from rimlens.data.random import child_rng
 from rimlens.distributed import collective_failure, rank_and_world
 from rimlens.errors import RimlensInputError
-from rimlens.inference.finetune import FinetuneOptions, check_vae_grids, finetune, refine, refine_estimate
+from rimlens.inference.finetune import (
+    FinetuneOptions,
+    check_vae_grids,
+    finetune,
+    fit_simulator,
+    refine,
+    refine_estimate,
+)
 from rimlens.inference.posterior import PosteriorOptions, PosteriorSamples, sample_posterior
 from rimlens.inference.quality import assess, rim_input
 from rimlens.io.atomic import atomic_path
@@ -110,6 +117,7 @@ class Reconstruction:
     lens_light_model: LensLightModel | None = None
     shear: torch.Tensor | None = None  # 1 x 2 external shear (gamma1, gamma2) when the model estimates one
     posterior: PosteriorSamples | None = None  # samples (data units) when asked; the maps are then their means
+    fit_supersample: int = 1  # rays per pixel side of the forward model after the RIM
 
     @property
     def lensed_source(self) -> torch.Tensor:
@@ -122,6 +130,7 @@ class Reconstruction:
             "chi2_nu": self.chi2_nu,
             "baseline_chi2_nu": self.baseline_chi2_nu,
             "seconds": round(self.seconds, 3),
+            "fit_supersample": self.fit_supersample,
         }
         if self.shear is not None:
             out["external_shear"] = describe_shear(self.shear)
@@ -142,6 +151,9 @@ class Reconstruction:
 LENS_LIGHT_MODES = ("auto", "mge", "none")
 POSTERIOR_FIT_FACTOR = 2.0  # samples' median chi2_nu above this times max(chi2_nu of their mean, 1): warn
 LENS_LIGHT_ROUNDS = 3  # RIM <-> lens-light alternations (measured: the arcs' chi2 settles by the third)
+# rays per pixel side of the fits after the RIM: data are integrated over pixels, and f = 4 is the
+# smallest factor at the pixelated-kappa floor against lenstronomy (issue 10); measured in the README
+FIT_SUPERSAMPLE: int | None = 4
 
 
 def describe_shear(shear: torch.Tensor) -> dict:
@@ -192,6 +204,7 @@ def reconstruct_prepared(
     finetune_with: FinetuneSetup | None = None,
     lens_light: str = "none",
     posterior: PosteriorOptions | None = None,
+    fit_supersample: int | None = FIT_SUPERSAMPLE,
 ) -> Reconstruction:
     """Reconstruct one prepared observation with the RIM, then fine-tune if ``finetune_with`` is given.
 
@@ -212,11 +225,14 @@ def reconstruct_prepared(
             returned maps are then the posterior means and ``posterior`` holds the samples. Without
             ``finetune_with`` the RIM's estimate is first refined in pixel space (the samples start
             from, and must match, a fit to the data).
+        fit_supersample: rays per pixel side of the forward model of everything after the RIM (the
+            model image, chi2, lens-light fit, fine-tuning, refinement, posterior:
+            :func:`rimlens.inference.finetune.fit_simulator`); ``None``: the model's own.
     """
     if lens_light not in LENS_LIGHT_MODES:
         raise RimlensInputError(f"lens light must be one of {LENS_LIGHT_MODES}, got {lens_light!r}")
     t0 = time.time()
-    sim = model.simulator
+    sim = fit_simulator(model, fit_supersample)
     psf = PSF.from_kernel(prep.psf)
     obs = prep.observation
     if lens_light == "auto":
@@ -249,6 +265,7 @@ def reconstruct_prepared(
             finetune_with.kappa_vae,
             finetune_with.options,
             mask=prep.mask,
+            simulator=sim,
         )
         # with lens light, the pixel refinement alternates with the light's amplitudes (a joint fit by turns)
         for _ in range(LENS_LIGHT_ROUNDS - 1 if light is not None and finetune_with.options.refine_steps else 0):
@@ -319,6 +336,7 @@ def reconstruct_prepared(
             "lens_light_model": light,
             "shear": shear,
             "posterior": samples,
+            "fit_supersample": sim.supersample,
             **extra,
         }
     )
@@ -529,6 +547,7 @@ def reconstruct_observation(
     lens_light: str = "auto",
     finetune_with: FinetuneSetup | None = None,
     posterior: PosteriorOptions | None = None,
+    fit_supersample: int | None = FIT_SUPERSAMPLE,
 ) -> dict:
     """Reconstruct one FITS observation and write its products (FITS maps, PNG, ``summary.json``)
     into ``out_dir``. Returns the summary (``chi2_nu``, ``baseline_chi2_nu``, ``seconds``, ...).
@@ -537,7 +556,7 @@ def reconstruct_observation(
         raise RimlensInputError("a PSF is required (--psf)")
     obs = load_observation(image, psf, noise, sigma, pixel_scale_arcsec, mask)
     prep = prepare_observation(obs, model.grid.image_grid, center_arcsec)
-    rec = reconstruct_prepared(model, prep, finetune_with, lens_light, posterior)
+    rec = reconstruct_prepared(model, prep, finetune_with, lens_light, posterior, fit_supersample)
     return _write(model, prep, rec, Path(out_dir), {"image": str(image)}, finetune_with, title=obs.name, obs=obs)
 
 
@@ -579,6 +598,7 @@ def reconstruct_folder(
     finetune_with: FinetuneSetup | None = None,
     on_error=None,
     posterior: PosteriorOptions | None = None,
+    fit_supersample: int | None = FIT_SUPERSAMPLE,
 ) -> FolderSummary | None:
     """Reconstruct every lens sub-folder of ``folder`` (``image.fits``, ``psf.fits`` and
     ``noise_map.fits`` unless ``sigma``) into ``out_dir/<name>/``, then write ``out_dir/summary.csv``.
@@ -612,6 +632,7 @@ def reconstruct_folder(
                     lens_light=lens_light,
                     finetune_with=finetune_with,
                     posterior=posterior,
+                    fit_supersample=fit_supersample,
                 )
             except RimlensInputError as exc:
                 errors[lens.name] = str(exc)
