@@ -133,10 +133,10 @@ def calibrate(args) -> None:
     from rimlens.config import get_preset
     from rimlens.data.lenses import LensGenerator
     from rimlens.data.random import child_rng
-    from rimlens.inference.finetune import refine_estimate
+    from rimlens.inference.finetune import fit_simulator, refine_estimate
     from rimlens.inference.posterior import PosteriorOptions, sample_posterior
     from rimlens.io.checkpoint import load_model
-    from rimlens.physics import PSF, LensSimulator
+    from rimlens.physics import PSF
     from rimlens.physics.convergence import log10_kappa
     from rimlens.physics.lens_metrics import einstein_radius_of_map
 
@@ -149,10 +149,8 @@ def calibrate(args) -> None:
     lenses = LensGenerator(population, split="test", noise="high").draw(child_rng(args.seed, 0), args.count)
     with torch.no_grad():
         out = model(lenses.observation, lenses.psf, lenses.noise_sigma)
-    # the simulator of the refinement and the sampler: the model's, or one integrating over pixels
-    simulator = model.simulator
-    if args.supersample is not None:
-        simulator = LensSimulator(grid, model.grid.source_grid, supersample=args.supersample)
+    # the refinement's and the sampler's forward model, as `rimlens reconstruct --fit-supersample` builds it
+    simulator = fit_simulator(model, args.supersample)
     results = {}
     if args.out is not None:
         args.out.mkdir(parents=True, exist_ok=True)
