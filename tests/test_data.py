@@ -315,3 +315,31 @@ def test_external_shear_in_lens_files(tmp_path):
     assert LensDataset(path)[0]["shear"].shape == (2,)
     with pytest.raises(RimlensInputError, match="shear_max"):
         dataclasses.replace(base.data, shear_max=0.7)
+
+
+def test_kernel_sampled_at_centres_has_no_second_pixel_box():
+    # A Gaussian PSF given on 0.05" pixels (values at pixel centres), brought to 0.12" model pixels.
+    # Closed form of the sampled kernel: bilinear interpolation adds a tent of one input pixel
+    # (variance s_in^2 / 6), so the result is ~ a Gaussian of variance sigma^2 + s_in^2 / 6 at the model
+    # pixel centres (measured: 0.3% of the peak). The area-averaged kernel (for point-sampled models)
+    # also carries the 0.12" model pixel (variance + s_out^2 / 12) and misses that closed form by 26%.
+    from rimlens.physics.resample import resample_density, sample_kernel_at_centres
+
+    s_in, s_out, fwhm, k_in, k_out = 0.05, 0.12, 0.1, 41, 11
+    sigma = fwhm / 2.3548
+    r_in = (torch.arange(k_in, dtype=torch.float64) - (k_in - 1) / 2) * s_in
+    psf_in = torch.exp(-0.5 * (r_in[:, None] ** 2 + r_in[None, :] ** 2) / sigma**2)[None, None]
+    sampled = sample_kernel_at_centres(psf_in, s_in, k_out, s_out)
+    area = resample_density(psf_in, s_in, k_out, s_out)
+    area = area / area.sum()
+    r_out = (torch.arange(k_out, dtype=torch.float64) - (k_out - 1) / 2) * s_out
+    var = sigma**2 + s_in**2 / 6
+    expected = torch.exp(-0.5 * (r_out[:, None] ** 2 + r_out[None, :] ** 2) / var)[None, None]
+    expected = expected / expected.sum()
+    peak = float(expected.max())
+    assert float((sampled - expected).abs().max()) < 0.02 * peak
+    assert float((area - expected).abs().max()) > 0.1 * peak
+    assert float(sampled.sum()) == pytest.approx(1.0, abs=1e-12)
+    # same pixel scale: the kernel itself (normalised), whatever its size
+    same = sample_kernel_at_centres(psf_in, s_in, k_in, s_in)
+    assert torch.allclose(same, psf_in / psf_in.sum(), rtol=0, atol=1e-15)

@@ -138,6 +138,50 @@ def test_nnls_gram_kkt():
     assert bool((grad[~passive] >= -1e-9).all())
 
 
+def test_nnls_warm_start_gives_the_cold_solution():
+    # A guessed passive set (the cold solution's, a perturbed one, all, none) changes the path, not the answer.
+    gen = torch.Generator().manual_seed(4)
+    a = torch.randn(16, 200, 12, generator=gen, dtype=torch.float64)
+    y = torch.randn(16, 200, generator=gen, dtype=torch.float64)
+    gram, rhs = a.transpose(1, 2) @ a, (a.transpose(1, 2) @ y[:, :, None])[..., 0]
+    cold, cold_set = ll.nnls_gram(gram, rhs)
+    flipped = cold_set ^ (torch.rand(cold_set.shape, generator=gen) < 0.3)
+    for guess in (cold_set, flipped, torch.ones_like(cold_set), torch.zeros_like(cold_set)):
+        warm, warm_set = ll.nnls_gram(gram, rhs, passive_start=guess)
+        assert torch.equal(warm_set, cold_set)
+        assert torch.allclose(warm, cold, rtol=1e-10, atol=1e-12)
+
+
+def test_shape_fit_on_a_central_crop_reproduces_sersic():
+    # The reconstruction's first fit: shape on the central half of the grid with 12 Gaussians, then the
+    # full 30-Gaussian basis solved on the whole image. Measured (64 px, 0.12"/px, n = 4, R_e = 1"):
+    # max |residual| / peak 6e-5, q and phi to 5e-4 and 2e-4, centre to 1e-4 pixel.
+    grid = PixelGrid(64, 0.12)
+    psf = PSF.gaussian(0.15, 0.12, dtype=torch.float64)
+    truth = _sersic_image(grid, psf, 4.0, 1.0)
+    model = ll.fit_lens_light(truth, 1e-3 * truth.max(), psf, grid, shape_pixels=32, shape_gaussians=12)
+    assert model.sigmas.shape[0] == 30  # the full basis, not the crop's
+    assert _peak_residual(model.image(), truth) <= 0.01
+    assert abs(float(model.q) - Q) < 0.02 and abs(float(model.phi) - PHI) < 0.02
+    assert abs(float(model.center_x) - X0) / 0.12 < 0.1
+    with pytest.raises(RimlensInputError, match="shape_pixels"):
+        ll.fit_lens_light(truth, 1e-3 * truth.max(), psf, grid, shape_pixels=31)
+
+
+def test_refit_corrects_a_biased_shape():
+    # A first fit with the arcs left in (q and phi pulled off, see the test above) re-fitted to the data
+    # minus the arcs recovers the light: refit is how the refinement updates the light's shape.
+    # Measured: q 0.809 -> 0.69994, phi 0.293 -> 0.39999, max |residual| / peak 3.6e-5, chi2 2414 -> 0.001.
+    grid, psf, light, arc = _lens_with_arc(0.3)
+    sigma = 0.002 * float(light.max())
+    biased = ll.fit_lens_light(light + arc, sigma, psf, grid)
+    assert abs(float(biased.q) - 0.7) > 0.05
+    refit = biased.refit(light, sigma)
+    assert abs(float(refit.q) - 0.7) < 0.01 and abs(float(refit.phi) - 0.4) < 0.01
+    assert _peak_residual(refit.image(), light) < 1e-3
+    assert float(refit.chi2) < float(biased.resolve(light, sigma).chi2)
+
+
 # ------------------------------------------------------------------ (d) noise map and mask
 def test_excluded_pixels_do_not_affect_the_solution():
     grid = PixelGrid(64, 0.12)

@@ -304,6 +304,9 @@ class TrainConfig(LoopConfig):
     amp: bool = False  # bfloat16 autocast of the U-net on CUDA
     dtype: str = "float32"  # or "float64" (exact comparisons in tests)
     data_workers: int = 0  # DataLoader worker processes drawing batches ahead of the model (0: in the main process)
+    # a file of peer-simulated lenses (rimlens.train.peer); when set, best.pt and early stopping follow
+    # its peer_score instead of the own validation loss ("" = none)
+    peer_validation: str = ""
 
     RESUME_OVERRIDES: typing.ClassVar[tuple[str, ...]] = (*LoopConfig.RESUME_OVERRIDES, "data_workers")
 
@@ -312,6 +315,10 @@ class TrainConfig(LoopConfig):
         _check_int("training", "data_shards", self.data_shards, 1)
         _check_int("training", "data_workers", self.data_workers, 0)
         _check_positive("training", "clip_norm", self.clip_norm)
+        if not isinstance(self.peer_validation, str):
+            raise RimlensInputError(
+                f"training setting peer_validation must be a file path, got {self.peer_validation!r}"
+            )
         if self.dtype not in ("float32", "float64"):
             raise RimlensInputError(f"training dtype must be float32 or float64, got {self.dtype!r}")
 

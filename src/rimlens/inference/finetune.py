@@ -273,13 +273,16 @@ def finetune(
     mask: torch.Tensor | None = None,
     fisher: list[torch.Tensor] | None = None,
     simulator: LensSimulator | None = None,
+    simulator_psf=None,
 ) -> FinetuneResult:
     """Fine-tune a copy of ``model`` on one observation (``1 x 1 x N x N``); the model is not modified.
     A batch of several observations is refused (fine-tune each lens on its own).
 
     ``fisher`` (one tensor per trainable weight, as returned by :func:`fisher_diagonal`) skips the
     Fisher estimate, e.g. to compare optimiser settings on the same observation. ``simulator`` is the
-    forward model of the fit's chi2 and refinement (:func:`fit_simulator`; default the model's own).
+    forward model of the fit's chi2 and refinement (:func:`fit_simulator`; default the model's own) and
+    ``simulator_psf`` its PSF (default ``psf``, the RIM's; a pixel-integrating simulator wants the PSF
+    sampled at pixel centres, :meth:`rimlens.io.observation.PreparedObservation.kernel_for`).
     """
     options = options or FinetuneOptions()
     if not isinstance(observation, torch.Tensor) or observation.ndim != 4 or observation.shape[0] != 1:
@@ -291,13 +294,15 @@ def finetune(
     t0 = time.time()
     psf = psf if isinstance(psf, PSF) else PSF.from_kernel(psf)
     sim = simulator or model.simulator
+    sim_psf = psf if simulator_psf is None else simulator_psf
+    sim_psf = sim_psf if isinstance(sim_psf, PSF) else PSF.from_kernel(sim_psf)
     sigma = torch.as_tensor(noise_sigma, dtype=observation.dtype)
     sigma_b = sigma.reshape(-1, 1, 1, 1) if sigma.ndim <= 1 else sigma
     work = copy.deepcopy(model).train()
     with torch.no_grad():
         _, s0, eta0, g0 = _estimates(work, observation, psf, sigma, mask)
         base_src, base_eta = s0.clamp_min(0), eta0
-        base_img = sim.forward(base_src, 10**base_eta, psf, shear=g0, check=False)
+        base_img = sim.forward(base_src, 10**base_eta, sim_psf, shear=g0, check=False)
         base_chi2 = float(reduced_chi_squared(base_img, observation, sigma_b, mask)[0])
     result = FinetuneResult(base_src, 10**base_eta, base_chi2, base_src, 10**base_eta, base_chi2, [base_chi2])
     result.baseline_shear = result.shear = g0
@@ -319,12 +324,12 @@ def finetune(
     for step in range(options.max_steps):
         out = work(observation, psf, sigma, mask=mask, differentiable_likelihood=options.second_order)
         src, eta, g = out.source[-1], out.log10_kappa[-1], out.final_shear
-        model_img = sim.forward(src, 10**eta, psf, shear=g, check=False)
+        model_img = sim.forward(src, 10**eta, sim_psf, shear=g, check=False)
         chi2_nu = reduced_chi_squared(model_img, observation, sigma_b, mask)[0]
         with torch.no_grad():
             reported = float(
                 reduced_chi_squared(
-                    sim.forward(src.clamp_min(0), 10**eta, psf, shear=g, check=False), observation, sigma_b, mask
+                    sim.forward(src.clamp_min(0), 10**eta, sim_psf, shear=g, check=False), observation, sigma_b, mask
                 )[0]
             )
         result.chi2_history.append(reported)
@@ -346,7 +351,7 @@ def finetune(
     if options.refine_steps > 0 and result.chi2_nu >= options.target_chi2_nu:
         if result.shear is None and options.free_shear:
             result.shear = observation.new_zeros(1, 2)
-        refine(sim, observation, psf, sigma_b, result, options, mask)
+        refine(sim, observation, sim_psf, sigma_b, result, options, mask)
     result.seconds = time.time() - t0
     return result
 

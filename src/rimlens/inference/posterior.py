@@ -59,6 +59,7 @@ __all__ = [
 
 CHUNK = 25  # L-BFGS iterations between convergence checks
 POSTERIOR_METHODS = ("laplace", "perturb-and-map")
+SOURCE_PRIOR_MEANS = ("estimate", "zero")
 FD_STEP = 1e-4  # central-difference step (whitened units) of the Jacobian products (no forward AD for grid_sample)
 BATCH = 256  # columns per batched simulator call of the randomised SVD
 
@@ -70,6 +71,11 @@ class PosteriorOptions:
     Attributes:
         n_samples: number of posterior samples.
         source_prior_sigma: prior width ``tau`` of each source pixel (the data's units).
+        source_prior_mean: ``"estimate"`` (the source prior is centred on the reconstruction's source)
+            or ``"zero"`` (a zero-mean Gaussian source prior, the regularising prior of a linear
+            source inversion, Suyu et al. 2006: not centred on anything the data made, so the source
+            follows a change of kappa freely and kappa's spread is set by the data, not by the
+            estimate's source). With ``"zero"`` the source dilation is left out (redundant).
         log10_kappa_prior_sigma: prior width of each log10 kappa pixel (dex); 0 holds kappa fixed.
         log10_kappa_correlation_arcsec: correlation length of the log10 kappa prior (arcsec): its
             perturbations are white noise smoothed by a Gaussian of this standard deviation (scaled
@@ -109,6 +115,7 @@ class PosteriorOptions:
     # widths chosen so that the samples fit the data (samples' chi2_nu ~ 1); NOT calibrated: their
     # coverage of the truth is measured in the README ("Posterior samples") and falls short
     source_prior_sigma: float = 0.1
+    source_prior_mean: str = "estimate"
     log10_kappa_prior_sigma: float = 0.05
     log10_kappa_correlation_arcsec: float = 0.3
     log10_kappa_offset_sigma: float = 0.09
@@ -136,6 +143,10 @@ class PosteriorOptions:
             least = 0 if name == "power_iterations" else 1
             if not isinstance(value, int) or value < least:
                 raise RimlensInputError(f"{name} must be an integer >= {least}, got {value!r}")
+        if self.source_prior_mean not in SOURCE_PRIOR_MEANS:
+            raise RimlensInputError(
+                f"source_prior_mean must be one of {SOURCE_PRIOR_MEANS}, got {self.source_prior_mean!r}"
+            )
         if not isinstance(self.max_iter, int) or self.max_iter < 1:
             raise RimlensInputError(f"max_iter must be an integer >= 1, got {self.max_iter!r}")
         if not (math.isfinite(self.source_prior_sigma) and self.source_prior_sigma > 0):
@@ -300,10 +311,11 @@ def perturb_and_map(
         return tau_e * correlated_field(w, corr) + torch.einsum("bj,jhw->bhw", w_modes, modes).unsqueeze(1)
 
     xi_s = normal(source)
-    m_s = source.detach() + tau_s * xi_s
+    zero_mean = options.source_prior_mean == "zero"
+    m_s = (0.0 if zero_mean else source.detach()) + tau_s * xi_s
     xi_e = normal(log10_kappa)
     xi_m = torch.randn((n, modes.shape[0]), generator=gen, dtype=dtype).to(log10_kappa.device)
-    dilating = tau_e > 0 and options.source_dilation_sigma > 0
+    dilating = tau_e > 0 and options.source_dilation_sigma > 0 and not zero_mean
     xi_d = torch.randn((n,), generator=gen, dtype=dtype).to(source.device)
     free_shear = shear is not None and tau_g > 0
     xi_g = None if shear is None else normal(shear.reshape(1, 2))
@@ -314,7 +326,7 @@ def perturb_and_map(
     # the stiff, data-constrained directions are already near their optimum and only the soft,
     # prior-dominated ones (well conditioned) have far to go -- a random kappa perturbation of the
     # prior's width changes the image by chi2 in the thousands, which L-BFGS is slow to undo.
-    z_s = (-xi_s).requires_grad_(True)
+    z_s = ((source.detach() - m_s) / tau_s).requires_grad_(True)  # -xi_s, or the estimate under a zero mean
     z_e = (-xi_e).requires_grad_(tau_e > 0)
     z_m = (-xi_m).requires_grad_(tau_e > 0 and modes.shape[0] > 0)
     z_d = (-xi_d).requires_grad_(dilating)
@@ -426,8 +438,14 @@ def laplace_samples(
     modes = kappa_error_modes(e0, simulator.image_grid, options)  # J x N x N
     n_s, n_e, n_g = s0[0].numel(), e0[0].numel() if tau_e > 0 else 0, 2 if free_shear else 0
     n_m = modes.shape[0] if tau_e > 0 else 0
-    n_d = 1 if tau_e > 0 and options.source_dilation_sigma > 0 else 0
+    zero_mean = options.source_prior_mean == "zero"
+    n_d = 1 if tau_e > 0 and options.source_dilation_sigma > 0 and not zero_mean else 0
     n_par = n_s + n_e + n_m + n_d + n_g
+    # the prior's mean in whitened variables (w = 0 is the reconstruction): 0, or for a zero-mean
+    # source prior the source block at -s0 / tau_s
+    prior_mean = torch.zeros(n_par, 1, dtype=dt)
+    if zero_mean:
+        prior_mean[:n_s, 0] = -s0.reshape(-1) / tau_s
 
     def unpack(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         b = w.shape[0]
@@ -532,7 +550,7 @@ def laplace_samples(
     with torch.no_grad():
         r0 = residual(torch.zeros(1, n_par, dtype=dt))
     eps = torch.randn(n, r0.shape[1], generator=gen, dtype=dt) * used.reshape(1, -1)
-    xi = torch.randn(n_par, n, generator=gen, dtype=dt)
+    xi = torch.randn(n_par, n, generator=gen, dtype=dt) + prior_mean  # perturbed prior means
 
     def objective(w: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():

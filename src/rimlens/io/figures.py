@@ -60,9 +60,11 @@ def lens_panels(rows: list[dict], path: str | Path, dpi: int = 110) -> Path:
 
 def training_curve(history: list[dict], path: str | Path) -> Path:
     """Training and validation loss (log scale) against step, with the validation errors of the
-    final estimates and the mean-map baselines."""
+    final estimates and the mean-map baselines; with a peer validation set (``peer_*`` metrics) a third
+    panel shows its medians."""
     steps = [h["step"] for h in history]
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    peer = [k for k in ("peer_theta_err", "peer_gamma_err", "peer_kappa_err", "peer_score") if k in history[-1]]
+    fig, axes = plt.subplots(1, 3 if peer else 2, figsize=(16 if peer else 11, 4))
     ax = axes[0]
     ax.plot(steps, [h["train_loss"] for h in history], label="train loss (running mean)")
     ax.plot(steps, [h["val_loss"] for h in history], label="validation loss")
@@ -79,5 +81,19 @@ def training_curve(history: list[dict], path: str | Path) -> Path:
     ax.set_yscale("log")
     ax.set_xlabel("step")
     ax.legend(fontsize=8)
+    if peer:
+        ax = axes[2]
+        labels = {
+            "peer_theta_err": r"$\theta_E$ rel. error",
+            "peer_gamma_err": r"slope $|\Delta\gamma|$",
+            "peer_kappa_err": r"$\kappa$ rel. error, 0.5-2 $\theta_E$",
+            "peer_score": "sum (selection)",
+        }
+        for key in peer:
+            ax.plot(steps, [h.get(key, float("nan")) for h in history], label=labels[key])
+        ax.set_yscale("log")
+        ax.set_xlabel("step")
+        ax.set_title("peer-simulated validation lenses (medians)", fontsize=9)
+        ax.legend(fontsize=8)
     fig.tight_layout()
     return save_figure(fig, path)

@@ -20,7 +20,7 @@ from rimlens.errors import RimlensInputError
 from rimlens.io.fits import pixel_scale_from_header, read_image, wcs_rotation_deg
 from rimlens.physics import PixelGrid
 from rimlens.physics.likelihood import EXCLUDE_SIGMA
-from rimlens.physics.resample import resample_density, resample_flux, resample_variance
+from rimlens.physics.resample import resample_density, resample_flux, resample_variance, sample_kernel_at_centres
 
 __all__ = ["Observation", "PreparedObservation", "load_observation", "prepare_observation"]
 
@@ -97,7 +97,9 @@ def load_observation(
 class PreparedObservation:
     """Tensors on the model grid (``1 x 1 x N x N``) and how they were obtained.
 
-    ``center_arcsec`` is the lens centre used (arcsec from the cut-out's centre; x along columns,
+    ``psf`` is the PSF averaged over each model pixel (for point-sampled forward models),
+    ``psf_sampled`` the PSF at the model pixels' centres (for pixel-integrated ones; see
+    :meth:`kernel_for`). ``center_arcsec`` is the lens centre used (arcsec from the cut-out's centre; x along columns,
     y along rows), ``center_method`` how it was chosen (``given``, ``cutout``, ``light`` or
     ``ring``), ``padded_fraction`` the fraction of the model field that lay outside the cut-out
     (excluded pixels), ``cropped`` whether the cut-out extended beyond the model field.
@@ -113,6 +115,15 @@ class PreparedObservation:
     center_method: str = "given"
     padded_fraction: float = 0.0
     cropped: bool = False
+    # the PSF sampled at the model pixels' centres, for models that integrate over pixels themselves
+    # (supersampled ray tracing, the MGE lens light); ``psf`` is area-averaged over each model pixel, the
+    # kernel for point-sampled models such as the RIM's own simulator (rimlens.physics.resample)
+    psf_sampled: torch.Tensor | None = None
+
+    def kernel_for(self, supersample: int) -> torch.Tensor:
+        """The PSF kernel for a forward model that samples ``supersample`` rays per pixel side: the
+        area-averaged ``psf`` for point sampling (1), ``psf_sampled`` when the model integrates (> 1)."""
+        return self.psf if supersample <= 1 or self.psf_sampled is None else self.psf_sampled
 
     def describe(self) -> dict:
         """How the cut-out was brought onto the model grid (JSON-ready, for ``summary.json``)."""
@@ -294,6 +305,9 @@ def prepare_observation(
     if float(psf.sum()) <= 0:
         raise RimlensInputError("PSF has no positive flux after resampling")
     psf = psf / psf.sum()
+    psf_sampled = sample_kernel_at_centres(
+        torch.as_tensor(obs.psf, dtype=torch.float64)[None, None], s_in, k_out, grid.pixel_scale_arcsec
+    )
     return PreparedObservation(
         model_image.float(),
         sigma.float(),
@@ -305,4 +319,5 @@ def prepare_observation(
         method,
         padded_fraction,
         cropped,
+        psf_sampled.float(),
     )

@@ -363,7 +363,11 @@ def _solve_on_set(gram: torch.Tensor, rhs: torch.Tensor, passive: torch.Tensor) 
 
 
 def nnls_gram(
-    gram: torch.Tensor, rhs: torch.Tensor, max_iter: int | None = None, tol: float = 1e-11
+    gram: torch.Tensor,
+    rhs: torch.Tensor,
+    max_iter: int | None = None,
+    tol: float = 1e-11,
+    passive_start: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Batched non-negative least squares on the normal equations (Lawson-Hanson active set).
 
@@ -378,6 +382,11 @@ def nnls_gram(
         max_iter: maximum number of active-set steps (default ``5 K + 10``).
         tol: a variable enters the set when its scaled negative gradient exceeds ``tol`` times the
             largest ``|h_k| / sqrt(G_kk)``.
+        passive_start: optional ``B x K`` bool guess of the passive set (e.g. the solution's of a nearby
+            problem, as in a shape fit's successive steps): the unconstrained solution on it, with the
+            variables that come out non-positive dropped until none does, is the feasible start of the
+            active-set iterations, which then usually need one or two steps instead of one per
+            passive variable. The solution is the same (it is unique for a positive definite ``G``).
 
     Returns:
         ``(x, passive)``: the ``B x K`` float64 solution (in the units of ``h / G``) and the ``B x K``
@@ -395,6 +404,15 @@ def nnls_gram(
         thresh = tol * h.abs().amax(dim=-1).clamp_min(1e-300)  # (B,)
         x = torch.zeros_like(h)
         passive = torch.zeros_like(h, dtype=torch.bool)
+        if passive_start is not None:
+            passive = passive_start.to(device=h.device, dtype=torch.bool).expand_as(h) & usable
+            for _ in range(k):
+                z = _solve_on_set(g, h, passive)
+                negative = passive & ~(z > 0)
+                if not bool(negative.any()):
+                    break
+                passive = passive & ~negative
+            x = torch.where(passive, z, torch.zeros_like(z)) if bool(passive.any()) else x
         blocked = torch.zeros_like(passive)
         need_add = torch.ones(b, dtype=torch.bool, device=h.device)
         done = torch.zeros_like(need_add)
@@ -460,9 +478,12 @@ def _normal_equations(
     return gram, rhs
 
 
-def _amplitudes_from_system(gram: torch.Tensor, rhs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """NNLS under no_grad, then a differentiable solve on the passive set (float64 ``B x K``, passive)."""
-    _, passive = nnls_gram(gram, rhs)
+def _amplitudes_from_system(
+    gram: torch.Tensor, rhs: torch.Tensor, passive_start: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """NNLS under no_grad (:func:`nnls_gram`, optionally warm-started), then a differentiable solve on
+    the passive set (float64 ``B x K``, passive)."""
+    _, passive = nnls_gram(gram, rhs, passive_start=passive_start)
     diag = torch.diagonal(gram, dim1=-2, dim2=-1).detach()
     scale = torch.where(passive, diag.clamp_min(1e-300).rsqrt(), torch.zeros_like(diag))
     z = _solve_on_set(gram * scale[:, :, None] * scale[:, None, :], rhs * scale, passive)
@@ -581,7 +602,9 @@ class LensLightModel:
         basis = self.basis(True)
         w = _weights(noise_sigma, mask, data.shape, data)
         gram, rhs = _normal_equations(basis, data, w)
-        amps, _ = _amplitudes_from_system(gram, rhs)
+        # the current amplitudes' support starts the active set (same solution, fewer steps)
+        start = self.amplitudes > 0 if bool((self.amplitudes > 0).any()) else None
+        amps, _ = _amplitudes_from_system(gram, rhs, start)
         model = (amps[:, :, None] * basis.flatten(2)).sum(1).reshape(data.shape)
         chi2 = (w * (model - data.to(torch.float64)) ** 2).sum(dim=(-3, -2, -1))
         return LensLightModel(
@@ -598,6 +621,48 @@ class LensLightModel:
             self.sampling,
             self._cache,
         )
+
+    def refit(
+        self,
+        data: torch.Tensor,
+        noise_sigma: float | torch.Tensor,
+        mask: torch.Tensor | None = None,
+        max_iter: int = 10,
+        fit_center: bool = True,
+    ) -> LensLightModel:
+        """Re-fit the shape ``(x0, y0, q, phi)`` and the amplitudes to new data, starting from this model.
+
+        Meant for data from which the lensed source has been subtracted (``observation - arcs``): then
+        nothing needs clipping, and the whole image constrains the shape, which a first fit -- clipped,
+        on a crop, before any source model existed -- only approximates. Batched Levenberg-Marquardt as
+        :func:`fit_lens_light`, at most ``max_iter`` steps, whole grid, same widths; returns a new model.
+        """
+        check_map(data, "data")
+        weights = _weights(noise_sigma, mask, data.shape, data)
+        d64 = data.detach().to(torch.float64)
+        with torch.no_grad():
+            g1, g2 = _to_free(*ellipticity_from_q_phi(self.q, self.phi))
+            theta = torch.stack([self.center_x, self.center_y, g1, g2], dim=-1)
+            start_set = self.amplitudes.detach() > 0
+            start = _evaluate(theta, self.grid, self.sigmas, self.psf, d64, weights, self.sampling, start_set)
+            best, _ = _levenberg_marquardt(
+                start, self.grid, self.sigmas, self.psf, d64, weights, self.sampling, fit_center, max_iter, 1e-6, 1e-3
+            )
+            q, phi = q_phi_from_ellipticity(*_from_free(best.theta[:, 2], best.theta[:, 3]))
+        model = LensLightModel(
+            best.theta[:, 0].clone(),
+            best.theta[:, 1].clone(),
+            q,
+            phi,
+            self.sigmas,
+            best.amps,
+            self.grid,
+            self.psf,
+            best.chi2,
+            data.dtype,
+            self.sampling,
+        )
+        return model.resolve(data, noise_sigma, mask)
 
 
 # ------------------------------------------------------------------------------ the fit
@@ -689,12 +754,13 @@ def _evaluate(
     data: torch.Tensor,
     weights: torch.Tensor,
     sampling: float,
+    passive_start: torch.Tensor | None = None,
 ) -> _Eval:
     e1, e2 = _from_free(theta[:, 2], theta[:, 3])
     basis = _convolve_stack(_render(grid, theta[:, 0], theta[:, 1], e1, e2, sigmas, sampling), psf)
     basis = basis.flatten(2)
     gram, rhs = _normal_equations(basis, data, weights)
-    amps, passive = nnls_gram(gram, rhs)
+    amps, passive = nnls_gram(gram, rhs, passive_start=passive_start)
     model = (amps[:, :, None] * basis).sum(1)
     chi2 = (weights.flatten(1) * (model - data.flatten(1)) ** 2).sum(-1)
     return _Eval(theta, basis, gram, amps, passive, model, chi2)
@@ -764,7 +830,7 @@ def _levenberg_marquardt(
         delta = torch.nan_to_num(torch.linalg.solve_ex(damped, grad)[0], nan=0.0, posinf=0.0, neginf=0.0)
         # Gauss-Newton predicted decrease of chi^2 for the undamped model (>= 0)
         predicted = 2 * (delta * grad).sum(-1) - (delta[:, None, :] @ hess @ delta[:, :, None])[:, 0, 0]
-        trial = _evaluate(theta + delta, grid, sigmas, psf_a, data[act], weights[act], sampling)
+        trial = _evaluate(theta + delta, grid, sigmas, psf_a, data[act], weights[act], sampling, c.passive)
         better = trial.chi2 < c.chi2
         gain = (c.chi2 - trial.chi2) / c.chi2.clamp_min(1e-300)
         new = _select(trial, better, c)
@@ -795,6 +861,8 @@ def fit_lens_light(
     clip_sigma: float | None = None,
     clip_rounds: int = 3,
     sampling: float = 1.5,
+    shape_pixels: int | None = None,
+    shape_gaussians: int | None = None,
 ) -> LensLightModel:
     """Fit the MGE lens-light model (shape and non-negative amplitudes) to a batch of images.
 
@@ -823,6 +891,13 @@ def fit_lens_light(
             Only meaningful with a realistic noise sigma.
         clip_rounds: number of clip-and-refit rounds.
         sampling: minimum number of (sub-)pixels per minor-axis sigma (see :func:`mge_basis`).
+        shape_pixels: if set (``< N``, ``N - shape_pixels`` even), the shape ``(x0, y0, q, phi)`` is
+            fitted on the central ``shape_pixels x shape_pixels`` pixels only, with
+            ``shape_gaussians`` Gaussians (default ``n_gaussians``) spanning that crop
+            (:func:`default_sigmas` of the crop): the light's shape is set where it is bright, and
+            each step then costs ~(N / shape_pixels)^2 less. The amplitudes of the full basis
+            (``sigmas``) are solved on the whole image at that shape, with ``clip_sigma`` clipping
+            re-applied there once. The grid must be centred on the lens (as a prepared observation's is).
 
     Returns:
         The :class:`LensLightModel`; its amplitudes are differentiable w.r.t. ``data`` (at the fitted,
@@ -848,20 +923,34 @@ def fit_lens_light(
     elif not fit_center:
         raise RimlensInputError("fit_center=False needs a center")
     d64 = data.detach().to(torch.float64)
+    # where the shape is fitted: the whole grid, or its centre (see shape_pixels)
+    fit_grid, fit_d, fit_weights, fit_sig = grid, d64, weights, sig
+    if shape_pixels is not None and shape_pixels < n:
+        if shape_pixels < 8 or (n - shape_pixels) % 2:
+            raise RimlensInputError(
+                f"shape_pixels must be >= 8 and differ from {n} by an even number, got {shape_pixels}"
+            )
+        lo = (n - shape_pixels) // 2
+        crop = slice(lo, lo + shape_pixels)
+        fit_grid = PixelGrid(shape_pixels, grid.pixel_scale_arcsec)
+        fit_d, fit_weights = d64[..., crop, crop], weights[..., crop, crop]
+        fit_sig = default_sigmas(fit_grid, shape_gaussians or sig.shape[0]).to(device=data.device)
+        if bool((fit_weights.flatten(1).sum(-1) <= 0).any()):
+            raise RimlensInputError("an example has no used pixel in the central crop of the shape fit")
     with torch.no_grad():
         x0, y0, e1, e2 = _initial_shape(d64, weights, grid, center_t)
         g1, g2 = _to_free(e1, e2)
         theta = torch.stack([x0, y0, g1, g2], dim=-1)
-        fit_w = weights
+        fit_w = fit_weights
         for rnd in range((clip_rounds if clip_sigma is not None else 0) + 1):
-            start = _evaluate(theta, grid, sig, psf, d64, fit_w, sampling)
+            start = _evaluate(theta, fit_grid, fit_sig, psf, fit_d, fit_w, sampling)
             best, _ = _levenberg_marquardt(
-                start, grid, sig, psf, d64, fit_w, sampling, fit_center, max_iter, rtol, chi2_tol
+                start, fit_grid, fit_sig, psf, fit_d, fit_w, sampling, fit_center, max_iter, rtol, chi2_tol
             )
             theta = best.theta
             if clip_sigma is not None and rnd < clip_rounds:
-                resid = (d64.flatten(1) - best.model) * weights.flatten(1).sqrt()
-                fit_w = weights * (resid <= clip_sigma).to(torch.float64).reshape(weights.shape)
+                resid = (fit_d.flatten(1) - best.model) * fit_weights.flatten(1).sqrt()
+                fit_w = fit_weights * (resid <= clip_sigma).to(torch.float64).reshape(fit_weights.shape)
         e1, e2 = _from_free(theta[:, 2], theta[:, 3])
         q, phi = q_phi_from_ellipticity(e1, e2)
     model = LensLightModel(
@@ -877,6 +966,14 @@ def fit_lens_light(
         data.dtype,
         sampling,
     )
+    if fit_grid is not grid:  # the crop's clipping does not cover the whole image: clip once on it
+        if clip_sigma is None:
+            return model.resolve(data, noise_sigma, mask)
+        first = model.resolve(data, noise_sigma, mask)
+        with torch.no_grad():
+            resid = (d64 - first.image().detach().to(torch.float64)) * weights.sqrt()
+            fit_w = weights * (resid <= clip_sigma).to(torch.float64)
+        return first.resolve(data, noise_sigma, _final_mask(mask, fit_w, weights))
     return model.resolve(data, noise_sigma, _final_mask(mask, fit_w, weights))
 
 

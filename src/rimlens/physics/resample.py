@@ -12,9 +12,9 @@ from __future__ import annotations
 import torch
 from torch.types import Device
 
-from rimlens.errors import check_positive_scalar
+from rimlens.errors import RimlensInputError, check_positive_scalar
 
-__all__ = ["overlap_matrix", "resample_density", "resample_flux", "resample_variance"]
+__all__ = ["overlap_matrix", "resample_density", "resample_flux", "resample_variance", "sample_kernel_at_centres"]
 
 
 def overlap_matrix(
@@ -84,3 +84,37 @@ def resample_variance(
         variance.shape[-1], scale_in, n_out, scale_out, variance.dtype, variance.device, center_in[0]
     )
     return (w_rows**2) @ variance @ (w_cols**2).T * (scale_out / scale_in) ** 4
+
+
+def tent_matrix(
+    n_in: int, scale_in: float, n_out: int, scale_out: float, dtype: torch.dtype = torch.float64, device: Device = None
+) -> torch.Tensor:
+    """``n_out x n_in`` linear-interpolation weights ``max(0, 1 - |x_o - x_i| / scale_in)`` between two
+    grids centred on 0 (pixel centres ``x = (i - (n - 1) / 2) * scale``, arcsec); dimensionless."""
+    scale_in = check_positive_scalar(scale_in, "scale_in")
+    scale_out = check_positive_scalar(scale_out, "scale_out")
+    x_in = (torch.arange(n_in, dtype=torch.float64, device=device) - (n_in - 1) / 2) * scale_in
+    x_out = (torch.arange(n_out, dtype=torch.float64, device=device) - (n_out - 1) / 2) * scale_out
+    return (1 - (x_out[:, None] - x_in[None, :]).abs() / scale_in).clamp_min(0).to(dtype)
+
+
+def sample_kernel_at_centres(kernel: torch.Tensor, scale_in: float, n_out: int, scale_out: float) -> torch.Tensor:
+    """A PSF kernel ``... x K x K`` (pixels of ``scale_in``) sampled at the centres of ``n_out x n_out``
+    pixels of ``scale_out`` by bilinear interpolation, normalised to unit sum.
+
+    Why bilinear, and why not :func:`resample_density`: an image model that already integrates over
+    its pixels (supersampled ray tracing, the MGE lens light) must be convolved with the PSF *sampled*
+    at the model's pixel centres -- the area-averaged kernel of :func:`resample_density` carries the
+    model pixel's response a second time (a 0.12" box on top of a ~0.1" PSF). The data were resampled
+    from their own pixels by area overlap, which adds one input-pixel box to them; sampling the input
+    kernel's piecewise-constant interpolant averaged over one input pixel -- a tent, i.e. bilinear
+    interpolation -- adds the same box to the kernel.
+    """
+    k = kernel.to(torch.float64)
+    w_rows = tent_matrix(k.shape[-2], scale_in, n_out, scale_out, device=k.device)
+    w_cols = tent_matrix(k.shape[-1], scale_in, n_out, scale_out, device=k.device)
+    out = w_rows @ k @ w_cols.T
+    total = out.sum(dim=(-2, -1), keepdim=True)
+    if bool((total <= 0).any()):
+        raise RimlensInputError("the PSF has no positive flux at the model's pixel centres")
+    return out / total

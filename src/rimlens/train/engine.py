@@ -26,6 +26,7 @@ from rimlens.io.figures import training_curve
 from rimlens.nn.rim import RIM, RIMOutput, expand_state_dict, rim_loss
 from rimlens.physics.convergence import log10_kappa
 from rimlens.train.loop import TrainingLoop, TrainResult, previous_run, refuse_resume_changes
+from rimlens.train.peer import PeerValidationSet, load_peer_validation, peer_figures
 
 __all__ = ["Trainer", "train_rim"]
 
@@ -108,6 +109,10 @@ class Trainer(TrainingLoop):
             )
         self.generator = LensGenerator(preset, split="train", bank_seed=self.cfg.seed)
         self._val: LensBatch | None = None
+        self.peer: PeerValidationSet | None = None
+        if self.cfg.peer_validation:  # checkpoints are then selected on lenses a peer simulator made
+            self.peer = load_peer_validation(self.cfg.peer_validation, self.model.grid.image_grid)
+            self.selection_metric = "peer_score"
         if self.rank == 0:
             self.out_dir.mkdir(parents=True, exist_ok=True)
             with atomic_path(self.out_dir / "config.json") as tmp:
@@ -196,8 +201,10 @@ class Trainer(TrainingLoop):
                 "val_shear_error": float(torch.cat(shear_err).median()),
                 "baseline_shear_error": float(batch.shear.norm(dim=-1).median()),
             }
+        peer = peer_figures(self.model, self.peer) if self.peer is not None else {}
         return {
             **shear,
+            **peer,
             "val_loss": float(torch.cat(losses).mean()),
             "baseline_loss": baseline_loss,
             "val_source_mse": float(src_mse.mean()),

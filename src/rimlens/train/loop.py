@@ -68,6 +68,7 @@ class TrainingLoop:
     model: torch.nn.Module
     optimizer: torch.optim.Optimizer
     desc = "training"
+    selection_metric = "val_loss"  # which of evaluate()'s metrics picks best.pt and early stopping (lower is better)
 
     def __init__(self, out_dir: str | Path, progress: bool = True):
         self.out_dir = Path(out_dir)
@@ -93,7 +94,7 @@ class TrainingLoop:
         """Clip the gradients in place; ``norms`` are the per-tensor norms of :meth:`trainable`'s gradients."""
 
     def evaluate(self) -> dict:
-        """Validation metrics; must hold ``val_loss`` (lower is better)."""
+        """Validation metrics; must hold ``val_loss`` and :attr:`selection_metric` (lower is better)."""
         raise NotImplementedError
 
     def checkpoint_extras(self) -> dict:
@@ -210,9 +211,9 @@ class TrainingLoop:
             out_of_time = any_rank(cfg.max_minutes > 0 and self.elapsed > 60 * cfg.max_minutes)
             if self.step % cfg.val_every == 0 or self.step >= cfg.max_steps or out_of_time:
                 metrics = self.evaluate()
-                improved = metrics["val_loss"] < self.best_val
+                improved = metrics[self.selection_metric] < self.best_val
                 if improved:
-                    self.best_val = metrics["val_loss"]
+                    self.best_val = metrics[self.selection_metric]
                     self.evals_without_improvement = 0
                 else:
                     self.evals_without_improvement += 1
