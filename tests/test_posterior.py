@@ -36,16 +36,24 @@ SAMPLERS = pytest.mark.parametrize("sampler", [laplace_samples, perturb_and_map]
 
 
 @SAMPLERS
-def test_samples_follow_the_exact_linear_gaussian_posterior(sampler):
+@pytest.mark.parametrize("source_prior_mean", ["estimate", "zero"])
+def test_samples_follow_the_exact_linear_gaussian_posterior(sampler, source_prior_mean):
     sim, kappa, psf, a = _problem()
     sigma, tau = 0.05, 0.3
     truth = torch.rand(36, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
     y = a @ truth + sigma * torch.randn(144, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
-    prior_mean = torch.full((36,), 0.4, dtype=torch.float64)
+    estimate = torch.full((36,), 0.4, dtype=torch.float64)  # where the sampler starts / linearises
+    prior_mean = estimate if source_prior_mean == "estimate" else torch.zeros_like(estimate)
     mean, cov = _exact(a, y, sigma, prior_mean, tau)
-    opts = PosteriorOptions(n_samples=3000, source_prior_sigma=tau, log10_kappa_prior_sigma=0.0, max_iter=400)
+    opts = PosteriorOptions(
+        n_samples=3000,
+        source_prior_sigma=tau,
+        log10_kappa_prior_sigma=0.0,
+        max_iter=400,
+        source_prior_mean=source_prior_mean,
+    )
     post = sampler(
-        sim, y.reshape(1, 1, 12, 12), psf, sigma, prior_mean.reshape(1, 1, 6, 6), torch.log10(kappa), options=opts
+        sim, y.reshape(1, 1, 12, 12), psf, sigma, estimate.reshape(1, 1, 6, 6), torch.log10(kappa), options=opts
     )
     s = post.source.reshape(3000, 36)
     std = cov.diagonal().sqrt()
@@ -97,6 +105,7 @@ def test_bad_options_are_refused():
         dict(method="mcmc"),
         dict(rank=0),
         dict(gauss_newton_steps=0),
+        dict(source_prior_mean="truth"),
     ):
         with pytest.raises(RimlensInputError):
             PosteriorOptions(**bad)
