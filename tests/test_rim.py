@@ -420,3 +420,24 @@ def test_refinement_recovers_a_known_external_shear():
     refine(sim, obs, psf, sigma, result, FinetuneOptions(refine_steps=60, refine_weight=1e4, target_chi2_nu=1.05))
     assert result.chi2_nu < 1.3 < chi2
     assert (result.shear - truth).abs().max() < 0.005, result.shear
+
+
+def test_kappa_weight_of_the_loss():
+    # Unit weights are the paper's loss; weights zero outside a region count that region's errors only,
+    # with the sqrt(kappa) weighting renormalised over it (closed form below).
+    from rimlens.nn.rim import RIMOutput
+
+    g = torch.Generator().manual_seed(0)
+    kappa = torch.rand(2, 1, 8, 8, generator=g, dtype=torch.float64) + 0.1
+    source = torch.rand(2, 1, 8, 8, generator=g, dtype=torch.float64)
+    eta = torch.log10(kappa) + 0.1 * torch.randn(1, 2, 1, 8, 8, generator=g, dtype=torch.float64)
+    out = RIMOutput(source[None], eta, torch.zeros(0), None)
+    plain = rim_loss(out, source, kappa, reduction="none")
+    assert torch.allclose(rim_loss(out, source, kappa, reduction="none", kappa_weight=torch.ones_like(kappa)), plain)
+    region = torch.zeros_like(kappa)
+    region[..., 2:5, 3:6] = 1.0
+    w = torch.sqrt(kappa) * region
+    expected = (w * (eta[0] - torch.log10(kappa)) ** 2).sum(dim=(1, 2, 3)) / w.sum(dim=(1, 2, 3))
+    assert torch.allclose(rim_loss(out, source, kappa, reduction="none", kappa_weight=region), expected)
+    with pytest.raises(RimlensInputError, match="annulus_weight"):
+        with_train_settings(get_preset("tiny"), {"annulus_weight": -1.0})

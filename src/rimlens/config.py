@@ -307,6 +307,9 @@ class TrainConfig(LoopConfig):
     # a file of peer-simulated lenses (rimlens.train.peer); when set, best.pt and early stopping follow
     # its peer_score instead of the own validation loss ("" = none)
     peer_validation: str = ""
+    # extra weight of the log10 kappa loss in the annulus 0.5-2 theta_E about the field's centre, where the
+    # slope is measured (rim_loss's kappa_weight = 1 + annulus_weight there); 0 = the paper's loss
+    annulus_weight: float = 0.0
 
     RESUME_OVERRIDES: typing.ClassVar[tuple[str, ...]] = (*LoopConfig.RESUME_OVERRIDES, "data_workers")
 
@@ -315,6 +318,14 @@ class TrainConfig(LoopConfig):
         _check_int("training", "data_shards", self.data_shards, 1)
         _check_int("training", "data_workers", self.data_workers, 0)
         _check_positive("training", "clip_norm", self.clip_norm)
+        if (
+            isinstance(self.annulus_weight, bool)
+            or not isinstance(self.annulus_weight, (int, float))
+            or not (math.isfinite(self.annulus_weight) and self.annulus_weight >= 0)
+        ):
+            raise RimlensInputError(
+                f"training setting annulus_weight must be a number >= 0, got {self.annulus_weight!r}"
+            )
         if not isinstance(self.peer_validation, str):
             raise RimlensInputError(
                 f"training setting peer_validation must be a file path, got {self.peer_validation!r}"

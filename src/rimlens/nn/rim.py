@@ -225,6 +225,7 @@ def rim_loss(
     kappa: torch.Tensor,
     reduction: str = "mean",
     shear: torch.Tensor | None = None,
+    kappa_weight: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The RIM's loss (paper eq. 7 / docs/censai_as_run.md section 3), the one loss of rimlens: training,
     validation, the evaluation's figures of merit and the fine-tuning's Fisher information use it.
@@ -240,10 +241,15 @@ def rim_loss(
         source, kappa: truth ``B x 1 x N x N``.
         reduction: ``"mean"`` (batch mean, a scalar) or ``"none"`` (one value per lens, ``(B,)``).
         shear: true external shear ``B x 2`` (used only when the output has a shear).
+        kappa_weight: optional extra per-pixel weights of the kappa term, ``B x 1 x N x N`` (e.g. to
+            weigh the annulus that sets the slope, :attr:`rimlens.config.TrainConfig.annulus_weight`):
+            ``w_p`` becomes ``sqrt(kappa_p) k_p / sum_q sqrt(kappa_q) k_q``; ``None`` is the paper's loss.
     """
     if reduction not in ("mean", "none"):
         raise RimlensInputError(f"rim_loss reduction must be 'mean' or 'none', got {reduction!r}")
     w = torch.sqrt(kappa.clamp_min(KAPPA_FLOOR))
+    if kappa_weight is not None:
+        w = w * kappa_weight
     w = w / w.sum(dim=(-3, -2, -1), keepdim=True)
     src_term = ((output.source - source) ** 2).mean(dim=(-3, -2, -1))  # T x B
     kap_term = (w * (output.log10_kappa - log10_kappa(kappa)) ** 2).sum(dim=(-3, -2, -1))

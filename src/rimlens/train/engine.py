@@ -150,10 +150,27 @@ class Trainer(TrainingLoop):
         return t.to(self.device, self.dtype, non_blocking=True)
 
     # ------------------------------------------------------------------ what the loop needs
+    def kappa_weight(self, batch: LensBatch) -> torch.Tensor | None:
+        """``1 + annulus_weight`` on the pixels at 0.5-2 ``theta_e`` from the field's centre, 1 elsewhere
+        (``B x 1 x N x N``); ``None`` without an annulus weight."""
+        if not self.cfg.annulus_weight:
+            return None
+        x, y = self.model.grid.image_grid.coordinates(torch.float64)
+        r = torch.hypot(x, y)[None, None]
+        theta = batch.theta_e.to(torch.float64).reshape(-1, 1, 1, 1)
+        annulus = ((r >= 0.5 * theta) & (r <= 2 * theta)).to(torch.float64)
+        return self._to(1 + self.cfg.annulus_weight * annulus)
+
     def loss(self, batch: LensBatch) -> torch.Tensor:
         self.ddp_model.train()
         out = self.ddp_model(self._to(batch.observation), self._to(batch.psf), self._to(batch.noise_sigma))
-        return rim_loss(out, self._to(batch.source), self._to(batch.kappa), shear=self._to(batch.shear))
+        return rim_loss(
+            out,
+            self._to(batch.source),
+            self._to(batch.kappa),
+            shear=self._to(batch.shear),
+            kappa_weight=self.kappa_weight(batch),
+        )
 
     def clip_gradients(self, norms: list[torch.Tensor]) -> None:
         """Per-tensor ``clip_by_norm`` at ``clip_norm``, as the paper (TF clip_by_norm)."""
