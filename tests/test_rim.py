@@ -441,3 +441,29 @@ def test_kappa_weight_of_the_loss():
     assert torch.allclose(rim_loss(out, source, kappa, reduction="none", kappa_weight=region), expected)
     with pytest.raises(RimlensInputError, match="annulus_weight"):
         with_train_settings(get_preset("tiny"), {"annulus_weight": -1.0})
+
+
+def test_prediction_chi2_uses_the_datas_pixel_integration(tmp_path):
+    # Lenses drawn with f = 2 rays per pixel side: predict's chi2 and model images come from an f = 2
+    # forward model of the same maps (what the data were made with), not the model's point sampling.
+    import h5py
+
+    from rimlens.data.storage import generate_dataset
+    from rimlens.inference.predict import predict_file
+    from rimlens.physics import PSF, LensSimulator
+    from rimlens.physics.likelihood import reduced_chi_squared
+
+    Trainer(_tiny(max_steps=2, val_every=1000, val_size=4), tmp_path / "run", progress=False).train()
+    tiny = get_preset("tiny")
+    integrated = dataclasses.replace(tiny, grid=dataclasses.replace(tiny.grid, supersample=2))
+    data = generate_dataset(tmp_path / "d.h5", integrated, 4, seed=9, block_size=4, progress=False)
+    predict_file(tmp_path / "run", data, tmp_path / "rec.h5", batch_size=4, progress=False)
+    with h5py.File(tmp_path / "rec.h5") as f, h5py.File(data) as d:
+        source, kappa, image, chi2 = (torch.as_tensor(f[k][:]) for k in ("source", "kappa", "model_image", "chi2_nu"))
+        obs, psf, sigma = (torch.as_tensor(d[k][:]) for k in ("observation", "psf", "noise_sigma"))
+    sim = LensSimulator(tiny.grid.image_grid, tiny.grid.source_grid, supersample=2)
+    expected = sim.forward(source, kappa, PSF.from_kernel(psf))
+    assert torch.allclose(image, expected, rtol=1e-4, atol=1e-5)
+    assert torch.allclose(chi2, reduced_chi_squared(expected, obs, sigma.reshape(-1, 1, 1, 1)), rtol=1e-4)
+    point = LensSimulator(tiny.grid.image_grid, tiny.grid.source_grid).forward(source, kappa, PSF.from_kernel(psf))
+    assert not torch.allclose(image, point, rtol=1e-3, atol=1e-4)  # the factor made a difference

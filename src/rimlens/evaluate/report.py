@@ -22,7 +22,7 @@ import torch
 from rimlens.data.storage import read_lenses
 from rimlens.distributed import rank_and_world
 from rimlens.evaluate.metrics import coherence_spectrum, lens_losses
-from rimlens.inference.finetune import FinetuneOptions, finetune
+from rimlens.inference.finetune import FinetuneOptions, finetune, fit_simulator
 from rimlens.inference.map_fit import MAPOptions, fit_map
 from rimlens.inference.predict import check_grids, reconstruct
 from rimlens.inference.sharding import run_chunks
@@ -58,6 +58,7 @@ class TestSet:
     kappa: torch.Tensor
     snr: np.ndarray
     shear: torch.Tensor | None = None  # ``B x 2`` external shear (zeros for sets written without it)
+    supersample: int = 1  # rays per pixel side the images were made with (chi2 uses the same)
 
     @classmethod
     def read(cls, path: str | Path) -> TestSet:
@@ -67,6 +68,7 @@ class TestSet:
             *(torch.as_tensor(d[k]) for k in ("observation", "psf", "noise_sigma", "source", "kappa")),
             np.asarray(d["snr"]),
             torch.as_tensor(d["shear"]),
+            d["preset"].grid.supersample,
         )
 
     def __len__(self) -> int:
@@ -116,11 +118,14 @@ def compute_methods(
         "model_weights": _fingerprint(model),
         "data": str(data.path.resolve()),
         "count": n,
+        "chi2_supersample": data.supersample,
     }
+    # every method's chi2 (and the MAP's and fine-tuning's fits) with the forward model the data were made with
+    sim = fit_simulator(model, data.supersample)
 
     def rim_chunk(a: int, b: int) -> dict:
         t = time.perf_counter()
-        r = reconstruct(model, obs[a:b], psf[a:b], sigma[a:b], batch_size=batch_size)
+        r = reconstruct(model, obs[a:b], psf[a:b], sigma[a:b], batch_size=batch_size, supersample=data.supersample)
         return {
             "source": r.source.numpy(),
             "kappa": r.kappa.numpy(),
@@ -138,7 +143,7 @@ def compute_methods(
         m, map_options = min(n_map, n), MAPOptions()
 
         def map_chunk(a: int, b: int) -> dict:
-            r = fit_map(model.simulator, obs[a:b].double(), psf[a:b].double(), sigma[a:b].double(), options=map_options)
+            r = fit_map(sim, obs[a:b].double(), psf[a:b].double(), sigma[a:b].double(), options=map_options)
             return {
                 "source": r.source.float().numpy(),
                 "kappa": r.kappa.float().numpy(),
@@ -163,7 +168,7 @@ def compute_methods(
         m = min(n_finetune, n)
 
         def ft_chunk(a: int, b: int) -> dict:
-            f = finetune(model, obs[a:b], psf[a:b], sigma[a:b], *vaes, options)
+            f = finetune(model, obs[a:b], psf[a:b], sigma[a:b], *vaes, options, simulator=sim)
             return {
                 "source": f.source.numpy(),
                 "kappa": f.kappa.numpy(),

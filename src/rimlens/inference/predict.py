@@ -12,10 +12,11 @@ import h5py
 import numpy as np
 import torch
 
-from rimlens.config import Preset
+from rimlens.config import Preset, preset_from_json
 from rimlens.data.storage import open_lens_file
 from rimlens.distributed import collective_failure
 from rimlens.errors import RimlensInputError, check_noise_sigma
+from rimlens.inference.finetune import fit_simulator
 from rimlens.inference.sharding import run_chunks
 from rimlens.io.atomic import atomic_path
 from rimlens.io.checkpoint import load_model
@@ -49,7 +50,13 @@ class BatchReconstruction:
 
 @torch.no_grad()
 def reconstruct(
-    model: RIM, observation: torch.Tensor, psf, noise_sigma, mask=None, batch_size: int = 32
+    model: RIM,
+    observation: torch.Tensor,
+    psf,
+    noise_sigma,
+    mask=None,
+    batch_size: int = 32,
+    supersample: int | None = None,
 ) -> BatchReconstruction:
     """Reconstruct a batch of lenses.
 
@@ -57,11 +64,14 @@ def reconstruct(
         model: a :class:`rimlens.inference.RIM` (eval mode).
         observation: ``B x 1 x N x N``; psf: kernels ``B x 1 x K x K`` (or one for all);
         noise_sigma: ``(B,)`` or noise maps ``B x 1 x N x N``.
+        supersample: rays per pixel side of the forward model of the reported model images and chi2
+            (:func:`rimlens.inference.finetune.fit_simulator`): that of the data (a lens file's
+            preset), so that the true maps would fit; ``None``: the model's own.
 
     Returns:
         the maps, their chi2_nu and the chi2_nu along the steps (:class:`BatchReconstruction`).
     """
-    sim = model.simulator
+    sim = fit_simulator(model, supersample)
     sim._check_image(observation, "observation")
     out: dict[str, list[torch.Tensor]] = {
         k: [] for k in ("source", "kappa", "log10_kappa", "model_image", "chi2_nu", "chi2_nu_steps", "shear")
@@ -128,6 +138,9 @@ def predict_file(model_path, data_path, out_path, batch_size: int = 32, progress
             "seed": int(h5.attrs["seed"]),
             "batch_size": batch_size,
         }
+        # chi2 with the forward model the data were made with (pixel integration), not the model's own
+        data_supersample = preset_from_json(h5.attrs["preset"]).grid.supersample
+        settings["chi2_supersample"] = data_supersample
 
         def compute(start, stop):
             sl = slice(start, stop)
@@ -137,6 +150,7 @@ def predict_file(model_path, data_path, out_path, batch_size: int = 32, progress
                 torch.as_tensor(h5["psf"][sl]),
                 torch.as_tensor(h5["noise_sigma"][sl]),
                 batch_size=batch_size,
+                supersample=data_supersample,
             )
             return r.arrays()
 
