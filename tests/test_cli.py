@@ -87,8 +87,9 @@ def test_reconstruct_an_hdf5_set_with_the_shipped_model(tmp_path):
     grid = get_preset("cpu64").grid
     with h5py.File(tmp_path / "rec" / "reconstructions.h5", "r") as f, h5py.File(data, "r") as d:
         assert f["kappa"].shape == d["kappa"].shape and np.isfinite(f["chi2_nu"][:]).all()
-        # the stored chi2_nu is the fit of the stored maps to the stored observations, recomputed here
-        sim = LensSimulator(grid.image_grid, grid.source_grid)
+        # the stored chi2_nu is the fit of the stored maps to the stored observations, recomputed here with
+        # the forward model the set was made with (the cpu64 preset integrates over pixels, f = 4)
+        sim = LensSimulator(grid.image_grid, grid.source_grid, supersample=grid.supersample)
         model = sim.forward(
             torch.as_tensor(f["source"][:]),
             torch.as_tensor(f["kappa"][:]),
