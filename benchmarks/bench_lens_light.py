@@ -6,31 +6,20 @@
 shared copy of J1430+4105, ``../shared/data/slacs_hst_lenses/slacs1430+4105`` from the repository root).
 
 Prints the median seconds of ``reconstruct_prepared`` with ``lens_light="none"`` and ``"mge"`` (same
-process, same prepared observation, the shipped model), their ratio, and the first light fit alone.
+process, same prepared observation, the shipped model, timed round-robin), their ratio, and the first
+light fit alone.
 """
 
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 from pathlib import Path
 
-import torch
-
+from common import compare_times, machine, median_time
 from rimlens.inference import pipeline
 from rimlens.io.checkpoint import load_model
 from rimlens.io.observation import load_observation, prepare_observation
 from rimlens.physics import PSF
-
-
-def median_seconds(fn, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
 
 
 def main(argv=None) -> None:
@@ -43,10 +32,17 @@ def main(argv=None) -> None:
     obs = load_observation(d / "image.fits", d / "psf.fits", d / "noise_map.fits", pixel_scale_arcsec=0.05)
     prep = prepare_observation(obs, model.grid.image_grid, "auto")
     fit_psf = PSF.from_kernel(prep.kernel_for(pipeline.FIT_SUPERSAMPLE or 1))
-    none = median_seconds(lambda: pipeline.reconstruct_prepared(model, prep, lens_light="none"), args.repeats)
-    mge = median_seconds(lambda: pipeline.reconstruct_prepared(model, prep, lens_light="mge"), args.repeats)
-    first_fit = median_seconds(lambda: pipeline._fit_light(prep, prep.observation, fit_psf, None), args.repeats)
-    print(f"threads {torch.get_num_threads()}, median of {args.repeats}")
+    times = compare_times(  # round-robin: machine noise hits both alike
+        {
+            "none": lambda: pipeline.reconstruct_prepared(model, prep, lens_light="none"),
+            "mge": lambda: pipeline.reconstruct_prepared(model, prep, lens_light="mge"),
+        },
+        repeats=args.repeats,
+        min_time=0.0,
+    )
+    none, mge = times["none"], times["mge"]
+    first_fit = median_time(lambda: pipeline._fit_light(prep, prep.observation, fit_psf, None), args.repeats)
+    print(f"{machine()}, medians of {args.repeats}")
     print(f"reconstruct_prepared: lens light none {none:.3f} s, mge {mge:.3f} s, ratio {mge / none:.2f}")
     print(f"first lens-light fit alone: {first_fit:.3f} s")
 

@@ -124,12 +124,17 @@ def test_solve_amplitudes_matches_scipy_nnls():
     assert len(set(n_active)) > 1  # and the examples of the batch have different active sets
 
 
-def test_nnls_gram_kkt():
-    # Random well-posed problems: the solution satisfies the KKT conditions.
-    gen = torch.Generator().manual_seed(3)
+def _random_nnls_problems(seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """16 well-posed problems (200 x 12 designs) as normal equations ``(G, h)``."""
+    gen = torch.Generator().manual_seed(seed)
     a = torch.randn(16, 200, 12, generator=gen, dtype=torch.float64)
     y = torch.randn(16, 200, generator=gen, dtype=torch.float64)
-    gram, rhs = a.transpose(1, 2) @ a, (a.transpose(1, 2) @ y[:, :, None])[..., 0]
+    return a.transpose(1, 2) @ a, (a.transpose(1, 2) @ y[:, :, None])[..., 0]
+
+
+def test_nnls_gram_kkt():
+    # Random well-posed problems: the solution satisfies the KKT conditions.
+    gram, rhs = _random_nnls_problems(3)
     x, passive = ll.nnls_gram(gram, rhs)
     grad = (gram @ x[:, :, None])[..., 0] - rhs  # gradient of x^T G x / 2 - h^T x
     assert bool((x >= 0).all())
@@ -140,10 +145,8 @@ def test_nnls_gram_kkt():
 
 def test_nnls_warm_start_gives_the_cold_solution():
     # A guessed passive set (the cold solution's, a perturbed one, all, none) changes the path, not the answer.
+    gram, rhs = _random_nnls_problems(4)
     gen = torch.Generator().manual_seed(4)
-    a = torch.randn(16, 200, 12, generator=gen, dtype=torch.float64)
-    y = torch.randn(16, 200, generator=gen, dtype=torch.float64)
-    gram, rhs = a.transpose(1, 2) @ a, (a.transpose(1, 2) @ y[:, :, None])[..., 0]
     cold, cold_set = ll.nnls_gram(gram, rhs)
     flipped = cold_set ^ (torch.rand(cold_set.shape, generator=gen) < 0.3)
     for guess in (cold_set, flipped, torch.ones_like(cold_set), torch.zeros_like(cold_set)):
