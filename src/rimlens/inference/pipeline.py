@@ -160,7 +160,7 @@ LENS_LIGHT_ROUNDS = 1
 # refinement <-> lens-light alternations with --finetune: each re-fits the light's shape and amplitudes to
 # the observation minus the arcs (nothing to clip then), then refines the maps; they stop when a round
 # gains less than REFINE_LIGHT_GAIN in chi2 (measured on SLACS J1430+4105: chi2_nu 2.55 after 2 rounds,
-# 2.08 after 4, 1.85 after 6, 1.84 after 8)
+# 2.08 after 4, 1.85 after 6, 1.84 after 8, before the core mask below)
 REFINE_LIGHT_ROUNDS = 8
 REFINE_LIGHT_GAIN = 0.02
 # the first light fit (no source model yet): its shape on the central half of the grid with 12 Gaussians,
