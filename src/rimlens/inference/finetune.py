@@ -26,6 +26,7 @@ import copy
 import dataclasses
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -51,6 +52,7 @@ __all__ = [
 
 SHEAR_UNIT = 0.01  # the refinement's step unit of the external shear (see refine)
 STALL_ITERATIONS = 20  # the refinement stops after this many iterations without a relative gain of
+RESTART_STEP_FACTOR = 0.1  # each restart of the refinement's L-BFGS scales its first step by this
 STALL_TOLERANCE = 1e-4  # ... this much in chi2_nu
 
 
@@ -356,10 +358,31 @@ def finetune(
     return result
 
 
-def refine(simulator, observation, psf, sigma_b, result: FinetuneResult, options: FinetuneOptions, mask=None) -> None:
+def refine(
+    simulator,
+    observation,
+    psf,
+    sigma_b,
+    result: FinetuneResult,
+    options: FinetuneOptions,
+    mask=None,
+    background: Callable[[torch.Tensor], torch.Tensor] | None = None,
+) -> None:
     """Pixel-space refinement of ``result``'s estimate (in place): L-BFGS on source pixels and
     log10 kappa with a proximity prior to the starting estimate, stopping at chi2_nu < target; only
-    a better chi2_nu replaces the estimate (see the module docstring)."""
+    a better chi2_nu replaces the estimate (see the module docstring).
+
+    ``background``, if given, maps ``observation - arcs`` (``1 x 1 x N x N``, the arcs being the
+    simulated lensed source) to the best fit of everything else in the data -- e.g. the lens light with
+    its amplitudes re-solved (:meth:`rimlens.physics.lens_light.LensLightModel.resolve`), differentiably.
+    The model image is then ``arcs + background(observation - arcs)``: the background's linear
+    parameters are profiled out of the objective (variable projection), so they move with the source
+    and kappa instead of by turns, which left the light holding part of the ring (README, "Lens light").
+    """
+
+    def full(arcs: torch.Tensor) -> torch.Tensor:
+        return arcs if background is None else arcs + background(observation - arcs)
+
     s_ref, eta_ref = result.source.detach(), torch.log10(result.kappa.detach())
     s, eta = s_ref.clone().requires_grad_(True), eta_ref.clone().requires_grad_(True)
     # the external shear (when the model has one) is free, without a prior; L-BFGS moves it in units of
@@ -371,16 +394,17 @@ def refine(simulator, observation, psf, sigma_b, result: FinetuneResult, options
     def shear() -> torch.Tensor | None:
         return None if u is None else u * SHEAR_UNIT
 
-    def new_lbfgs():
-        return torch.optim.LBFGS(free, lr=1, max_iter=1, line_search_fn="strong_wolfe", history_size=20)
+    def new_lbfgs(lr: float = 1.0):
+        return torch.optim.LBFGS(free, lr=lr, max_iter=1, line_search_fn="strong_wolfe", history_size=20)
 
-    opt = new_lbfgs()
+    lr = 1.0
+    opt = new_lbfgs(lr)
     n_used = float(used_pixels(sigma_b, observation.shape, mask).sum())
     w = options.refine_weight
 
     def closure():
         opt.zero_grad()
-        model_img = simulator.forward(s.clamp_min(0), 10**eta, psf, shear=shear(), check=False)
+        model_img = full(simulator.forward(s.clamp_min(0), 10**eta, psf, shear=shear(), check=False))
         loss = 0.5 * chi_squared(model_img, observation, sigma_b, mask).sum() / n_used + w * (
             ((s - s_ref) ** 2).mean() + ((eta - eta_ref) ** 2).mean()
         )
@@ -395,13 +419,18 @@ def refine(simulator, observation, psf, sigma_b, result: FinetuneResult, options
         # curvature history is stale: restart from a gradient step (without it the refinement
         # stalled far above the noise on some high-SNR lenses; README, fine-tuning)
         if previous is not None and abs(previous - objective) <= 1e-12 * abs(objective):
-            opt = new_lbfgs()
+            # ... with a smaller first step each time: L-BFGS's first trial step, 1 / |gradient|_1, can
+            # overshoot so far (log10 kappa's gradient peaks at a few pixels) that the strong-Wolfe search
+            # returns a zero step, again and again (seen with lens light: stuck at chi2_nu 20 whose data
+            # gradient pointed downhill; README, "Lens light")
+            lr = max(lr * RESTART_STEP_FACTOR, 1e-6)
+            opt = new_lbfgs(lr)
         previous = objective
         with torch.no_grad():
             src, g = s.detach().clamp_min(0), shear()
             chi2_nu = float(
                 reduced_chi_squared(
-                    simulator.forward(src, 10**eta, psf, shear=g, check=False), observation, sigma_b, mask
+                    full(simulator.forward(src, 10**eta, psf, shear=g, check=False)), observation, sigma_b, mask
                 )[0]
             )
         result.chi2_history.append(chi2_nu)

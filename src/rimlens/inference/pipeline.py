@@ -9,6 +9,7 @@ import dataclasses
 import json
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -219,6 +220,18 @@ def _central_half(n: int) -> int:
     return half + (n - half) % 2
 
 
+def _profiled_light(
+    light: LensLightModel, prep: PreparedObservation, gain: float
+) -> Callable[[torch.Tensor], torch.Tensor]:
+    """For :func:`rimlens.inference.finetune.refine`: data minus arcs (the RIM's units, ``gain`` times the
+    observation's) to the lens light at ``light``'s shape with its amplitudes re-solved (differentiable)."""
+
+    def background(residual: torch.Tensor) -> torch.Tensor:
+        return light.resolve(residual / gain, prep.noise_sigma, prep.mask).image() * gain
+
+    return background
+
+
 def _fit_light(prep: PreparedObservation, data: torch.Tensor, psf: PSF, light: LensLightModel | None) -> LensLightModel:
     if light is None:  # first fit: no source model yet, so pixels far brighter than the light (arcs) are clipped
         # the model field is centred on the lens: start there (a bright arc could otherwise attract the start).
@@ -237,6 +250,7 @@ def _fit_light(prep: PreparedObservation, data: torch.Tensor, psf: PSF, light: L
             shape_gaussians=12,
             clip_rounds=0,
             max_iter=6,
+            native=prep.native,
         )
     return light.resolve(data, prep.noise_sigma, prep.mask)
 
@@ -316,9 +330,12 @@ def reconstruct_prepared(
             simulator=sim,
             simulator_psf=fit_psf,
         )
-        # with lens light, the pixel refinement alternates with a re-fit of the light (a joint fit by turns),
-        # until a round lowers chi2 by less than REFINE_LIGHT_GAIN (relative) or REFINE_LIGHT_ROUNDS are done
+        # with lens light, the pixel refinement alternates with a re-fit of the light's shape, until a round
+        # lowers chi2 by less than REFINE_LIGHT_GAIN (relative) or REFINE_LIGHT_ROUNDS are done; within a
+        # round the light's amplitudes are re-solved at every step of the refinement (profiled out of its
+        # objective), so that they and the source move jointly
         previous = float("inf")
+        whole = obs.masked_fill(~prep.mask, 0.0) * gain
         for _ in range(REFINE_LIGHT_ROUNDS if light is not None and finetune_with.options.refine_steps else 0):
             if ft.chi2_nu > (1 - REFINE_LIGHT_GAIN) * previous:
                 break
@@ -330,12 +347,13 @@ def reconstruct_prepared(
                     prep.noise_sigma,
                     prep.mask,
                 )
-                light_image = light.image().detach().to(obs.dtype)
-                scaled = (obs - light_image).masked_fill(~prep.mask, 0.0) * gain
+                background = _profiled_light(light, prep, gain)
                 model_img = sim.forward(ft.source, ft.kappa, fit_psf, shear=ft.shear, check=False)
-                ft.chi2_nu = float(reduced_chi_squared(model_img, scaled, sigma, prep.mask)[0])
+                ft.chi2_nu = float(
+                    reduced_chi_squared(model_img + background(whole - model_img), whole, sigma, prep.mask)[0]
+                )
             done = ft.refine_steps
-            refine(sim, scaled, fit_psf, sigma, ft, finetune_with.options, prep.mask)
+            refine(sim, whole, fit_psf, sigma, ft, finetune_with.options, prep.mask, background=background)
             ft.refine_steps += done  # refine() counts its own iterations only
         source, kappa, shear = ft.source / gain, ft.kappa, ft.shear
         with torch.no_grad():

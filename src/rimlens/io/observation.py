@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from rimlens.errors import RimlensInputError
 from rimlens.io.fits import pixel_scale_from_header, read_image, wcs_rotation_deg
 from rimlens.physics import PixelGrid
+from rimlens.physics.lens_light import NativeFrame
 from rimlens.physics.likelihood import EXCLUDE_SIGMA
 from rimlens.physics.resample import resample_density, resample_flux, resample_variance, sample_kernel_at_centres
 
@@ -119,6 +120,9 @@ class PreparedObservation:
     # (supersampled ray tracing, the MGE lens light); ``psf`` is area-averaged over each model pixel, the
     # kernel for point-sampled models such as the RIM's own simulator (rimlens.physics.resample)
     psf_sampled: torch.Tensor | None = None
+    # the detector's own pixels and PSF, for models rendered there and resampled like the data (the lens
+    # light: rimlens.physics.lens_light.NativeFrame); None when unknown (e.g. data made on the model grid)
+    native: NativeFrame | None = None
 
     def kernel_for(self, supersample: int) -> torch.Tensor:
         """The PSF kernel for a forward model that samples ``supersample`` rays per pixel side: the
@@ -320,4 +324,5 @@ def prepare_observation(
         padded_fraction,
         cropped,
         psf_sampled.float(),
+        NativeFrame.for_cutout(grid, s_in, (image.shape[0], image.shape[1]), (cx, cy), torch.as_tensor(obs.psf)),
     )

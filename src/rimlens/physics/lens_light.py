@@ -66,9 +66,11 @@ from rimlens.errors import RimlensInputError, check_map, check_noise_sigma
 from rimlens.physics.grid import PixelGrid
 from rimlens.physics.likelihood import used_pixels
 from rimlens.physics.psf import FWHM_TO_SIGMA, PSF
+from rimlens.physics.resample import resample_density
 
 __all__ = [
     "LensLightModel",
+    "NativeFrame",
     "default_sigmas",
     "ellipticity_from_q_phi",
     "fit_lens_light",
@@ -278,6 +280,92 @@ def _render(
     if amps is not None:
         return torch.stack(parts).sum(0)
     return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+
+
+@dataclass(frozen=True)
+class NativeFrame:
+    """The detector's own pixels, for data that were resampled onto the model grid.
+
+    A prepared observation (:func:`rimlens.io.observation.prepare_observation`) is the detector image
+    resampled onto the model grid by area overlap. Rendering the light there directly and convolving with
+    a PSF sampled on the model grid only approximates that operator: at 0.12" model pixels an HST PSF
+    (FWHM ~0.1") is undersampled, and where a lens galaxy is hundreds of times brighter than the noise the
+    approximation leaves tens of sigma (README, "Lens light"). This frame renders the Gaussians on the
+    detector's pixel grid (``grid``, square, its pixel edges on the detector's), convolves them with the
+    PSF at that scale and resamples them to the model grid exactly as the data were
+    (:func:`rimlens.physics.resample.resample_density`): the data's own forward model.
+
+    Attributes:
+        grid: the square detector-scale grid rendered (``R`` pixels of the detector's size ``s_in``).
+        offset_arcsec: ``(x, y)`` of ``grid``'s centre relative to the model grid's centre (arcsec).
+        psf: the PSF at the detector's pixel scale.
+        model_grid: the model grid the images are resampled to.
+    """
+
+    grid: PixelGrid
+    offset_arcsec: tuple[float, float]
+    psf: PSF
+    model_grid: PixelGrid
+
+    @classmethod
+    def for_cutout(
+        cls,
+        model_grid: PixelGrid,
+        pixel_scale_arcsec: float,
+        shape: tuple[int, int],
+        center_arcsec: tuple[float, float],
+        psf_kernel: torch.Tensor,
+    ) -> NativeFrame:
+        """The frame of a cut-out of ``shape = (rows, cols)`` detector pixels of ``pixel_scale_arcsec``
+        whose point ``center_arcsec`` (arcsec from the cut-out's centre) is the model grid's centre, with
+        the PSF ``psf_kernel`` (``K x K`` or ``1 x 1 x K x K`` at the detector's scale). The rendered grid
+        covers the model field plus the PSF's reach, its pixel edges on the cut-out's."""
+        s = float(pixel_scale_arcsec)
+        kernel = torch.as_tensor(psf_kernel, dtype=torch.float64).reshape(1, 1, *psf_kernel.shape[-2:])
+        size = math.ceil(model_grid.fov_arcsec / s - 1e-9) + 2 + kernel.shape[-1]
+        offset = []
+        for n_in, c in zip((shape[1], shape[0]), center_arcsec, strict=True):
+            # grid centres that put its edges on the cut-out's: s * ((size - n_in) / 2 + k), k integer
+            base = s * (size - n_in) / 2
+            offset.append(base + s * round((c - base) / s) - c)
+        return cls(PixelGrid(size, s), (offset[0], offset[1]), PSF.from_kernel(kernel), model_grid)
+
+    def to_model(self, images: torch.Tensor) -> torch.Tensor:
+        """Resample ``B x C x R x R`` detector-grid images (surface brightness) to ``B x C x N x N``
+        model-grid pixel means, as the data were."""
+        ox, oy = self.offset_arcsec
+        return resample_density(
+            images,
+            self.grid.pixel_scale_arcsec,
+            self.model_grid.n_pixels,
+            self.model_grid.pixel_scale_arcsec,
+            (-ox, -oy),
+        )
+
+
+def _basis_images(
+    grid: PixelGrid,
+    psf: PSF | None,
+    native: NativeFrame | None,
+    x0: torch.Tensor,
+    y0: torch.Tensor,
+    e1: torch.Tensor,
+    e2: torch.Tensor,
+    sigmas: torch.Tensor,
+    sampling: float,
+    amps: torch.Tensor | None = None,
+    convolve: bool = True,
+) -> torch.Tensor:
+    """:func:`_render` (then the PSF unless ``convolve`` is False) on the model ``grid``, or, with a
+    ``native`` frame, on the detector's grid, convolved with its PSF and resampled to the model grid."""
+    if native is None:
+        out = _render(grid, x0, y0, e1, e2, sigmas, sampling, amps)
+        return _convolve_stack(out, psf) if convolve and psf is not None else out
+    ox, oy = native.offset_arcsec
+    out = _render(native.grid, x0 - ox, y0 - oy, e1, e2, sigmas, sampling, amps)
+    if convolve:
+        out = _convolve_stack(out, native.psf)
+    return native.to_model(out)
 
 
 def _convolve_stack(images: torch.Tensor, psf: PSF) -> torch.Tensor:
@@ -542,6 +630,8 @@ class LensLightModel:
         chi2: ``(B,)`` chi-square of the fit (over the used pixels).
         dtype: dtype of the images returned by :meth:`image` and :meth:`unconvolved` (that of the data).
         sampling: minimum number of (sub-)pixels per minor-axis sigma (see :func:`mge_basis`).
+        native: the detector's frame (:class:`NativeFrame`): the basis is rendered there and resampled
+            to ``grid`` (``psf`` is then unused); ``None``: rendered on ``grid``, convolved with ``psf``.
     """
 
     center_x: torch.Tensor
@@ -556,6 +646,7 @@ class LensLightModel:
     dtype: torch.dtype = torch.float64
     sampling: float = 1.5
     _cache: dict[str, torch.Tensor] = field(default_factory=dict, repr=False, compare=False)
+    native: NativeFrame | None = None
 
     @property
     def center(self) -> torch.Tensor:
@@ -571,8 +662,14 @@ class LensLightModel:
         """The ``B x K x N x N`` float64 basis (arcsec^-2) at the fitted shape, cached."""
         key = "convolved" if convolved else "unconvolved"
         if key not in self._cache:
+            e1, e2 = ellipticity_from_q_phi(self.q, self.phi)
+            if self.native is not None:  # convolved on the detector's grid, so each is rendered apart
+                self._cache[key] = _basis_images(
+                    self.grid, self.psf, self.native, self.center_x, self.center_y, e1, e2, self.sigmas,
+                    self.sampling, convolve=convolved,
+                )  # fmt: skip
+                return self._cache[key]
             if "unconvolved" not in self._cache:
-                e1, e2 = ellipticity_from_q_phi(self.q, self.phi)
                 self._cache["unconvolved"] = _render(
                     self.grid, self.center_x, self.center_y, e1, e2, self.sigmas, self.sampling
                 )
@@ -620,6 +717,7 @@ class LensLightModel:
             data.dtype,
             self.sampling,
             self._cache,
+            native=self.native,
         )
 
     def refit(
@@ -644,10 +742,13 @@ class LensLightModel:
             g1, g2 = _to_free(*ellipticity_from_q_phi(self.q, self.phi))
             theta = torch.stack([self.center_x, self.center_y, g1, g2], dim=-1)
             start_set = self.amplitudes.detach() > 0
-            start = _evaluate(theta, self.grid, self.sigmas, self.psf, d64, weights, self.sampling, start_set)
-            best, _ = _levenberg_marquardt(
-                start, self.grid, self.sigmas, self.psf, d64, weights, self.sampling, fit_center, max_iter, 1e-6, 1e-3
+            start = _evaluate(
+                theta, self.grid, self.sigmas, self.psf, d64, weights, self.sampling, start_set, self.native
             )
+            best, _ = _levenberg_marquardt(
+                start, self.grid, self.sigmas, self.psf, d64, weights, self.sampling, fit_center, max_iter, 1e-6, 1e-3,
+                self.native,
+            )  # fmt: skip
             q, phi = q_phi_from_ellipticity(*_from_free(best.theta[:, 2], best.theta[:, 3]))
         model = LensLightModel(
             best.theta[:, 0].clone(),
@@ -661,6 +762,7 @@ class LensLightModel:
             best.chi2,
             data.dtype,
             self.sampling,
+            native=self.native,
         )
         return model.resolve(data, noise_sigma, mask)
 
@@ -755,10 +857,10 @@ def _evaluate(
     weights: torch.Tensor,
     sampling: float,
     passive_start: torch.Tensor | None = None,
+    native: NativeFrame | None = None,
 ) -> _Eval:
     e1, e2 = _from_free(theta[:, 2], theta[:, 3])
-    basis = _convolve_stack(_render(grid, theta[:, 0], theta[:, 1], e1, e2, sigmas, sampling), psf)
-    basis = basis.flatten(2)
+    basis = _basis_images(grid, psf, native, theta[:, 0], theta[:, 1], e1, e2, sigmas, sampling).flatten(2)
     gram, rhs = _normal_equations(basis, data, weights)
     amps, passive = nnls_gram(gram, rhs, passive_start=passive_start)
     model = (amps[:, :, None] * basis).sum(1)
@@ -787,6 +889,7 @@ def _levenberg_marquardt(
     max_iter: int,
     rtol: float,
     chi2_tol: float,
+    native: NativeFrame | None = None,
 ) -> tuple[_Eval, int]:
     """Batched LM on the profile chi^2 (Kaufman's variable-projection Jacobian), per-example damping.
 
@@ -809,8 +912,12 @@ def _levenberg_marquardt(
         theta = c.theta
         e1, e2 = _from_free(theta[:, 2], theta[:, 3])
         # model and d/d(x0, y0, e1, e2), then chain rule to (x0, y0, g1, g2)
-        stack = _render(grid, theta[:, 0], theta[:, 1], e1, e2, sigmas, sampling, c.amps)
-        jm = _convolve_stack(stack[:, 1:], psf_a).flatten(2)  # B' x 4 x P
+        if native is None:
+            stack = _render(grid, theta[:, 0], theta[:, 1], e1, e2, sigmas, sampling, c.amps)
+            jm = _convolve_stack(stack[:, 1:], psf_a).flatten(2)  # B' x 4 x P
+        else:
+            stack = _basis_images(grid, psf_a, native, theta[:, 0], theta[:, 1], e1, e2, sigmas, sampling, c.amps)
+            jm = stack[:, 1:].flatten(2)
         # de_i / dg_j = e_max (delta_ij / r - g_i g_j / r^3), r = sqrt(1 + |g|^2)
         g = theta[:, 2:]
         r = torch.sqrt(1 + (g**2).sum(-1))[:, None, None]
@@ -830,7 +937,7 @@ def _levenberg_marquardt(
         delta = torch.nan_to_num(torch.linalg.solve_ex(damped, grad)[0], nan=0.0, posinf=0.0, neginf=0.0)
         # Gauss-Newton predicted decrease of chi^2 for the undamped model (>= 0)
         predicted = 2 * (delta * grad).sum(-1) - (delta[:, None, :] @ hess @ delta[:, :, None])[:, 0, 0]
-        trial = _evaluate(theta + delta, grid, sigmas, psf_a, data[act], weights[act], sampling, c.passive)
+        trial = _evaluate(theta + delta, grid, sigmas, psf_a, data[act], weights[act], sampling, c.passive, native)
         better = trial.chi2 < c.chi2
         gain = (c.chi2 - trial.chi2) / c.chi2.clamp_min(1e-300)
         new = _select(trial, better, c)
@@ -863,6 +970,7 @@ def fit_lens_light(
     sampling: float = 1.5,
     shape_pixels: int | None = None,
     shape_gaussians: int | None = None,
+    native: NativeFrame | None = None,
 ) -> LensLightModel:
     """Fit the MGE lens-light model (shape and non-negative amplitudes) to a batch of images.
 
@@ -898,6 +1006,9 @@ def fit_lens_light(
             each step then costs ~(N / shape_pixels)^2 less. The amplitudes of the full basis
             (``sigmas``) are solved on the whole image at that shape, with ``clip_sigma`` clipping
             re-applied there once. The grid must be centred on the lens (as a prepared observation's is).
+        native: the detector's frame (:class:`NativeFrame`) of resampled data: the basis is rendered,
+            convolved (with ``native.psf``) there and resampled like the data. The crop of
+            ``shape_pixels``, a first guess, is still fitted on the model grid with ``psf``.
 
     Returns:
         The :class:`LensLightModel`; its amplitudes are differentiable w.r.t. ``data`` (at the fitted,
@@ -943,9 +1054,21 @@ def fit_lens_light(
         theta = torch.stack([x0, y0, g1, g2], dim=-1)
         fit_w = fit_weights
         for rnd in range((clip_rounds if clip_sigma is not None else 0) + 1):
-            start = _evaluate(theta, fit_grid, fit_sig, psf, fit_d, fit_w, sampling)
+            shape_native = native if fit_grid is grid else None
+            start = _evaluate(theta, fit_grid, fit_sig, psf, fit_d, fit_w, sampling, native=shape_native)
             best, _ = _levenberg_marquardt(
-                start, fit_grid, fit_sig, psf, fit_d, fit_w, sampling, fit_center, max_iter, rtol, chi2_tol
+                start,
+                fit_grid,
+                fit_sig,
+                psf,
+                fit_d,
+                fit_w,
+                sampling,
+                fit_center,
+                max_iter,
+                rtol,
+                chi2_tol,
+                shape_native,
             )
             theta = best.theta
             if clip_sigma is not None and rnd < clip_rounds:
@@ -965,6 +1088,7 @@ def fit_lens_light(
         torch.zeros(b, dtype=torch.float64, device=data.device),
         data.dtype,
         sampling,
+        native=native,
     )
     if fit_grid is not grid:  # the crop's clipping does not cover the whole image: clip once on it
         if clip_sigma is None:
