@@ -226,8 +226,10 @@ def _profiled_light(
     """For :func:`rimlens.inference.finetune.refine`: data minus arcs (the RIM's units, ``gain`` times the
     observation's) to the lens light at ``light``'s shape with its amplitudes re-solved (differentiable)."""
 
+    image = light.profiled(prep.noise_sigma, prep.mask)
+
     def background(residual: torch.Tensor) -> torch.Tensor:
-        return light.resolve(residual / gain, prep.noise_sigma, prep.mask).image() * gain
+        return image(residual / gain) * gain
 
     return background
 

@@ -57,7 +57,7 @@ The non-linear parameters returned by :func:`fit_lens_light` are detached (the f
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -719,6 +719,27 @@ class LensLightModel:
             self._cache,
             native=self.native,
         )
+
+    def profiled(
+        self, noise_sigma: float | torch.Tensor, mask: torch.Tensor | None = None
+    ) -> Callable[[torch.Tensor], torch.Tensor]:
+        """``data -> image``: the model at this shape with its amplitudes re-solved for ``data``
+        (``B x 1 x N x N``), differentiably, as :meth:`resolve` followed by :meth:`image` -- but with the
+        normal matrix computed once and each solve warm-started from the previous active set, for a
+        caller that re-solves at every step of an optimisation (the light profiled out of the
+        refinement's objective, :func:`rimlens.inference.finetune.refine`)."""
+        basis = self.basis(True).flatten(2)  # B x K x P, float64
+        shape = (basis.shape[0], 1, self.grid.n_pixels, self.grid.n_pixels)
+        weighted = basis * _weights(noise_sigma, mask, shape, basis).flatten(2)
+        gram = weighted @ basis.transpose(-1, -2)
+        passive = [self.amplitudes.detach() > 0 if bool((self.amplitudes > 0).any()) else None]
+
+        def image(data: torch.Tensor) -> torch.Tensor:
+            rhs = (weighted @ data.flatten(2).to(torch.float64).transpose(-1, -2))[..., 0]
+            amps, passive[0] = _amplitudes_from_system(gram, rhs, passive[0])
+            return (amps[:, :, None] * basis).sum(1).reshape(data.shape).to(data.dtype)
+
+        return image
 
     def refit(
         self,
