@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from rimlens.errors import RimlensInputError
-from rimlens.inference.posterior import PosteriorOptions, laplace_samples, perturb_and_map
+from rimlens.inference.posterior import PosteriorOptions, laplace_samples, marginal_samples, perturb_and_map
 from rimlens.physics import PSF, LensSimulator, PixelGrid
 
 
@@ -64,6 +64,31 @@ def test_samples_follow_the_exact_linear_gaussian_posterior(sampler, source_prio
     corr = cov / torch.outer(std, std)
     assert (torch.corrcoef(s.T) - corr).abs().max() < 0.08
     # kappa was held fixed; every sample fits the data as a posterior sample should (chi2_nu ~ 1)
+    torch.testing.assert_close(post.log10_kappa, torch.log10(kappa).expand_as(post.log10_kappa))
+    assert 0.7 < float(post.chi2_nu.median()) < 1.3
+
+
+def test_marginal_sampler_draws_the_exact_source_posterior_given_kappa():
+    # with no kappa freedom (all mode widths 0, no shear) the collapsed sampler's source draws are the
+    # zero-mean Gaussian prior's exact linear posterior
+    sim, kappa, psf, a = _problem()
+    sigma, tau, n = 0.05, 0.3, 3000
+    truth = torch.rand(36, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    y = a @ truth + sigma * torch.randn(144, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    mean, cov = _exact(a, y, sigma, torch.zeros(36, dtype=torch.float64), tau)
+    widths = dict.fromkeys(
+        ("log10_kappa_offset_sigma", "slope_prior_sigma", "quadrupole_prior_sigma", "quadrupole_slope_sigma"), 0.0
+    )
+    opts = PosteriorOptions(n_samples=n, source_prior_sigma=tau, method="marginal", **widths)
+    post = marginal_samples(
+        sim, y.reshape(1, 1, 12, 12), psf, sigma, torch.zeros(1, 1, 6, 6, dtype=torch.float64), torch.log10(kappa),
+        options=opts,
+    )  # fmt: skip
+    s = post.source.reshape(n, 36)
+    std = cov.diagonal().sqrt()
+    assert ((s.mean(0) - mean).abs() / (std / n**0.5)).max() < 4.5
+    assert ((s.var(0) / cov.diagonal()) - 1).abs().max() < 0.12
+    assert (torch.corrcoef(s.T) - cov / torch.outer(std, std)).abs().max() < 0.08
     torch.testing.assert_close(post.log10_kappa, torch.log10(kappa).expand_as(post.log10_kappa))
     assert 0.7 < float(post.chi2_nu.median()) < 1.3
 

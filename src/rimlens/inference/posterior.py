@@ -736,7 +736,7 @@ def marginal_samples(
     # Gauss-Newton on the source-marginal objective 1/2 |r(theta)|^2 + 1/2 |theta|^2
     theta = torch.zeros(1, n_par, dtype=dt)
     precision = torch.eye(n_par, dtype=dt)
-    for _ in range(max(1, options.gauss_newton_steps)):
+    for _ in range(max(1, options.gauss_newton_steps) if n_par else 0):
         kappa, g = lens_of(theta)
         s_hat = solve(adjoint(y_w, kappa, g), kappa, g)  # the source inversion at theta
         with torch.no_grad():
@@ -756,7 +756,7 @@ def marginal_samples(
         theta = theta + torch.linalg.solve(precision, gradient)[None]
     # samples: theta from the Laplace marginal, then the source exactly given theta
     n = options.n_samples
-    chol = torch.linalg.cholesky(torch.linalg.inv(precision))
+    chol = torch.linalg.cholesky(torch.linalg.inv(precision)) if n_par else precision
     thetas = theta + torch.randn(n, n_par, generator=gen, dtype=dt) @ chol.T
     kappa, g = lens_of(thetas)
     eps = torch.randn(n, y_w.shape[1], generator=gen, dtype=dt) * used.reshape(1, -1)

@@ -831,8 +831,13 @@ def _initial_shape(
         myy = (wf * dy**2).sum(dim=(-2, -1)) / tot
         mxy = (wf * dx * dy).sum(dim=(-2, -1)) / tot
         # For a Gaussian image of covariance C and a weight of covariance C, the weighted moments are C / 2.
+        previous = torch.stack([cxx, cyy, cxy, xc * s, yc * s])
         cxx, cyy, cxy = (2 * mxx).clamp_min(floor), (2 * myy).clamp_min(floor), 2 * mxy
         cxy = cxy.clamp(-0.999 * torch.sqrt(cxx * cyy), 0.999 * torch.sqrt(cxx * cyy))
+        # converged to 1e-4 of the size (arcsec^2): a start, which the Levenberg-Marquardt fit then refines
+        change = (torch.stack([cxx, cyy, cxy, xc * s, yc * s]) - previous).abs().max()
+        if float(change) <= 1e-4 * float(torch.minimum(cxx, cyy).min()):
+            break
     # covariance ~ sigma^2 M^-1: major / minor variances sigma^2 / q and sigma^2 q
     tr = cxx + cyy
     disc = torch.sqrt(((cxx - cyy) / 2) ** 2 + cxy**2)
@@ -1070,7 +1075,7 @@ def fit_lens_light(
         if bool((fit_weights.flatten(1).sum(-1) <= 0).any()):
             raise RimlensInputError("an example has no used pixel in the central crop of the shape fit")
     with torch.no_grad():
-        x0, y0, e1, e2 = _initial_shape(d64, weights, grid, center_t)
+        x0, y0, e1, e2 = _initial_shape(fit_d, fit_weights, fit_grid, center_t)
         g1, g2 = _to_free(e1, e2)
         theta = torch.stack([x0, y0, g1, g2], dim=-1)
         fit_w = fit_weights
