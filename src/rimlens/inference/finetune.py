@@ -52,6 +52,7 @@ __all__ = [
 
 SHEAR_UNIT = 0.01  # the refinement's step unit of the external shear (see refine)
 STALL_ITERATIONS = 20  # the refinement stops after this many iterations without a relative gain of
+LAPLACIAN = torch.tensor([[[[0.0, 1.0, 0.0], [1.0, -4.0, 1.0], [0.0, 1.0, 0.0]]]])  # 5-point stencil, per pixel^2
 RESTART_STEP_FACTOR = 0.1  # each restart of the refinement's L-BFGS scales its first step by this
 STALL_TOLERANCE = 1e-4  # ... this much in chi2_nu
 
@@ -83,6 +84,9 @@ class FinetuneOptions:
     second_order: bool = False  # also differentiate through the RIM's likelihood-gradient inputs
     refine_steps: int = 0  # pixel-space refinement after the weight fine-tuning (0: the paper's method only)
     refine_weight: float = 1.0  # weight w of the proximity prior of the refinement
+    # weight of the refinement's smoothness prior on its change of log10 kappa: mean squared Laplacian
+    # (per pixel^2) of log10 kappa minus the starting estimate's
+    refine_kappa_smoothness: float = 0.0
     free_shear: bool = False  # refine an external shear (from 0) even when the model has no shear term
 
     def __post_init__(self):
@@ -95,6 +99,7 @@ class FinetuneOptions:
             "sample_chunk": isinstance(self.sample_chunk, int) and self.sample_chunk >= 1,
             "refine_steps": isinstance(self.refine_steps, int) and self.refine_steps >= 0,
             "refine_weight": self.refine_weight >= 0,
+            "refine_kappa_smoothness": self.refine_kappa_smoothness >= 0,
             "target_chi2_nu": self.target_chi2_nu >= 0,
         }
         for name, ok in checks.items():
@@ -400,7 +405,7 @@ def refine(
     lr = 1.0
     opt = new_lbfgs(lr)
     n_used = float(used_pixels(sigma_b, observation.shape, mask).sum())
-    w = options.refine_weight
+    w, smooth = options.refine_weight, options.refine_kappa_smoothness
 
     def closure():
         opt.zero_grad()
@@ -408,6 +413,9 @@ def refine(
         loss = 0.5 * chi_squared(model_img, observation, sigma_b, mask).sum() / n_used + w * (
             ((s - s_ref) ** 2).mean() + ((eta - eta_ref) ** 2).mean()
         )
+        if smooth > 0:
+            lap = torch.nn.functional.conv2d(eta - eta_ref, LAPLACIAN.to(eta.dtype), padding=1)
+            loss = loss + smooth * (lap**2).mean()
         loss.backward()
         return loss
 
