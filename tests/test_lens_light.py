@@ -124,6 +124,31 @@ def test_solve_amplitudes_matches_scipy_nnls():
     assert len(set(n_active)) > 1  # and the examples of the batch have different active sets
 
 
+def test_nnls_methods_agree_on_an_mge_problem():
+    # the ill-conditioned normal equations of 30 log-spaced Gaussians: SciPy's (the CPU default) and the
+    # torch loop give the same amplitudes and active set
+    grid = PixelGrid(64, 0.12)
+    psf = PSF.gaussian(0.15, 0.12, dtype=torch.float64)
+    truth = _sersic_image(grid, psf, 3.0, 0.6)
+    data = truth + 1e-3 * torch.randn(truth.shape, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    basis = ll.mge_basis(grid, X0, Y0, Q, PHI, ll.default_sigmas(grid), psf)
+    a = basis.flatten(2)
+    gram, rhs = a @ a.transpose(1, 2), (a @ data.flatten(2).transpose(1, 2))[..., 0]
+    x_torch, set_torch = ll.nnls_gram(gram, rhs, method="torch")
+    x_scipy, set_scipy = ll.nnls_gram(gram, rhs, method="scipy")
+    assert torch.equal(set_torch, set_scipy)
+
+    def objective(x):
+        return float(0.5 * x[0] @ gram[0] @ x[0] - rhs[0] @ x[0])
+
+    # the same minimum (measured: equal to 13 digits); the amplitudes differ by ~1e-6 in the directions
+    # the near-collinear neighbouring Gaussians leave ill-determined (solve_amplitudes re-solves on the set)
+    assert abs(objective(x_torch) - objective(x_scipy)) <= 1e-10 * abs(objective(x_torch))
+    assert float((x_torch - x_scipy).norm() / x_torch.norm()) < 1e-5
+    with pytest.raises(RimlensInputError, match="NNLS method"):
+        ll.nnls_gram(gram, rhs, method="lbfgs")
+
+
 def _random_nnls_problems(seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     """16 well-posed problems (200 x 12 designs) as normal equations ``(G, h)``."""
     gen = torch.Generator().manual_seed(seed)
@@ -132,10 +157,11 @@ def _random_nnls_problems(seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     return a.transpose(1, 2) @ a, (a.transpose(1, 2) @ y[:, :, None])[..., 0]
 
 
-def test_nnls_gram_kkt():
+@pytest.mark.parametrize("method", ["torch", "scipy"])
+def test_nnls_gram_kkt(method):
     # Random well-posed problems: the solution satisfies the KKT conditions.
     gram, rhs = _random_nnls_problems(3)
-    x, passive = ll.nnls_gram(gram, rhs)
+    x, passive = ll.nnls_gram(gram, rhs, method=method)
     grad = (gram @ x[:, :, None])[..., 0] - rhs  # gradient of x^T G x / 2 - h^T x
     assert bool((x >= 0).all())
     assert bool(passive.any(-1).all()) and not bool(passive.all())
@@ -147,10 +173,10 @@ def test_nnls_warm_start_gives_the_cold_solution():
     # A guessed passive set (the cold solution's, a perturbed one, all, none) changes the path, not the answer.
     gram, rhs = _random_nnls_problems(4)
     gen = torch.Generator().manual_seed(4)
-    cold, cold_set = ll.nnls_gram(gram, rhs)
+    cold, cold_set = ll.nnls_gram(gram, rhs, method="torch")
     flipped = cold_set ^ (torch.rand(cold_set.shape, generator=gen) < 0.3)
     for guess in (cold_set, flipped, torch.ones_like(cold_set), torch.zeros_like(cold_set)):
-        warm, warm_set = ll.nnls_gram(gram, rhs, passive_start=guess)
+        warm, warm_set = ll.nnls_gram(gram, rhs, passive_start=guess, method="torch")
         assert torch.equal(warm_set, cold_set)
         assert torch.allclose(warm, cold, rtol=1e-10, atol=1e-12)
 
