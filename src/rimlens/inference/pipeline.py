@@ -350,6 +350,7 @@ def reconstruct_prepared(
                     obs - sim.forward(ft.source / gain, ft.kappa, fit_psf, shear=ft.shear, check=False),
                     prep.noise_sigma,
                     prep.mask,
+                    fit_gradient=True,  # outer isophotes of real galaxies turn and flatten (README)
                 )
                 background = _profiled_light(light, prep, gain)
                 model_img = sim.forward(ft.source, ft.kappa, fit_psf, shear=ft.shear, check=False)
@@ -575,6 +576,10 @@ def _describe_light(light: LensLightModel | None, prep: PreparedObservation) -> 
         "center_arcsec": [prep.center_arcsec[0] + dx, prep.center_arcsec[1] + dy],  # from the cut-out's centre
         "axis_ratio": float(light.q[0]),
         "phi_rad": float(light.phi[0]),
+        # change of (e1, e2) per dex of Gaussian width (q, phi: the shape at the mean log-width); 0 if not fitted
+        "ellipticity_gradient_per_dex": [0.0, 0.0]
+        if light.ellipticity_gradient is None
+        else [float(v) for v in light.ellipticity_gradient[0]],
         "gaussians": int(light.sigmas.shape[0]),
         "sigmas_arcsec": [round(float(v), 5) for v in light.sigmas],
         "amplitudes": [float(v) for v in light.amplitudes[0].detach()],

@@ -75,6 +75,7 @@ __all__ = [
     "default_sigmas",
     "ellipticity_from_q_phi",
     "fit_lens_light",
+    "gaussian_ellipticities",
     "mge_basis",
     "nnls_gram",
     "q_phi_from_ellipticity",
@@ -217,7 +218,8 @@ def _render(
     sampling: float,
     amps: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Pixel-averaged unit-flux Gaussians before the PSF (arcsec^-2); parameters ``(B,)`` float64.
+    """Pixel-averaged unit-flux Gaussians before the PSF (arcsec^-2); parameters ``(B,)`` float64, the
+    ellipticity also ``B x K`` (one per Gaussian; the derivatives are then with respect to a common shift).
 
     Returns the ``B x K x N x N`` basis, or with ``amps`` (``B x K``) the ``B x 5 x N x N`` stack of
     the model ``sum_k a_k G_k`` and its derivatives with respect to ``(x0, y0, e1, e2)``.
@@ -233,7 +235,9 @@ def _render(
     dtype, device = x0.dtype, x0.device
     b = x0.shape[0]
     sigmas = sigmas.to(dtype=dtype, device=device)
-    x0r, y0r, e1r, e2r = (v.reshape(-1, 1, 1, 1) for v in (x0, y0, e1, e2))
+    x0r, y0r = (v.reshape(-1, 1, 1, 1) for v in (x0, y0))
+    # one ellipticity per example, or one per Gaussian (B x K: an ellipticity gradient)
+    e1r, e2r = (v.reshape(b, -1, 1, 1).expand(b, sigmas.shape[0], 1, 1) for v in (e1, e2))
     ampsr = None if amps is None else amps.to(dtype)
     sig_px = [float(v) / s for v in sigmas.detach().cpu()]
     with torch.no_grad():
@@ -259,7 +263,7 @@ def _render(
             axis = grid.axis(dtype, device)
             dx = axis.reshape(1, 1, 1, -1) - x0r
             dy = axis.reshape(1, 1, -1, 1) - y0r
-            parts.append(_gaussian_stack(dx, dy, e1r, e2r, sig2, s**2 / 12, amp_g))
+            parts.append(_gaussian_stack(dx, dy, e1r[:, start:stop], e2r[:, start:stop], sig2, s**2 / 12, amp_g))
             continue
         half = min(n - 1, math.ceil(_CUTOUT_SIGMAS * sig_px[stop - 1] / sqrt_q_min) + 1)
         m = 2 * half + 1
@@ -268,7 +272,8 @@ def _render(
         yc = ((row_c.to(dtype) - (n - 1) / 2) * s).reshape(-1, 1, 1, 1)
         dx = (xc - x0r) + fine.reshape(1, 1, 1, -1)
         dy = (yc - y0r) + fine.reshape(1, 1, -1, 1)
-        cut = torch.nn.functional.avg_pool2d(_gaussian_stack(dx, dy, e1r, e2r, sig2, (s / f) ** 2 / 12, amp_g), f)
+        cut = _gaussian_stack(dx, dy, e1r[:, start:stop], e2r[:, start:stop], sig2, (s / f) ** 2 / 12, amp_g)
+        cut = torch.nn.functional.avg_pool2d(cut, f)
         # image pixel i <- cutout pixel i - centre + half (zero outside the cutout)
         c = cut.shape[1]
         rows = idx[None, :] - row_c[:, None] + half  # B x N
@@ -664,6 +669,9 @@ class LensLightModel:
         sampling: minimum number of (sub-)pixels per minor-axis sigma (see :func:`mge_basis`).
         native: the detector's frame (:class:`NativeFrame`): the basis is rendered there and resampled
             to ``grid`` (``psf`` is then unused); ``None``: rendered on ``grid``, convolved with ``psf``.
+        ellipticity_gradient: ``B x 2`` change of ``(e1, e2)`` per dex of Gaussian width
+            (:func:`gaussian_ellipticities`; ``q`` and ``phi`` are then the shape at the mean log-width),
+            or ``None`` (one shape for all).
     """
 
     center_x: torch.Tensor
@@ -679,6 +687,7 @@ class LensLightModel:
     sampling: float = 1.5
     _cache: dict[str, torch.Tensor] = field(default_factory=dict, repr=False, compare=False)
     native: NativeFrame | None = None
+    ellipticity_gradient: torch.Tensor | None = None
 
     @property
     def center(self) -> torch.Tensor:
@@ -694,7 +703,9 @@ class LensLightModel:
         """The ``B x K x N x N`` float64 basis (arcsec^-2) at the fitted shape, cached."""
         key = "convolved" if convolved else "unconvolved"
         if key not in self._cache:
-            e1, e2 = ellipticity_from_q_phi(self.q, self.phi)
+            e1, e2 = gaussian_ellipticities(
+                *ellipticity_from_q_phi(self.q, self.phi), self.ellipticity_gradient, self.sigmas
+            )
             if self.native is not None:  # convolved on the detector's grid, so each is rendered apart
                 self._cache[key] = _basis_images(
                     self.grid, self.psf, self.native, self.center_x, self.center_y, e1, e2, self.sigmas,
@@ -750,6 +761,7 @@ class LensLightModel:
             self.sampling,
             self._cache,
             native=self.native,
+            ellipticity_gradient=self.ellipticity_gradient,
         )
 
     def profiled(
@@ -780,6 +792,7 @@ class LensLightModel:
         mask: torch.Tensor | None = None,
         max_iter: int = 10,
         fit_center: bool = True,
+        fit_gradient: bool = False,
     ) -> LensLightModel:
         """Re-fit the shape ``(x0, y0, q, phi)`` and the amplitudes to new data, starting from this model.
 
@@ -787,6 +800,8 @@ class LensLightModel:
         nothing needs clipping, and the whole image constrains the shape, which a first fit -- clipped,
         on a crop, before any source model existed -- only approximates. Batched Levenberg-Marquardt as
         :func:`fit_lens_light`, at most ``max_iter`` steps, whole grid, same widths; returns a new model.
+        With ``fit_gradient`` (or when this model has one) the ellipticity gradient is fitted too
+        (:func:`gaussian_ellipticities`: six parameters instead of four).
         """
         check_map(data, "data")
         weights = _weights(noise_sigma, mask, data.shape, data)
@@ -794,6 +809,9 @@ class LensLightModel:
         with torch.no_grad():
             g1, g2 = _to_free(*ellipticity_from_q_phi(self.q, self.phi))
             theta = torch.stack([self.center_x, self.center_y, g1, g2], dim=-1)
+            if fit_gradient or self.ellipticity_gradient is not None:
+                gradient = self.ellipticity_gradient
+                theta = torch.cat([theta, torch.zeros_like(theta[:, :2]) if gradient is None else gradient], dim=-1)
             start_set = self.amplitudes.detach() > 0
             start = _evaluate(
                 theta, self.grid, self.sigmas, self.psf, d64, weights, self.sampling, start_set, self.native
@@ -816,6 +834,7 @@ class LensLightModel:
             data.dtype,
             self.sampling,
             native=self.native,
+            ellipticity_gradient=best.theta[:, 4:6].clone() if best.theta.shape[1] > 4 else None,
         )
         return model.resolve(data, noise_sigma, mask)
 
@@ -906,6 +925,55 @@ class _Eval:
     chi2: torch.Tensor  # B
 
 
+def _log_widths(sigmas: torch.Tensor) -> torch.Tensor:
+    """``(K,)`` ``log10(sigma_k)`` about its mean: the abscissa of the ellipticity gradient."""
+    lg = torch.log10(sigmas.to(torch.float64))
+    return lg - lg.mean()
+
+
+def gaussian_ellipticities(
+    e1: torch.Tensor, e2: torch.Tensor, gradient: torch.Tensor | None, sigmas: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each Gaussian's ellipticity ``e_k = e + gradient * (log10 sigma_k - mean log10 sigma)``:
+    ``B x K`` each, from ``e1, e2`` ``(B,)`` and ``gradient`` ``B x 2`` (per dex of width; ``None``: the
+    ``(B,)`` inputs unchanged). An ellipticity gradient and an isophote twist -- outer isophotes rounder
+    or flatter or turned, as in real early-type galaxies -- in two numbers; every ``|e_k|`` is kept
+    below the fit's bound (``Q_MIN``)."""
+    if gradient is None:
+        return e1, e2
+    lw = _log_widths(sigmas).to(e1)
+    e1k = e1[:, None] + gradient[:, :1] * lw
+    e2k = e2[:, None] + gradient[:, 1:2] * lw
+    factor = (0.999 * _E_MAX / torch.hypot(e1k, e2k).clamp_min(1e-300)).clamp(max=1.0)
+    return e1k * factor, e2k * factor
+
+
+def _shape_of(theta: torch.Tensor, sigmas: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-Gaussian (or per-example) ellipticities of LM parameters ``(x0, y0, g1, g2[, d1, d2])``."""
+    e1, e2 = _from_free(theta[:, 2], theta[:, 3])
+    return gaussian_ellipticities(e1, e2, theta[:, 4:6] if theta.shape[1] > 4 else None, sigmas)
+
+
+def _shape_derivatives(
+    grid: PixelGrid,
+    psf: PSF,
+    native: NativeFrame | None,
+    theta: torch.Tensor,
+    e1: torch.Tensor,
+    e2: torch.Tensor,
+    sigmas: torch.Tensor,
+    sampling: float,
+    amps: torch.Tensor,
+) -> torch.Tensor:
+    """d/d(x0, y0, e1, e2) of the convolved ``sum_k amps_k G_k`` (``e``: a common shift of every
+    Gaussian's ellipticity), ``B x 4 x P``."""
+    if native is None:
+        stack = _render(grid, theta[:, 0], theta[:, 1], e1, e2, sigmas, sampling, amps)
+        return _convolve_stack(stack[:, 1:], psf).flatten(2)
+    stack = _basis_images(grid, psf, native, theta[:, 0], theta[:, 1], e1, e2, sigmas, sampling, amps)
+    return stack[:, 1:].flatten(2)
+
+
 def _evaluate(
     theta: torch.Tensor,
     grid: PixelGrid,
@@ -917,7 +985,7 @@ def _evaluate(
     passive_start: torch.Tensor | None = None,
     native: NativeFrame | None = None,
 ) -> _Eval:
-    e1, e2 = _from_free(theta[:, 2], theta[:, 3])
+    e1, e2 = _shape_of(theta, sigmas)
     basis = _basis_images(grid, psf, native, theta[:, 0], theta[:, 1], e1, e2, sigmas, sampling).flatten(2)
     gram, rhs = _normal_equations(basis, data, weights)
     amps, passive = nnls_gram(gram, rhs, passive_start=passive_start)
@@ -958,8 +1026,9 @@ def _levenberg_marquardt(
     dev = data.device
     lam = torch.full((b,), 1e-3, dtype=torch.float64, device=dev)
     done = torch.zeros(b, dtype=torch.bool, device=dev)
-    eye4 = torch.eye(4, dtype=torch.float64, device=dev)
-    fm = torch.tensor([fit_center, fit_center, True, True], dtype=torch.float64, device=dev)
+    n_par = start.theta.shape[1]  # 4, or 6 with the ellipticity gradient
+    eye4 = torch.eye(n_par, dtype=torch.float64, device=dev)
+    fm = torch.tensor([fit_center, fit_center, True, True, True, True][:n_par], dtype=torch.float64, device=dev)
     n_done = 0
     for it in range(max_iter):
         n_done = it + 1
@@ -968,19 +1037,17 @@ def _levenberg_marquardt(
         psf_a = psf if psf.batch_size == 1 else psf.select(act)
         d, w, lam_a = data[act].flatten(1), weights[act].flatten(1), lam[act]
         theta = c.theta
-        e1, e2 = _from_free(theta[:, 2], theta[:, 3])
-        # model and d/d(x0, y0, e1, e2), then chain rule to (x0, y0, g1, g2)
-        if native is None:
-            stack = _render(grid, theta[:, 0], theta[:, 1], e1, e2, sigmas, sampling, c.amps)
-            jm = _convolve_stack(stack[:, 1:], psf_a).flatten(2)  # B' x 4 x P
-        else:
-            stack = _basis_images(grid, psf_a, native, theta[:, 0], theta[:, 1], e1, e2, sigmas, sampling, c.amps)
-            jm = stack[:, 1:].flatten(2)
+        e1, e2 = _shape_of(theta, sigmas)
+        shape = (grid, psf_a, native, theta, e1, e2, sigmas, sampling)
+        jm = _shape_derivatives(*shape, c.amps)
         # de_i / dg_j = e_max (delta_ij / r - g_i g_j / r^3), r = sqrt(1 + |g|^2)
-        g = theta[:, 2:]
+        g = theta[:, 2:4]
         r = torch.sqrt(1 + (g**2).sum(-1))[:, None, None]
         de = _E_MAX * (torch.eye(2, dtype=g.dtype, device=dev) / r - g[:, :, None] * g[:, None, :] / r**3)
-        jm = torch.cat([jm[:, :2], de.transpose(-1, -2) @ jm[:, 2:]], dim=1)
+        parts = [jm[:, :2], de.transpose(-1, -2) @ jm[:, 2:]]
+        if n_par > 4:  # d e_k / d gradient = the Gaussian's log-width: the same shift, amplitudes times it
+            parts.append(_shape_derivatives(*shape, c.amps * _log_widths(sigmas).to(c.amps))[:, 2:])
+        jm = torch.cat(parts, dim=1)
         # project out what the (passive) amplitudes can absorb: J <- J - A (A^T W A)^-1 A^T W J
         coef = _solve_on_set(c.gram, (c.basis * w[:, None]) @ jm.transpose(-1, -2), c.passive)
         jac = jm - coef.transpose(-1, -2) @ c.basis
