@@ -660,3 +660,29 @@ def test_refit_recovers_an_ellipticity_gradient():
     again = twisted.resolve(image, noise)
     assert torch.equal(again.ellipticity_gradient, twisted.ellipticity_gradient)
     assert _peak_residual(again.image(), image) < 1e-6
+
+
+def test_the_gradient_is_kept_only_when_the_data_ask_for_it():
+    # the refinement's first light re-fit adds the two numbers only if they pay their BIC price
+    from types import SimpleNamespace
+
+    from rimlens.inference.pipeline import _choose_light_shape
+
+    grid = PixelGrid(64, 0.08)
+    psf = PSF.gaussian(0.12, 0.08, dtype=torch.float64)
+    sig = ll.default_sigmas(grid, 20)
+    profile = torch.exp(-0.5 * (torch.log(sig / 0.4) / 0.9) ** 2)
+    gen = torch.Generator().manual_seed(9)
+    for gradient, expect in ((torch.tensor([[0.12, -0.08]], dtype=torch.float64), True), (None, False)):
+        e1, e2 = ll.gaussian_ellipticities(
+            *ll.ellipticity_from_q_phi(torch.tensor([0.8], dtype=torch.float64), torch.tensor([0.5])), gradient, sig
+        )
+        x0, y0 = torch.tensor([0.02]), torch.tensor([-0.01])
+        basis = ll._basis_images(grid, psf, None, x0, y0, e1, e2, sig, 1.5)
+        image = (profile[None, :, None, None] * basis).sum(1, keepdim=True)
+        sigma = torch.full_like(image, 1e-3 * float(image.max()))
+        data = image + sigma * torch.randn(image.shape, generator=gen, dtype=torch.float64)
+        start = ll.fit_lens_light(data, sigma, psf, grid, sigmas=sig)
+        prep = SimpleNamespace(noise_sigma=sigma, mask=torch.ones_like(data, dtype=torch.bool))
+        chosen = _choose_light_shape(start, data, torch.zeros_like(data), prep)
+        assert (chosen.ellipticity_gradient is not None) == expect

@@ -51,7 +51,7 @@ from rimlens.physics.convergence import log10_kappa
 from rimlens.physics.grid import PixelGrid
 from rimlens.physics.lens_light import LensLightModel, fit_lens_light
 from rimlens.physics.lens_metrics import einstein_radius_of_map, kappa_peak_center, log_slope
-from rimlens.physics.likelihood import reduced_chi_squared
+from rimlens.physics.likelihood import chi_squared, reduced_chi_squared
 from rimlens.physics.profiles import shear_deflection
 from rimlens.physics.simulator import LensSimulator
 
@@ -219,6 +219,26 @@ def _central_half(n: int) -> int:
     return half + (n - half) % 2
 
 
+def _choose_light_shape(
+    light: LensLightModel, residual: torch.Tensor, arcs: torch.Tensor, prep: PreparedObservation
+) -> LensLightModel:
+    """Re-fit ``light`` to ``residual`` (observation minus ``arcs``) with one shape and with an ellipticity
+    gradient; keep the gradient only if, over the pixels the arcs leave alone (model arcs < 1 sigma), it
+    lowers chi2 by more than the Bayesian information criterion's price of two parameters, 2 ln(pixels).
+    Real galaxies' isophotes turn (SLACS J1430: chi2_nu 1.62 -> 0.92); judged on all pixels, the two
+    numbers also absorb what the arcs' model leaves, and were taken by 15 of 16 single-shape Sersic
+    galaxies (README)."""
+    plain = light.refit(residual, prep.noise_sigma, prep.mask)
+    twisted = light.refit(residual, prep.noise_sigma, prep.mask, fit_gradient=True)
+    quiet = prep.mask & (arcs.abs() < prep.noise_sigma)
+    price = 2 * math.log(max(int(quiet.sum()), 2))
+
+    def chi2(model: LensLightModel) -> float:
+        return float(chi_squared(model.image(), residual, prep.noise_sigma, quiet)[0])
+
+    return twisted if chi2(plain) - chi2(twisted) > price else plain
+
+
 def _profiled_light(
     light: LensLightModel, prep: PreparedObservation, gain: float
 ) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -343,15 +363,15 @@ def reconstruct_prepared(
         for _ in range(REFINE_LIGHT_ROUNDS if light is not None and finetune_with.options.refine_steps else 0):
             if ft.chi2_nu > (1 - REFINE_LIGHT_GAIN) * previous:
                 break
-            previous = ft.chi2_nu
             with torch.no_grad():
                 assert light is not None
-                light = light.refit(
-                    obs - sim.forward(ft.source / gain, ft.kappa, fit_psf, shear=ft.shear, check=False),
-                    prep.noise_sigma,
-                    prep.mask,
-                    fit_gradient=True,  # outer isophotes of real galaxies turn and flatten (README)
-                )
+                arcs = sim.forward(ft.source / gain, ft.kappa, fit_psf, shear=ft.shear, check=False)
+                residual = obs - arcs
+                if previous == float("inf"):  # first round: is an ellipticity gradient worth its two numbers?
+                    light = _choose_light_shape(light, residual, arcs, prep)
+                else:  # later rounds keep the choice (refit fits a gradient when the model has one)
+                    light = light.refit(residual, prep.noise_sigma, prep.mask)
+                previous = ft.chi2_nu
                 background = _profiled_light(light, prep, gain)
                 model_img = sim.forward(ft.source, ft.kappa, fit_psf, shear=ft.shear, check=False)
                 ft.chi2_nu = float(
