@@ -275,7 +275,7 @@ def main(argv=None):
     c.add_argument("--samples", type=int, default=16)
     c.add_argument("--tau-kappa", type=float, nargs="+", default=[0.05])
     c.add_argument("--tau-source", type=float, nargs="+", default=[0.1])
-    c.add_argument("--method", default="laplace", choices=["laplace", "perturb-and-map"])
+    c.add_argument("--method", default="laplace", choices=["laplace", "perturb-and-map", "marginal"])
     c.add_argument("--gauss-newton-steps", type=int, default=4, help="laplace: 1 = the linearised posterior only")
     c.add_argument(
         "--correlation", type=float, nargs="+", default=[0.0], help="log10 kappa correlation lengths (arcsec)"
