@@ -225,9 +225,9 @@ def _choose_light_shape(
     """Re-fit ``light`` to ``residual`` (observation minus ``arcs``) with one shape and with an ellipticity
     gradient; keep the gradient only if, over the pixels the arcs leave alone (model arcs < 1 sigma), it
     lowers chi2 by more than the Bayesian information criterion's price of two parameters, 2 ln(pixels).
-    Real galaxies' isophotes turn (SLACS J1430: chi2_nu 1.62 -> 0.92); judged on all pixels, the two
-    numbers also absorb what the arcs' model leaves, and were taken by 15 of 16 single-shape Sersic
-    galaxies (README)."""
+    Real galaxies' isophotes turn (SLACS J1430: chi2_nu 1.62 -> 0.95). Judged on all pixels the two
+    numbers also absorbed what the arcs' model leaves (taken by 15 of 16 single-shape Sersic galaxies);
+    on the arc-free pixels still by 12 of 16, at S/N in the thousands, with no systematic cost (README)."""
     plain = light.refit(residual, prep.noise_sigma, prep.mask)
     twisted = light.refit(residual, prep.noise_sigma, prep.mask, fit_gradient=True)
     quiet = prep.mask & (arcs.abs() < prep.noise_sigma)
