@@ -72,7 +72,13 @@ FINETUNE_MODES = click.Choice(["fast", "paper", "refine"])
 FINETUNE_OPTIONS = _options(
     click.option("--source-vae", default=None, help="Source VAE checkpoint (default: the shipped one)."),
     click.option("--kappa-vae", default=None, help="log10-kappa VAE checkpoint (default: the shipped one)."),
-    click.option("--finetune-mode", type=FINETUNE_MODES, default="fast", help="fast, paper or refine (see README)."),
+    click.option(
+        "--finetune-mode",
+        type=FINETUNE_MODES,
+        default="refine",
+        show_default=True,
+        help="refine (pixel refinement only), fast (EWC weight fine-tuning, then refinement) or paper (see README).",
+    ),
     click.option("--finetune-steps", type=COUNT, default=None, help="Override the fine-tuning step limit."),
     click.option("--refine/--no-refine", default=None, help="Pixel refinement after EWC (default: mode's)."),
 )
