@@ -359,7 +359,7 @@ def reconstruct_prepared(
             # refinement's precision the model grid's discrete PSF convolution leaves tens of sigma where
             # the galaxy is bright (README, "Lens light"); the RIM's estimate did not gain from it (θ_E,
             # slope and κ errors equal within the scatter on 16 lenses) and it costs ~0.1 s, so not earlier
-            light = dataclasses.replace(light, native=prep.native, _cache={})
+            light = light.on_detector(prep.native)
         for _ in range(REFINE_LIGHT_ROUNDS if light is not None and finetune_with.options.refine_steps else 0):
             if ft.chi2_nu > (1 - REFINE_LIGHT_GAIN) * previous:
                 break

@@ -717,19 +717,17 @@ def marginal_samples(
     def solve(rhs: torch.Tensor, kappa: torch.Tensor, g: torch.Tensor | None) -> torch.Tensor:
         """H x = rhs per row (rows share kappa, g when these have batch 1, else one each)."""
         nonlocal cg_total, cg_residual
-        diag = precision_diagonal(
-            kappa[:1] if kappa.shape[0] == 1 else kappa, g if g is None or g.shape[0] > 1 else g[:1]
-        )
+        diag = precision_diagonal(kappa, g)  # one per lens configuration (batch 1 or b)
         b = rhs.shape[0]
-        kb = kappa.expand(b, *kappa.shape[1:]) if kappa.shape[0] == 1 else kappa
-        gb = None if g is None else (g.expand(b, 2) if g.shape[0] == 1 else g)
+        kb = kappa.expand(b, *kappa.shape[1:])
+        gb = None if g is None else g.expand(b, 2)
 
         def apply(v: torch.Tensor) -> torch.Tensor:
             with torch.no_grad():
                 image = image_w(v, kb, gb)
             return adjoint(image, kb, gb) + v / tau_s**2
 
-        x, its, rel = _batched_cg(apply, rhs, diag.expand(b, n_s) if diag.shape[0] == 1 else diag, tol, max_cg)
+        x, its, rel = _batched_cg(apply, rhs, diag.expand(b, n_s), tol, max_cg)
         cg_total, cg_residual = cg_total + its, max(cg_residual, rel)
         return x
 

@@ -56,6 +56,7 @@ The non-linear parameters returned by :func:`fit_lens_light` are detached (the f
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -525,7 +526,8 @@ def nnls_gram(
         if method not in ("auto", "scipy", "torch"):
             raise RimlensInputError(f"NNLS method must be 'auto', 'scipy' or 'torch', got {method!r}")
         if method == "scipy" or (method == "auto" and h.device.type == "cpu"):
-            return _nnls_scipy(g.cpu(), h.cpu(), usable.cpu(), scale.cpu())
+            x, passive = _nnls_scipy(g.cpu(), h.cpu(), usable.cpu(), scale.cpu())
+            return x.to(h.device), passive.to(h.device)
         thresh = tol * h.abs().amax(dim=-1).clamp_min(1e-300)  # (B,)
         x = torch.zeros_like(h)
         passive = torch.zeros_like(h, dtype=torch.bool)
@@ -769,9 +771,10 @@ class LensLightModel:
     ) -> Callable[[torch.Tensor], torch.Tensor]:
         """``data -> image``: the model at this shape with its amplitudes re-solved for ``data``
         (``B x 1 x N x N``), differentiably, as :meth:`resolve` followed by :meth:`image` -- but with the
-        normal matrix computed once and each solve warm-started from the previous active set, for a
+        normal matrix computed once and each solve started from the previous active set, for a
         caller that re-solves at every step of an optimisation (the light profiled out of the
-        refinement's objective, :func:`rimlens.inference.finetune.refine`)."""
+        refinement's objective, :func:`rimlens.inference.finetune.refine`). The warm start serves the
+        torch NNLS (GPU); on the CPU SciPy's solver needs none (:func:`nnls_gram`)."""
         basis = self.basis(True).flatten(2)  # B x K x P, float64
         shape = (basis.shape[0], 1, self.grid.n_pixels, self.grid.n_pixels)
         weighted = basis * _weights(noise_sigma, mask, shape, basis).flatten(2)
@@ -784,6 +787,10 @@ class LensLightModel:
             return (amps[:, :, None] * basis).sum(1).reshape(data.shape).to(data.dtype)
 
         return image
+
+    def on_detector(self, native: NativeFrame) -> LensLightModel:
+        """The same model (shape, amplitudes) rendered from now on in the detector's frame ``native``."""
+        return dataclasses.replace(self, native=native, _cache={})
 
     def refit(
         self,
@@ -967,9 +974,6 @@ def _shape_derivatives(
 ) -> torch.Tensor:
     """d/d(x0, y0, e1, e2) of the convolved ``sum_k amps_k G_k`` (``e``: a common shift of every
     Gaussian's ellipticity), ``B x 4 x P``."""
-    if native is None:
-        stack = _render(grid, theta[:, 0], theta[:, 1], e1, e2, sigmas, sampling, amps)
-        return _convolve_stack(stack[:, 1:], psf).flatten(2)
     stack = _basis_images(grid, psf, native, theta[:, 0], theta[:, 1], e1, e2, sigmas, sampling, amps)
     return stack[:, 1:].flatten(2)
 
