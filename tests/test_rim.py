@@ -422,6 +422,45 @@ def test_refinement_recovers_a_known_external_shear():
     assert (result.shear - truth).abs().max() < 0.005, result.shear
 
 
+def test_refinement_survives_a_non_finite_step():
+    """A trial step that makes the model image NaN (as 10^eta overflowing at a cusp did on a lenstronomy
+    lens) must not end the refinement where it started: it goes back to the last finite point and
+    restarts with a smaller step."""
+    from rimlens.inference.finetune import FinetuneOptions, FinetuneResult, refine
+    from rimlens.physics import PSF
+
+    p = _with_shear(get_preset("tiny"))
+    sim = RIM.from_preset(p).double().simulator
+    x, y = sim.image_grid.coordinates(torch.float64)
+    xs, ys = sim.source_grid.coordinates(torch.float64)
+    source = (torch.exp(-((xs - 0.1) ** 2 + (ys + 0.05) ** 2) / (2 * 0.2**2)))[None, None]
+    kappa = (1.2 / (2 * torch.sqrt(x**2 + 0.8 * y**2 + 0.01)))[None, None]
+    psf = PSF.gaussian(torch.tensor([0.3], dtype=torch.float64), sim.image_grid.pixel_scale_arcsec, size=9)
+    sigma = torch.full((1, 1, 1, 1), 0.01, dtype=torch.float64)
+    obs = sim.forward(source, kappa, psf)
+    obs = obs + 0.01 * torch.randn(obs.shape, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    start_kappa = kappa * 1.1  # a wrong start the refinement must improve
+
+    class Flaky:
+        """The simulator, but NaN on its 2nd-4th calls (the first iteration's trial points)."""
+
+        def __init__(self):
+            self.calls = 0
+
+        def forward(self, *args, **kwargs):
+            self.calls += 1
+            out = sim.forward(*args, **kwargs)
+            return out * float("nan") if 2 <= self.calls <= 4 else out
+
+    for simulator, name in ((sim, "plain"), (Flaky(), "flaky")):
+        chi2 = float(sim.reduced_chi_squared(obs, source, start_kappa, psf, sigma)[0])
+        result = FinetuneResult(source, start_kappa, chi2, source, start_kappa, chi2)
+        refine(simulator, obs, psf, sigma, result, FinetuneOptions(refine_steps=40, target_chi2_nu=1.0))
+        assert torch.isfinite(result.kappa).all() and torch.isfinite(result.source).all(), name
+        assert result.chi2_nu < 0.5 * chi2, (name, chi2, result.chi2_nu, result.chi2_history[:5])
+    assert simulator.calls > 4  # the NaNs were met
+
+
 def test_kappa_weight_of_the_loss():
     # Unit weights are the paper's loss; weights zero outside a region count that region's errors only,
     # with the sqrt(kappa) weighting renormalised over it (closed form below).

@@ -420,6 +420,7 @@ def refine(
         return loss
 
     previous, stalled = None, 0
+    last_good = [v.detach().clone() for v in free]
     for it in range(options.refine_steps):
         with torch.enable_grad():  # callable under torch.no_grad()
             objective = float(opt.step(closure).detach())
@@ -441,10 +442,22 @@ def refine(
                     full(simulator.forward(src, 10**eta, psf, shear=g, check=False)), observation, sigma_b, mask
                 )[0]
             )
-        result.chi2_history.append(chi2_nu)
         result.refine_steps = it + 1
-        if not math.isfinite(chi2_nu):
-            break
+        if not math.isfinite(objective) or not math.isfinite(chi2_nu):
+            # a trial step can overflow 10^eta where log10 kappa's gradient is steep (seen from the exact
+            # pixel means of a cuspy lenstronomy lens: NaN at the second iteration, which used to end
+            # the refinement where it started): back to the last finite point, restart with a smaller step
+            with torch.no_grad():
+                for v, good in zip(free, last_good, strict=True):
+                    v.copy_(good)
+            lr = max(lr * RESTART_STEP_FACTOR, 1e-6)
+            opt, previous = new_lbfgs(lr), None
+            stalled += 1
+            if stalled >= STALL_ITERATIONS:
+                break
+            continue
+        last_good = [v.detach().clone() for v in free]
+        result.chi2_history.append(chi2_nu)
         improved = chi2_nu < result.chi2_nu * (1 - STALL_TOLERANCE)
         if chi2_nu < result.chi2_nu:
             result.source, result.kappa, result.chi2_nu = src.clone(), (10**eta).detach().clone(), chi2_nu
