@@ -524,29 +524,23 @@ def laplace_samples(
         """(I + A^T A) x = rhs per column by preconditioned conjugate gradients (A at ``at``)."""
         nonlocal iterations, relative
 
-        def hessian_times(x: torch.Tensor) -> torch.Tensor:
-            return x + at_times(a_times(x, at), at)
+        def hessian_times(rows: torch.Tensor) -> torch.Tensor:
+            x = rows.T
+            return (x + at_times(a_times(x, at), at)).T
 
-        x = inverse_preconditioner(rhs)
-        res = rhs - hessian_times(x)
-        z = inverse_preconditioner(res)
-        d, rz = z.clone(), (res * z).sum(0)
         # stop on the residual in the preconditioned norm, per parameter: the error is then measured
         # in prior standard deviations in the uninformed directions (a residual relative to the
         # right-hand side, dominated by the data-informed terms, leaves errors of many sigmas there)
-        relative = float((rz / n_par).sqrt().max())
-        for _ in range(options.cg_iterations):
-            if relative <= options.gradient_tolerance:
-                break
-            hd = hessian_times(d)
-            alpha = rz / (d * hd).sum(0)
-            x, res = x + alpha * d, res - alpha * hd
-            z = inverse_preconditioner(res)
-            rz_new = (res * z).sum(0)
-            d, rz = z + (rz_new / rz) * d, rz_new
-            iterations += 1
-            relative = float((rz / n_par).sqrt().max())
-        return x
+        x, its, relative = _batched_cg(
+            hessian_times,
+            rhs.T,
+            lambda rows: inverse_preconditioner(rows.T).T,
+            lambda res, rz: float((rz / n_par).sqrt().max()),
+            options.gradient_tolerance,
+            options.cg_iterations,
+        )
+        iterations += its
+        return x.T
 
     # randomise-then-optimise: sample i minimises phi_i(w) = 1/2 |r(w) - eps_i|^2 + 1/2 |w - xi_i|^2.
     # The first Gauss-Newton step, from w = 0, is the linearised (Laplace) posterior's exact draw; the
@@ -595,29 +589,31 @@ def laplace_samples(
 def _batched_cg(
     apply: Callable[[torch.Tensor], torch.Tensor],
     rhs: torch.Tensor,
-    preconditioner: torch.Tensor,
+    precondition: Callable[[torch.Tensor], torch.Tensor],
+    error: Callable[[torch.Tensor, torch.Tensor], float],
     tolerance: float,
     max_iter: int,
 ) -> tuple[torch.Tensor, int, float]:
-    """Solve ``H x = rhs`` for each row of ``rhs`` (``B x M``) by Jacobi-preconditioned conjugate
-    gradients, ``apply`` computing ``H`` on rows. Stops when every row's residual norm is below
-    ``tolerance`` times its right-hand side's. Returns ``(x, iterations, largest relative residual)``."""
-    x = rhs / preconditioner
+    """Solve ``H x = rhs`` for each row of ``rhs`` (``B x M``) by preconditioned conjugate gradients:
+    ``apply`` computes ``H`` on rows, ``precondition`` an approximate ``H^-1`` on rows, and the
+    iterations stop once ``error(residual, rz) <= tolerance`` (``rz``: each row's residual in the
+    preconditioner's norm, ``B``) or after ``max_iter``. The first iterate is ``precondition(rhs)``.
+    Returns ``(x, iterations, final error)``."""
+    x = precondition(rhs)
     res = rhs - apply(x)
-    z = res / preconditioner
+    z = precondition(res)
     d, rz = z.clone(), (res * z).sum(1)
-    scale = rhs.norm(dim=1).clamp_min(1e-300)
-    relative = float((res.norm(dim=1) / scale).max())
+    relative = error(res, rz)
     it = 0
     while it < max_iter and relative > tolerance:
         hd = apply(d)
         alpha = rz / (d * hd).sum(1).clamp_min(1e-300)
         x, res = x + alpha[:, None] * d, res - alpha[:, None] * hd
-        z = res / preconditioner
+        z = precondition(res)
         rz_new = (res * z).sum(1)
         d, rz = z + (rz_new / rz.clamp_min(1e-300))[:, None] * d, rz_new
         it += 1
-        relative = float((res.norm(dim=1) / scale).max())
+        relative = error(res, rz)
     return x, it, relative
 
 
@@ -727,7 +723,16 @@ def marginal_samples(
                 image = image_w(v, kb, gb)
             return adjoint(image, kb, gb) + v / tau_s**2
 
-        x, its, rel = _batched_cg(apply, rhs, diag.expand(b, n_s), tol, max_cg)
+        jacobi = diag.expand(b, n_s)
+        scale = rhs.norm(dim=1).clamp_min(1e-300)
+        x, its, rel = _batched_cg(
+            apply,
+            rhs,
+            lambda rows: rows / jacobi,
+            lambda res, rz: float((res.norm(dim=1) / scale).max()),  # relative to the right-hand side
+            tol,
+            max_cg,
+        )
         cg_total, cg_residual = cg_total + its, max(cg_residual, rel)
         return x
 
