@@ -72,8 +72,9 @@ def _weights(path):
     return torch.load(path, weights_only=True)["model"]
 
 
-def test_resume_is_exact(tmp_path):
-    cfg = _tiny(max_steps=4, val_every=1000, checkpoint_every=1000, val_size=8)
+@pytest.mark.parametrize("ema_decay", [0.0, 0.9])
+def test_resume_is_exact(tmp_path, ema_decay):
+    cfg = _tiny(max_steps=4, val_every=1000, checkpoint_every=1000, val_size=8, ema_decay=ema_decay)
     Trainer(cfg, tmp_path / "straight", progress=False).train()
     t = Trainer(with_train_settings(cfg, {"max_steps": 2}), tmp_path / "split", progress=False)
     t.train()
@@ -84,6 +85,39 @@ def test_resume_is_exact(tmp_path):
     a, b = _weights(tmp_path / "straight" / "latest.pt"), _weights(tmp_path / "split" / "latest.pt")
     for k in a:
         assert torch.allclose(a[k], b[k], atol=1e-6, rtol=0), k
+    if ema_decay:  # the weight average resumes too
+        a, b = (torch.load(tmp_path / d / "latest.pt", weights_only=True)["ema"] for d in ("straight", "split"))
+        assert a["n_averaged"] == b["n_averaged"] == 4
+        for k in a:
+            assert torch.allclose(a[k].double(), b[k].double(), atol=1e-6, rtol=0), k
+
+
+def test_weight_average_is_evaluated_and_kept_as_best(tmp_path):
+    """With ema_decay d the average is w1 after the first step, then d * average + (1 - d) * w_t; evaluations
+    and best.pt use it, latest.pt keeps the training weights (and the average, for --resume)."""
+    t = Trainer(_tiny(max_steps=3, val_every=1000, val_size=4, ema_decay=0.5), tmp_path / "run", progress=False)
+    batches = t.batches(0)
+    average = None
+    for _ in range(3):
+        t.train_step(next(batches))
+        w = {k: v.detach().clone() for k, v in t.model.named_parameters()}
+        average = w if average is None else {k: 0.5 * average[k] + 0.5 * w[k] for k in w}
+    ema = dict(t.ema.module.named_parameters())
+    for k in w:
+        assert torch.allclose(ema[k], average[k], atol=1e-6), k
+    assert any(not torch.allclose(w[k], average[k]) for k in w)  # the average is not the last weights
+    with t.evaluated_weights():
+        assert torch.allclose(dict(t.model.named_parameters())[k], average[k])
+        averaged_metrics = t.evaluate()
+    assert torch.allclose(dict(t.model.named_parameters())[k], w[k])  # the training weights came back
+    assert averaged_metrics["val_loss"] != t.evaluate()["val_loss"]
+    t.save(best=True)
+    best, latest = _weights(tmp_path / "run" / "best.pt"), _weights(tmp_path / "run" / "latest.pt")
+    for k in w:
+        assert torch.allclose(best[k], average[k], atol=1e-6) and torch.allclose(latest[k], w[k]), k
+    assert "ema" not in torch.load(tmp_path / "run" / "best.pt", weights_only=True)
+    with pytest.raises(RimlensInputError, match="ema_decay"):
+        _tiny(ema_decay=1.0)
 
 
 def test_data_workers_draw_the_same_batches(tmp_path):

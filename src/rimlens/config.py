@@ -268,6 +268,10 @@ class LoopConfig:
     checkpoint_every: int = 100
     patience: int = 20  # evaluations without improvement before stopping (0 = never)
     seed: int = 0
+    # exponential moving average of the weights (torch.optim.swa_utils), updated after every step with this
+    # decay; evaluations, best.pt and early stopping then use the averaged weights (0 = off). The averages
+    # damp the step-to-step fluctuation of a validation score that selects checkpoints
+    ema_decay: float = 0.0
 
     # settings a resumed run may change (limits, and the learning rate after a divergence)
     RESUME_OVERRIDES: typing.ClassVar[tuple[str, ...]] = ("max_steps", "max_minutes", "learning_rate")
@@ -277,6 +281,12 @@ class LoopConfig:
         for name in ("batch_size", "decay_steps", "val_size", "val_every", "checkpoint_every", "max_steps"):
             _check_int(owner, name, getattr(self, name), 1)
         _check_int(owner, "patience", self.patience, 0)
+        if (
+            isinstance(self.ema_decay, bool)
+            or not isinstance(self.ema_decay, (int, float))
+            or not (0 <= self.ema_decay < 1)
+        ):
+            raise RimlensInputError(f"training setting ema_decay must be a number in [0, 1), got {self.ema_decay!r}")
         for name in ("learning_rate", "decay_rate"):
             _check_positive(owner, name, getattr(self, name))
         if (

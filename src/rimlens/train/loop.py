@@ -9,6 +9,7 @@ stopped peer never joins.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import time
@@ -17,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm import tqdm
 
 from rimlens.config import LoopConfig
@@ -80,6 +82,7 @@ class TrainingLoop:
         self.history: list[dict] = []
         self.elapsed = 0.0
         self.clock = time.monotonic
+        self.ema: AveragedModel | None = None
 
     # ------------------------------------------------------------------ what a model provides
     def batches(self, start: int) -> Iterator:
@@ -110,9 +113,20 @@ class TrainingLoop:
 
     # ------------------------------------------------------------------ state
     def restore(self, ckpt: dict | None) -> None:
-        """Load weights, optimizer and loop state from a checkpoint (``None``: nothing to restore)."""
+        """Load weights, optimizer and loop state from a checkpoint (``None``: nothing to restore); with
+        ``ema_decay`` the weight average starts here (from the current weights, or the checkpoint's average)."""
+        if self.cfg.ema_decay > 0:
+            self.ema = AveragedModel(
+                self.model, multi_avg_fn=get_ema_multi_avg_fn(self.cfg.ema_decay), use_buffers=True
+            )
         if ckpt is None:
             return
+        if self.ema is not None:
+            if "ema" not in ckpt:
+                raise RimlensInputError(
+                    "this checkpoint was trained without a weight average (ema_decay 0): resume it without one"
+                )
+            self.ema.load_state_dict(ckpt["ema"])
         self.model.load_state_dict(ckpt["model"])
         self.optimizer.load_state_dict(ckpt["optimizer"])
         self.step = int(ckpt["step"])
@@ -122,7 +136,8 @@ class TrainingLoop:
         self.elapsed = float(ckpt.get("elapsed_s", 0.0))
 
     def payload(self) -> dict:
-        """The whole checkpoint dict of the current state."""
+        """The whole checkpoint dict of the current state (with ``ema_decay``, also the weight average)."""
+        extra = {} if self.ema is None else {"ema": self.ema.state_dict()}
         return {
             **self.checkpoint_extras(),
             "model": self.model.state_dict(),
@@ -132,16 +147,35 @@ class TrainingLoop:
             "evals_without_improvement": self.evals_without_improvement,
             "history": json.dumps(self.history),
             "elapsed_s": self.elapsed,
+            **extra,
         }
 
+    @contextlib.contextmanager
+    def evaluated_weights(self):
+        """Within this context ``self.model`` holds the weights that are evaluated and kept as ``best.pt``:
+        the weight average when there is one (the training weights come back afterwards), else the weights."""
+        if self.ema is None:
+            yield
+            return
+        kept = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+        try:
+            self.model.load_state_dict(self.ema.module.state_dict())
+            yield
+        finally:
+            self.model.load_state_dict(kept)
+
     def save(self, best: bool = False) -> None:
-        """Write ``latest.pt`` (and ``best.pt`` first when ``best``) and the logs; rank 0 only."""
+        """Write ``latest.pt`` (and ``best.pt`` first when ``best``) and the logs; rank 0 only. ``best.pt``
+        holds the evaluated weights (the average with ``ema_decay``), without optimizer or average state."""
         if self.rank != 0:
             return
         self.out_dir.mkdir(parents=True, exist_ok=True)
         payload = self.payload()
         if best:  # best first: latest.pt records best_val, so it must never get ahead of best.pt
-            save_checkpoint(self.out_dir / "best.pt", {k: v for k, v in payload.items() if k != "optimizer"})
+            with self.evaluated_weights():
+                weights = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+            kept = {k: v for k, v in payload.items() if k not in ("optimizer", "ema")}
+            save_checkpoint(self.out_dir / "best.pt", {**kept, "model": weights})
         save_checkpoint(self.out_dir / "latest.pt", payload)
         self._write_logs()
 
@@ -179,6 +213,8 @@ class TrainingLoop:
             )
         self.clip_gradients(norms)
         self.optimizer.step()
+        if self.ema is not None:
+            self.ema.update_parameters(self.model)
         self.step += 1
         return float(loss.detach())
 
@@ -210,7 +246,8 @@ class TrainingLoop:
             # each rank reads its own clock: the decision must be collective or one rank leaves early
             out_of_time = any_rank(cfg.max_minutes > 0 and self.elapsed > 60 * cfg.max_minutes)
             if self.step % cfg.val_every == 0 or self.step >= cfg.max_steps or out_of_time:
-                metrics = self.evaluate()
+                with self.evaluated_weights():
+                    metrics = self.evaluate()
                 improved = metrics[self.selection_metric] < self.best_val
                 if improved:
                     self.best_val = metrics[self.selection_metric]
