@@ -11,6 +11,10 @@
 4. hst128 (0.06"/px, issue 11) trained from scratch for ``--hst-minutes`` at ``--hst-batch``; the
    exported model and its curve come back (it is too slow to train far on 2 CPU cores).
 
+``--ema-decay`` and ``--peer-validation FILE`` (``--hst-peer-validation`` for hst128) train with a weight
+average and select checkpoints on peer-simulated lenses (made here with lenstronomy and
+``benchmarks/peer_validation.py``, carried to the device), as the CPU runs of issue 11 do.
+
 Each stage is guarded: a failure is recorded in $OUT/gpu_check.json and the next stage still runs.
 Dry run on a CPU: ``--device cpu --paper-preset tiny --paper-train-minutes 0.2 --train-minutes 0.2``.
 """
@@ -103,6 +107,13 @@ def main():
     ap.add_argument("--work", default="/tmp/rimlens_gpu_check")
     ap.add_argument("--data-workers", type=int, default=0, help="DataLoader workers drawing training batches")
     ap.add_argument("--skip-step-timing", action="store_true")
+    ap.add_argument("--ema-decay", type=float, default=0.0, help="weight average for the cpu64/hst128 runs (0: off)")
+    ap.add_argument(
+        "--peer-validation",
+        default="",
+        help="peer-simulated lenses on the cpu64 grid (benchmarks/peer_validation.py): select cpu64 checkpoints on them",
+    )
+    ap.add_argument("--hst-peer-validation", default="", help="the same on the hst128 grid, for the hst128 run")
     args = ap.parse_args()
     out, work = Path(args.out), Path(args.work)
     out.mkdir(parents=True, exist_ok=True)
@@ -131,8 +142,15 @@ def main():
         stage("paper_step_batch1", lambda: time_steps(paper, dev, 1))
         stage(f"paper_step_batch{args.paper_batch}", lambda: time_steps(paper, dev, args.paper_batch))
 
-    def train(preset, name, minutes, batch, lr=None, init_from=None, val_size=None, val_every=None):
-        train_cfg = {"batch_size": batch, "max_minutes": minutes, "patience": 0, "data_workers": args.data_workers}
+    def train(preset, name, minutes, batch, lr=None, init_from=None, val_size=None, val_every=None, peer=""):
+        train_cfg = {
+            "batch_size": batch,
+            "max_minutes": minutes,
+            "patience": 0,
+            "data_workers": args.data_workers,
+            "ema_decay": args.ema_decay,
+            "peer_validation": peer,
+        }
         if lr is not None:
             train_cfg.update(learning_rate=lr, decay_steps=2000, staircase=False)
         if val_size:
@@ -150,16 +168,14 @@ def main():
         for f in ("metrics.csv", "training_curve.png"):
             if (work / name / f).exists():
                 shutil.copy(work / name / f, out / name / f)
-        summary = {
-            k: r[k]
-            for k in ("step", "val_loss", "baseline_loss", "val_source_mse", "val_log10_kappa_mse", "stop_reason")
-            if k in r
-        }
+        keys = ("step", "val_loss", "baseline_loss", "val_source_mse", "val_log10_kappa_mse", "stop_reason")
+        summary = {k: r[k] for k in (*keys, "peer_theta_err", "peer_gamma_err", "peer_kappa_err") if k in r}
         summary.update(
             batch_size=batch,
             steps_per_s=r["step"] / wall,
             lenses_per_s=r["step"] * batch / wall,
-            best_val_loss=t.best_val,
+            best_selection_score=t.best_val,
+            selection_metric=t.selection_metric,
             data_workers=args.data_workers,
         )
         if start is not None:
@@ -181,6 +197,7 @@ def main():
             lr=args.learning_rate,
             init_from=args.cpu64_init,
             val_every=100,
+            peer=args.peer_validation,
         )
         export_model(work / "cpu64_gpu", out / "cpu64_gpu")  # best.pt -> model.pt (no optimiser state)
         return s
@@ -196,6 +213,7 @@ def main():
             args.hst_batch,
             lr=args.hst_learning_rate,
             val_every=100,
+            peer=args.hst_peer_validation,
         )
         export_model(work / "hst128_gpu", out / "hst128_gpu")
         return s
