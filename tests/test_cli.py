@@ -14,6 +14,9 @@ def test_demo_reconstructs_real_and_simulated_lens_with_shipped_model(tmp_path):
         for name in ("source.fits", "kappa.fits", "deflection_x.fits", "model_image.fits", "residuals.fits"):
             assert (tmp_path / case / name).exists()
         assert (tmp_path / case / "reconstruction.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # the real lens's Einstein radius against the published SIE value, 1.62" (Bolton et al. 2008)
+    slacs = json.loads((tmp_path / "slacs2303" / "summary.json").read_text())["lens_mass"]
+    assert abs(slacs["einstein_radius_arcsec"] / 1.62 - 1) < 0.03 and 1.7 < slacs["log_slope"] < 2.3, slacs
     sim = json.loads((tmp_path / "simulated" / "summary.json").read_text())
     # the shipped model must explain most of the lensed light and beat a flat kappa guess
     assert sim["chi2_nu"] < 10

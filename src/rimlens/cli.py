@@ -207,7 +207,14 @@ def reconstruct(image: Path, model: str, finetune: bool, out_dir: Path, **o):
     )
     shear = s.get("external_shear")
     shear_text = f"; external shear {shear['magnitude']:.3f} at {shear['angle_deg']:.0f} deg" if shear else ""
-    click.echo(f"chi2_nu {s['chi2_nu']:.3f} (baseline {s['baseline_chi2_nu']:.3f}){shear_text}; products in {out_dir}")
+    mass = s.get("lens_mass", {})
+    theta, slope = mass.get("einstein_radius_arcsec"), mass.get("log_slope")
+    mass_text = (
+        f'Einstein radius {theta:.3f}", log-slope {slope:.2f}; ' if theta is not None and slope is not None else ""
+    )
+    click.echo(
+        f"{mass_text}chi2_nu {s['chi2_nu']:.3f} (baseline {s['baseline_chi2_nu']:.3f}){shear_text}; products in {out_dir}"
+    )
     if "posterior" in s:
         t = s["posterior"]["einstein_radius_arcsec_p16_p50_p84"]
         click.echo(
@@ -225,7 +232,9 @@ def reconstruct(image: Path, model: str, finetune: bool, out_dir: Path, **o):
 def demo(out_dir: Path, model: str, seed: int):
     """Reconstruct the real HST lens SLACS J2303+1422 and a held-out simulated lens with the shipped model."""
     r = run_demo(load_model(model), out_dir, seed)
-    click.echo(f"SLACS J2303+1422: chi2_nu {r.slacs['chi2_nu']:.2f}, products in {out_dir / 'slacs2303'}")
+    theta = r.slacs.get("lens_mass", {}).get("einstein_radius_arcsec")
+    theta_text = f'Einstein radius {theta:.3f}" (published SIE 1.62", Bolton et al. 2008), ' if theta else ""
+    click.echo(f"SLACS J2303+1422: {theta_text}chi2_nu {r.slacs['chi2_nu']:.2f}, products in {out_dir / 'slacs2303'}")
     s = r.simulated
     click.echo(
         f"simulated lens: chi2_nu {s['chi2_nu']:.2f}, source MSE {s['source_mse']:.4f}, "

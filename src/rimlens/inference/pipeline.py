@@ -9,7 +9,7 @@ import dataclasses
 import json
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -59,6 +59,7 @@ __all__ = [
     "FinetuneSetup",
     "FolderSummary",
     "Reconstruction",
+    "describe_mass",
     "describe_posterior",
     "describe_shear",
     "reconstruct_folder",
@@ -478,6 +479,7 @@ def _write(
         **prep.describe(),
         "input": obs.meta if obs is not None else {},
         "lens_light": _describe_light(rec.lens_light_model, prep),
+        "lens_mass": describe_mass(rec.kappa[0, 0].double().numpy(), grid.image_grid, prep.center_arcsec),
         "quality": quality.as_dict(),
         "warnings": [w for w in (quality.warning(),) if w],
     }
@@ -521,6 +523,45 @@ def _write(
         std_maps=std_maps,
     )
     return summary
+
+
+def describe_mass(kappa: np.ndarray, grid: PixelGrid, field_center_arcsec: Sequence[float] = (0.0, 0.0)) -> dict:
+    """``summary.json``'s ``lens_mass`` block: the Einstein radius and log-slope of one convergence map.
+
+    Args:
+        kappa: ``N x N`` convergence on ``grid`` (the model field).
+        grid: the model's image grid.
+        field_center_arcsec: the model field's centre in the cut-out's frame (arcsec from the cut-out's
+            centre, x along columns), to report the mass centre there.
+
+    Returns:
+        ``einstein_radius_arcsec`` (the circle about the smoothed kappa peak inside which the mean kappa
+        is 1, :func:`rimlens.physics.lens_metrics.einstein_radius_of_map`), ``log_slope`` (gamma of
+        ``kappa ∝ r^(1 - gamma)`` fitted to the azimuthal means over 0.5-2 theta_E,
+        :func:`rimlens.physics.lens_metrics.log_slope`; 2 = isothermal), ``kappa_center_arcsec`` (the
+        peak, cut-out frame). The radius is 0 for a map sub-critical at its peak (then no slope) and
+        ``None`` with the slope where the mean stays above 1 out to the field's edge.
+    """
+    center = kappa_peak_center(kappa, grid)
+
+    def finite(v: float) -> float | None:
+        return float(v) if math.isfinite(v) else None
+
+    try:
+        theta = einstein_radius_of_map(kappa, grid, center)
+    except RimlensInputError:  # e.g. no circle with mean kappa 1 inside the field: no radius, not no products
+        theta = float("nan")
+    try:
+        slope = log_slope(kappa, grid, theta, center) if math.isfinite(theta) else float("nan")
+    except RimlensInputError:
+        slope = float("nan")
+    return {
+        "einstein_radius_arcsec": finite(theta),
+        "log_slope": finite(slope),
+        "kappa_center_arcsec": [float(field_center_arcsec[i]) + float(center[i]) for i in range(2)],
+        "definitions": "theta_E: mean kappa 1 inside the circle about the smoothed kappa peak; log_slope: "
+        "gamma of kappa ~ r^(1 - gamma) over 0.5-2 theta_E (2 = isothermal); centre: arcsec from the cut-out's centre",
+    }
 
 
 def describe_posterior(samples: PosteriorSamples, grid: PixelGrid) -> dict:
@@ -674,6 +715,8 @@ class FolderSummary:
 SUMMARY_COLUMNS = (
     "chi2_nu",
     "baseline_chi2_nu",
+    "einstein_radius_arcsec",
+    "log_slope",
     "chi2_nu_arcs",
     "poor_fit",
     "likely_causes",
@@ -752,6 +795,8 @@ def reconstruct_folder(
             chi2_nu_arcs=q.get("chi2_nu_arcs", ""),
             poor_fit=q.get("poor", ""),
             likely_causes="; ".join(q.get("causes", [])),
+            einstein_radius_arcsec=(summary.get("lens_mass") or {}).get("einstein_radius_arcsec", ""),
+            log_slope=(summary.get("lens_mass") or {}).get("log_slope", ""),
             shear_gamma1=(summary.get("external_shear") or {}).get("gamma1", ""),
             shear_gamma2=(summary.get("external_shear") or {}).get("gamma2", ""),
         )
