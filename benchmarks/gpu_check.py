@@ -142,13 +142,13 @@ def main():
         stage("paper_step_batch1", lambda: time_steps(paper, dev, 1))
         stage(f"paper_step_batch{args.paper_batch}", lambda: time_steps(paper, dev, args.paper_batch))
 
-    def train(preset, name, minutes, batch, lr=None, init_from=None, val_size=None, val_every=None, peer=""):
+    def train(preset, name, minutes, batch, lr=None, init_from=None, val_size=None, val_every=None, peer="", ema=0.0):
         train_cfg = {
             "batch_size": batch,
             "max_minutes": minutes,
             "patience": 0,
             "data_workers": args.data_workers,
-            "ema_decay": args.ema_decay,
+            "ema_decay": ema,
             "peer_validation": peer,
         }
         if lr is not None:
@@ -198,6 +198,7 @@ def main():
             init_from=args.cpu64_init,
             val_every=100,
             peer=args.peer_validation,
+            ema=args.ema_decay,
         )
         export_model(work / "cpu64_gpu", out / "cpu64_gpu")  # best.pt -> model.pt (no optimiser state)
         return s
@@ -214,6 +215,7 @@ def main():
             lr=args.hst_learning_rate,
             val_every=100,
             peer=args.hst_peer_validation,
+            ema=args.ema_decay,
         )
         export_model(work / "hst128_gpu", out / "hst128_gpu")
         return s

@@ -282,4 +282,6 @@ def test_summary_reports_the_einstein_radius_slope_and_centre_of_a_map():
     assert empty["einstein_radius_arcsec"] == 0.0 and empty["log_slope"] is None
     full = describe_mass(np.full((64, 64), 2.0), g)
     assert full["einstein_radius_arcsec"] is None and full["log_slope"] is None
-    json.dumps([empty, full], allow_nan=False)
+    broken = describe_mass(np.full((64, 64), np.nan), g)
+    assert broken["einstein_radius_arcsec"] is None and broken["kappa_center_arcsec"] is None
+    json.dumps([empty, full, broken], allow_nan=False)

@@ -116,6 +116,11 @@ def test_weight_average_is_evaluated_and_kept_as_best(tmp_path):
     for k in w:
         assert torch.allclose(best[k], average[k], atol=1e-6) and torch.allclose(latest[k], w[k]), k
     assert "ema" not in torch.load(tmp_path / "run" / "best.pt", weights_only=True)
+    # exporting latest.pt gives the evaluated (averaged) weights too, without the average's state
+    from rimlens.io.checkpoint import export_model
+
+    exported = torch.load(export_model(tmp_path / "run", tmp_path / "export", "latest.pt"), weights_only=True)
+    assert "ema" not in exported and all(torch.allclose(exported["model"][k], average[k], atol=1e-6) for k in w)
     with pytest.raises(RimlensInputError, match="ema_decay"):
         _tiny(ema_decay=1.0)
 

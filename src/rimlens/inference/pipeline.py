@@ -542,10 +542,14 @@ def describe_mass(kappa: np.ndarray, grid: PixelGrid, field_center_arcsec: Seque
         peak, cut-out frame). The radius is 0 for a map sub-critical at its peak (then no slope) and
         ``None`` with the slope where the mean stays above 1 out to the field's edge.
     """
-    center = kappa_peak_center(kappa, grid)
 
     def finite(v: float) -> float | None:
         return float(v) if math.isfinite(v) else None
+
+    try:
+        center = kappa_peak_center(kappa, grid)
+    except RimlensInputError:  # a non-finite map: no figures, but the products are still written
+        return {"einstein_radius_arcsec": None, "log_slope": None, "kappa_center_arcsec": None}
 
     try:
         theta = einstein_radius_of_map(kappa, grid, center)

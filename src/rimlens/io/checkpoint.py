@@ -149,10 +149,15 @@ def export_model(run_dir: str | Path, out_dir: str | Path, checkpoint: str = "be
     ckpt = load_checkpoint(run_dir / checkpoint)
     load_model(run_dir / checkpoint)  # all-or-nothing check before writing anything
     out_dir.mkdir(parents=True, exist_ok=True)
-    payload = {k: v for k, v in ckpt.items() if k not in ("format", "optimizer")}
+    payload = {k: v for k, v in ckpt.items() if k not in ("format", "optimizer", "ema")}
+    if "ema" in ckpt:  # a latest.pt of a run with a weight average: export the average, as best.pt holds it
+        payload["model"] = {k.removeprefix("module."): v for k, v in ckpt["ema"].items() if k != "n_averaged"}
     save_checkpoint(out_dir / "model.pt", payload)
+    load_model(out_dir / "model.pt")  # the exported weights rebuild the model
     history = json.loads(ckpt.get("history", "[]"))
-    best = min(history, key=lambda h: h["val_loss"]) if history else {}
+    # the evaluation of the exported weights (a run may select best.pt on another metric than val_loss)
+    same_step = [h for h in history if h.get("step") == ckpt.get("step")]
+    best = same_step[-1] if same_step else min(history, key=lambda h: h["val_loss"]) if history else {}
     summary = {
         "checkpoint": checkpoint,
         "step": ckpt.get("step"),
