@@ -1,4 +1,5 @@
-"""Helpers shared by the benchmark scripts: timing with medians and a machine description."""
+"""Helpers shared by the benchmark scripts: timing with medians, a machine description, and rimlens's own
+lenses written as a peer validation file."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import platform
 import statistics
 import time
 
+import numpy as np
 import torch
 
 
@@ -43,3 +45,20 @@ def compare_times(fns: dict, repeats: int = 7, warmup: int = 2, min_time: float 
                     break
             samples[k].append(dt / n)
     return {k: statistics.median(v) for k, v in samples.items()}
+
+
+def write_peer_file(lenses, preset, path) -> None:
+    """rimlens's own simulated lenses (a :class:`rimlens.data.lenses.LensBatch` of ``preset``'s grid) as a
+    peer validation file (:func:`rimlens.train.peer.load_peer_validation` reads it: truth Einstein radii and
+    slopes from the maps, as for a peer's lenses); every pixel used."""
+    n = preset.grid.image_pixels
+    np.savez(
+        path,
+        observation=lenses.observation.numpy(),
+        noise_sigma=lenses.noise_sigma.reshape(-1, 1, 1, 1).expand(-1, 1, n, n).numpy(),
+        mask=np.ones((len(lenses), 1, n, n), dtype=bool),
+        psf=lenses.psf.numpy(),
+        kappa=lenses.kappa.numpy(),
+        image_pixels=n,
+        image_fov_arcsec=preset.grid.image_fov_arcsec,
+    )

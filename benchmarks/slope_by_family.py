@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
+from common import write_peer_file
 from rimlens.config import get_preset
 from rimlens.data.lenses import LensGenerator
 from rimlens.data.random import child_rng
@@ -33,19 +34,9 @@ def main(argv=None) -> None:
     args = ap.parse_args(argv)
     preset = get_preset(args.preset)
     lenses = LensGenerator(preset, split="test", bank_seed=0).draw(child_rng(args.seed, args.seed), args.count)
-    n = preset.grid.image_pixels
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "own.npz"
-        np.savez(
-            path,
-            observation=lenses.observation.numpy(),
-            noise_sigma=lenses.noise_sigma.reshape(-1, 1, 1, 1).expand(-1, 1, n, n).numpy(),
-            mask=np.ones((len(lenses), 1, n, n), dtype=bool),
-            psf=lenses.psf.numpy(),
-            kappa=lenses.kappa.numpy(),
-            image_pixels=n,
-            image_fov_arcsec=preset.grid.image_fov_arcsec,
-        )
+        write_peer_file(lenses, preset, path)
         for name in args.model:
             model = load_model(name)
             every = load_peer_validation(path, model.grid.image_grid)

@@ -32,6 +32,7 @@ import torch
 from torch import nn
 
 import rimlens.data.lenses as lens_data
+from common import write_peer_file
 from rimlens.config import get_preset
 from rimlens.data.lenses import LensGenerator
 from rimlens.data.random import child_rng
@@ -55,19 +56,9 @@ def source_sizes(source: np.ndarray, x: np.ndarray, y: np.ndarray) -> tuple[floa
 
 def as_peer_set(lenses, preset) -> PeerValidationSet:
     """Own lenses in the peer-set form (truth slopes and Einstein radii from the maps, as for the peer's)."""
-    n = preset.grid.image_pixels
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "own.npz"
-        np.savez(
-            path,
-            observation=lenses.observation.numpy(),
-            noise_sigma=lenses.noise_sigma.reshape(-1, 1, 1, 1).expand(-1, 1, n, n).numpy(),
-            mask=np.ones((len(lenses), 1, n, n), dtype=bool),
-            psf=lenses.psf.numpy(),
-            kappa=lenses.kappa.numpy(),
-            image_pixels=n,
-            image_fov_arcsec=preset.grid.image_fov_arcsec,
-        )
+        write_peer_file(lenses, preset, path)
         return load_peer_validation(path, preset.grid.image_grid)
 
 
