@@ -7,7 +7,7 @@
 
 1. Source sizes: flux-weighted rms and half-light radii (and offset from the optical axis) of the cpu64
    population's sources (test split) against the peer's (``--lenses``: lenstronomy truth), on the source grid.
-2. A small CNN (4 double-conv blocks, ~0.3 M parameters) regresses gamma - 2 from the image (data and
+2. A small CNN (4 double-conv blocks, 0.34 M parameters) regresses gamma - 2 from the image (data and
    data / sigma) on ``--train`` power-law (EPL) lenses of the cpu64 population (random rotations/flips) for
    ``--minutes`` on one core; reported: its median slope error on 400 held-out lenses of that population and
    on the peer set, with the median bias and the correlation with the truth, beside the shipped RIM's and
