@@ -209,9 +209,8 @@ def reconstruct(image: Path, model: str, finetune: bool, out_dir: Path, **o):
     shear_text = f"; external shear {shear['magnitude']:.3f} at {shear['angle_deg']:.0f} deg" if shear else ""
     mass = s.get("lens_mass", {})
     theta, slope = mass.get("einstein_radius_arcsec"), mass.get("log_slope")
-    mass_text = (
-        f'Einstein radius {theta:.3f}", log-slope {slope:.2f}; ' if theta is not None and slope is not None else ""
-    )
+    mass_text = "" if theta is None else f'Einstein radius {theta:.3f}", '
+    mass_text += "" if slope is None else f"log-slope {slope:.2f}; "
     click.echo(
         f"{mass_text}chi2_nu {s['chi2_nu']:.3f} (baseline {s['baseline_chi2_nu']:.3f}){shear_text}; products in {out_dir}"
     )

@@ -525,6 +525,23 @@ def _write(
     return summary
 
 
+def _einstein_radius(kappa: np.ndarray, grid: PixelGrid, center) -> float:
+    """:func:`einstein_radius_of_map`, NaN where it is undefined (a centre too close to the map's edge):
+    a summary figure missing, not the products."""
+    try:
+        return einstein_radius_of_map(kappa, grid, center)
+    except RimlensInputError:
+        return float("nan")
+
+
+def _slope(kappa: np.ndarray, grid: PixelGrid, theta_e: float, center) -> float:
+    """:func:`log_slope` over 0.5-2 ``theta_e``, NaN where it is undefined (no positive radius)."""
+    try:
+        return log_slope(kappa, grid, theta_e, center) if math.isfinite(theta_e) else float("nan")
+    except RimlensInputError:
+        return float("nan")
+
+
 def describe_mass(kappa: np.ndarray, grid: PixelGrid, field_center_arcsec: Sequence[float] = (0.0, 0.0)) -> dict:
     """``summary.json``'s ``lens_mass`` block: the Einstein radius and log-slope of one convergence map.
 
@@ -550,15 +567,8 @@ def describe_mass(kappa: np.ndarray, grid: PixelGrid, field_center_arcsec: Seque
         center = kappa_peak_center(kappa, grid)
     except RimlensInputError:  # a non-finite map: no figures, but the products are still written
         return {"einstein_radius_arcsec": None, "log_slope": None, "kappa_center_arcsec": None}
-
-    try:
-        theta = einstein_radius_of_map(kappa, grid, center)
-    except RimlensInputError:  # e.g. no circle with mean kappa 1 inside the field: no radius, not no products
-        theta = float("nan")
-    try:
-        slope = log_slope(kappa, grid, theta, center) if math.isfinite(theta) else float("nan")
-    except RimlensInputError:
-        slope = float("nan")
+    theta = _einstein_radius(kappa, grid, center)
+    slope = _slope(kappa, grid, theta, center)
     return {
         "einstein_radius_arcsec": finite(theta),
         "log_slope": finite(slope),
@@ -575,23 +585,10 @@ def describe_posterior(samples: PosteriorSamples, grid: PixelGrid) -> dict:
     mean_kappa = samples.kappa.mean(0)[0].numpy()
     center = kappa_peak_center(mean_kappa, grid)
 
-    def radius(k: np.ndarray) -> float:
-        try:
-            return einstein_radius_of_map(k, grid, center)
-        except RimlensInputError:  # e.g. a centre too close to the map's edge: no radius, not no products
-            return float("nan")
-
-    theta = np.array([radius(k[0].numpy()) for k in samples.kappa])
+    theta = np.array([_einstein_radius(k[0].numpy(), grid, center) for k in samples.kappa])
     finite = theta[np.isfinite(theta)]
     theta_mid = float(np.median(finite)) if len(finite) else float("nan")
-
-    def slope_of(k: np.ndarray) -> float:
-        try:
-            return log_slope(k, grid, theta_mid, center) if math.isfinite(theta_mid) else float("nan")
-        except RimlensInputError:
-            return float("nan")
-
-    slope = np.array([slope_of(k[0].numpy()) for k in samples.kappa])
+    slope = np.array([_slope(k[0].numpy(), grid, theta_mid, center) for k in samples.kappa])
 
     def pct(v: np.ndarray) -> list[float]:
         v = np.asarray(v, dtype=float)

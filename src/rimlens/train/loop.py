@@ -121,11 +121,7 @@ class TrainingLoop:
             )
         if ckpt is None:
             return
-        if self.ema is not None:
-            if "ema" not in ckpt:
-                raise RimlensInputError(
-                    "this checkpoint was trained without a weight average (ema_decay 0): resume it without one"
-                )
+        if self.ema is not None and "ema" in ckpt:  # (ema_decay is the checkpoint's own on --resume)
             self.ema.load_state_dict(ckpt["ema"])
         self.model.load_state_dict(ckpt["model"])
         self.optimizer.load_state_dict(ckpt["optimizer"])
@@ -172,8 +168,7 @@ class TrainingLoop:
         self.out_dir.mkdir(parents=True, exist_ok=True)
         payload = self.payload()
         if best:  # best first: latest.pt records best_val, so it must never get ahead of best.pt
-            with self.evaluated_weights():
-                weights = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+            weights = payload["model"] if self.ema is None else self.ema.module.state_dict()
             kept = {k: v for k, v in payload.items() if k not in ("optimizer", "ema")}
             save_checkpoint(self.out_dir / "best.pt", {**kept, "model": weights})
         save_checkpoint(self.out_dir / "latest.pt", payload)
