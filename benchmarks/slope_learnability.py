@@ -31,12 +31,10 @@ import numpy as np
 import torch
 from torch import nn
 
-import rimlens.data.lenses as lens_data
 from common import write_peer_file
-from rimlens.config import get_preset
+from rimlens.config import ParametricSourceConfig, get_preset
 from rimlens.data.lenses import LensGenerator
 from rimlens.data.random import child_rng
-from rimlens.data.sources import ParametricSourceConfig
 from rimlens.io.checkpoint import load_model
 from rimlens.physics.lens_metrics import log_slope
 from rimlens.train.peer import PeerValidationSet, load_peer_validation
@@ -115,8 +113,7 @@ def main(argv=None) -> int:
     data = dataclasses.replace(base.data, kappa_mix={"epl": 1.0})
     if args.small_sources:
         small = ParametricSourceConfig(r_eff_arcsec=(0.06, 0.3), max_offset_arcsec=0.15)
-        lens_data.ParametricSourceConfig = lambda: small  # type: ignore[assignment,misc]  # this run only
-        data = dataclasses.replace(data, source_mix={"parametric": 1.0})
+        data = dataclasses.replace(data, source_mix={"parametric": 1.0}, parametric_source=small)
     preset = dataclasses.replace(base, data=data)
 
     sg = preset.grid.source_grid

@@ -12,7 +12,14 @@ import numpy as np
 import pytest
 import torch
 
-from rimlens.config import GridConfig, ValidationConfig, get_preset
+from rimlens.config import (
+    DataConfig,
+    GridConfig,
+    ParametricSourceConfig,
+    ValidationConfig,
+    get_preset,
+    preset_from_json,
+)
 from rimlens.data.kappa import einstein_radius, rescale_to_einstein_radius, tng_evaluation_maps
 from rimlens.data.lenses import LensGenerator, validate_lenses
 from rimlens.data.random import child_rng
@@ -94,6 +101,65 @@ def _good_lens(grid: GridConfig):
     source = torch.exp(-0.5 * ((sx - 0.05) ** 2 + sy**2) / 0.1**2)[None, None]
     noiseless = LensSimulator(img, src).forward(source, kappa, PSF.gaussian(0.1, img.pixel_scale_arcsec))
     return noiseless, source, kappa
+
+
+def _half_light_and_offset(sources: torch.Tensor, grid: PixelGrid) -> tuple[np.ndarray, np.ndarray]:
+    """Per source: the radius about its centroid holding half its flux, and the centroid's distance
+    from the axis (arcsec)."""
+    x, y = (t.numpy() for t in grid.coordinates(torch.float64))
+    half, offset = [], []
+    for s in sources[:, 0].double().numpy():
+        w = s / s.sum()
+        cx, cy = (w * x).sum(), (w * y).sum()
+        r = np.hypot(x - cx, y - cy).ravel()
+        order = np.argsort(r)
+        half.append(r[order][np.searchsorted(np.cumsum(w.ravel()[order]), 0.5)])
+        offset.append(np.hypot(cx, cy))
+    return np.array(half), np.array(offset)
+
+
+def test_source_population_is_a_data_setting():
+    """The parametric sources' sizes and offsets and the COSMOS galaxies' zoom and shift follow DataConfig,
+    round-trip through a preset's JSON, and bad ranges are refused."""
+    base = get_preset("tiny")
+    grid = base.grid.source_grid
+
+    rng_sources = {}
+    for name, config in {
+        "small": ParametricSourceConfig(r_eff_arcsec=(0.06, 0.08), max_offset_arcsec=0.0, clumps=(0, 0)),
+        "large": ParametricSourceConfig(r_eff_arcsec=(0.35, 0.4), max_offset_arcsec=0.6, clumps=(0, 0)),
+    }.items():
+        preset = dataclasses.replace(
+            base, data=dataclasses.replace(base.data, source_mix={"parametric": 1.0}, parametric_source=config)
+        )
+        assert preset_from_json(preset.to_json()) == preset  # saved with every model
+        gen = LensGenerator(preset, split="train", bank_seed=0)
+        rng_sources[name] = gen._sources(child_rng(2, 2), np.array(["parametric"] * 24))
+    half_small, off_small = _half_light_and_offset(rng_sources["small"], grid)
+    half_large, off_large = _half_light_and_offset(rng_sources["large"], grid)
+    assert np.median(half_small) < 0.15 < 0.25 < np.median(half_large)
+    assert np.max(off_small) < 0.05 < np.median(off_large)
+
+    cosmos = {}
+    for zoom in (0.6, 1.5):
+        preset = dataclasses.replace(
+            base, data=dataclasses.replace(base.data, cosmos_zoom=(zoom, zoom), cosmos_max_shift_arcsec=0.0)
+        )
+        cosmos[zoom] = LensGenerator(preset, split="train", bank_seed=0)._sources(
+            child_rng(3, 3), np.array(["cosmos"] * 24)
+        )
+    ratio = np.median(_half_light_and_offset(cosmos[1.5], grid)[0] / _half_light_and_offset(cosmos[0.6], grid)[0])
+    assert 2.0 < ratio < 3.0  # 1.5 / 0.6 = 2.5, blurred by the grid's pixels and the clipping at the edge
+
+    for bad in (
+        lambda: DataConfig(cosmos_zoom=(0.0, 1.0)),
+        lambda: DataConfig(cosmos_max_shift_arcsec=-0.1),
+        lambda: ParametricSourceConfig(r_eff_arcsec=(0.5, 0.1)),
+        lambda: ParametricSourceConfig(axis_ratio=(0.5, 1.5)),
+        lambda: ParametricSourceConfig(clumps=(3, 1)),
+    ):
+        with pytest.raises(RimlensInputError):
+            bad()
 
 
 def test_each_validation_check_rejects_a_crafted_bad_lens():

@@ -21,6 +21,7 @@ __all__ = [
     "DataConfig",
     "GridConfig",
     "LoopConfig",
+    "ParametricSourceConfig",
     "Preset",
     "RIMConfig",
     "TrainConfig",
@@ -107,10 +108,42 @@ class ValidationConfig:
 
 
 @dataclass(frozen=True)
+class ParametricSourceConfig:
+    """The parametric source family: a Sersic bulge/disk plus Gaussian star-forming clumps.
+
+    Ranges are uniform, sizes in arcsec on the source plane. ``max_offset_arcsec`` bounds the Sersic
+    centre's distance from the optical axis (drawn uniformly over that disc); clumps lie within
+    1.5 ``r_eff`` of it. The source population sets what a learnt model reads as the slope (README,
+    "What sets the slope on a peer's lenses"), so it is a setting of the data, saved with every model.
+    """
+
+    r_eff_arcsec: tuple[float, float] = (0.08, 0.5)
+    sersic_index: tuple[float, float] = (0.7, 4.0)
+    axis_ratio: tuple[float, float] = (0.3, 1.0)
+    max_offset_arcsec: float = 0.3
+    clumps: tuple[int, int] = (0, 6)
+    clump_sigma_arcsec: tuple[float, float] = (0.02, 0.08)
+    clump_amplitude: tuple[float, float] = (0.1, 1.0)
+
+    def __post_init__(self):
+        for name in ("r_eff_arcsec", "sersic_index", "axis_ratio", "clump_sigma_arcsec", "clump_amplitude"):
+            lo, hi = getattr(self, name)
+            if not (0 < lo <= hi and math.isfinite(hi)):
+                raise RimlensInputError(f"parametric_source.{name} must be a range 0 < low <= high, got {(lo, hi)}")
+        if self.axis_ratio[1] > 1:
+            raise RimlensInputError(f"parametric_source.axis_ratio must lie in (0, 1], got {self.axis_ratio}")
+        if not (0 <= self.clumps[0] <= self.clumps[1]):
+            raise RimlensInputError(f"parametric_source.clumps must be 0 <= low <= high, got {self.clumps}")
+        if not (0 <= self.max_offset_arcsec < math.inf):
+            raise RimlensInputError(f"parametric_source.max_offset_arcsec must be >= 0, got {self.max_offset_arcsec}")
+
+
+@dataclass(frozen=True)
 class DataConfig:
     """How lenses are drawn. Mixing fractions need not sum to 1 (they are normalised).
 
-    source_mix keys: ``cosmos`` (real HST galaxies), ``parametric`` (Sersic + clumps).
+    source_mix keys: ``cosmos`` (real HST galaxies, augmented by ``cosmos_zoom`` and
+    ``cosmos_max_shift_arcsec``), ``parametric`` (Sersic + clumps, drawn as ``parametric_source`` says).
     kappa_mix keys: ``sie`` (SIE), ``sie_substructure`` (SIE + NFW subhaloes + multipoles), ``epl``
     (elliptical power law, log-slope U(1.6, 2.4)),
     ``particles`` (synthetic particle galaxies, smooth-particle lensing). Both mixes accept ``vae``
@@ -130,12 +163,21 @@ class DataConfig:
     source_vae: str = ""  # VAE checkpoints for the "vae" families
     kappa_vae: str = ""
     shear_max: float = 0.0  # external shear magnitude U(0, shear_max), angle uniform (0: none)
+    parametric_source: ParametricSourceConfig = ParametricSourceConfig()
+    # augmentation of the COSMOS galaxies: zoom log-uniform in this range (> 1 enlarges), and a shift of
+    # their centre uniform in +-cosmos_max_shift_arcsec along each axis (arcsec on the source plane)
+    cosmos_zoom: tuple = (0.8, 1.25)
+    cosmos_max_shift_arcsec: float = 0.3
 
     def __post_init__(self):
         if self.noise not in NOISE_RECIPES:
             raise RimlensInputError(f"unknown noise recipe {self.noise!r}; choose from {sorted(NOISE_RECIPES)}")
         if not 0 <= self.shear_max < 0.5:
             raise RimlensInputError(f"shear_max must be in [0, 0.5), got {self.shear_max}")
+        if len(self.cosmos_zoom) != 2 or not 0 < self.cosmos_zoom[0] <= self.cosmos_zoom[1] < math.inf:
+            raise RimlensInputError(f"cosmos_zoom must be a range 0 < low <= high, got {self.cosmos_zoom}")
+        if not 0 <= self.cosmos_max_shift_arcsec < math.inf:
+            raise RimlensInputError(f"cosmos_max_shift_arcsec must be >= 0, got {self.cosmos_max_shift_arcsec}")
         for name, mix, allowed in (
             ("source_mix", self.source_mix, {"cosmos", "parametric", "vae"}),
             ("kappa_mix", self.kappa_mix, {"sie", "sie_substructure", "epl", "particles", "vae", "tng"}),

@@ -20,7 +20,7 @@ from rimlens.data.kappa import (
 )
 from rimlens.data.particles import kappa_from_particles, synthetic_galaxy
 from rimlens.data.random import child_rng, truncated_normal
-from rimlens.data.sources import ParametricSourceConfig, SourceBank, parametric_sources
+from rimlens.data.sources import SourceBank, parametric_sources
 from rimlens.data.vae_family import VAESampler
 from rimlens.errors import RimlensInputError
 from rimlens.physics import PSF, LensSimulator, PixelGrid
@@ -187,9 +187,11 @@ class LensGenerator:
         for fam in np.unique(families):
             idx = np.flatnonzero(families == fam)
             if fam == "cosmos":
-                out[idx] = self.source_bank.draw(rng, len(idx))[0]
+                out[idx] = self.source_bank.draw(
+                    rng, len(idx), zoom=self.data.cosmos_zoom, max_shift_arcsec=self.data.cosmos_max_shift_arcsec
+                )[0]
             elif fam == "parametric":
-                out[idx] = parametric_sources(self.source_grid, rng, len(idx), ParametricSourceConfig())
+                out[idx] = parametric_sources(self.source_grid, rng, len(idx), self.data.parametric_source)
             elif fam == "vae":
                 out[idx] = self.vae_sampler.sources(rng, len(idx))
         return out

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import math
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -22,6 +23,7 @@ import torch.nn.functional as F
 from astropy.io import fits
 from astropy.table import Table
 
+from rimlens.config import ParametricSourceConfig
 from rimlens.errors import RimlensInputError
 from rimlens.physics import PixelGrid, profiles
 from rimlens.physics.resample import resample_density
@@ -198,21 +200,35 @@ class SourceBank:
         return len(self.idents)
 
     def draw(
-        self, rng: np.random.Generator, batch: int, augment: bool = True, dtype=torch.float32
+        self,
+        rng: np.random.Generator,
+        batch: int,
+        augment: bool = True,
+        dtype=torch.float32,
+        zoom: tuple[float, float] = (0.8, 1.25),
+        max_shift_arcsec: float = 0.3,
     ) -> tuple[torch.Tensor, np.ndarray]:
-        """``batch`` sources on the source grid and the identifiers of the galaxies used.
+        """``batch`` sources on the source grid (``B x 1 x M x M``, peak 1) and the identifiers of the
+        galaxies used.
 
-        Augmentation: random rotation (any angle), flip, zoom in [0.8, 1.25] and shift of up to
-        10% of the field, applied on the oversampled image, then block-averaged to the grid.
+        Augmentation: random rotation (any angle), flip, zoom log-uniform in ``zoom`` (> 1 enlarges)
+        and a shift uniform in +-``max_shift_arcsec`` along each axis, applied on the oversampled
+        image, then block-averaged to the grid.
         """
         idx = rng.integers(0, len(self), batch)
         imgs = self.images[idx]
         if augment:
             angle = rng.uniform(0, 2 * np.pi, batch)
             flip = np.where(rng.uniform(size=batch) < 0.5, -1.0, 1.0)
-            zoom = np.exp(rng.uniform(np.log(0.8), np.log(1.25), batch))
-            shift = rng.uniform(-0.1, 0.1, (batch, 2)) * 2  # in normalised units ([-1, 1] spans the field)
-            c, s = np.cos(angle) / zoom, np.sin(angle) / zoom
+            scale = np.exp(rng.uniform(np.log(zoom[0]), np.log(zoom[1]), batch))
+            # in normalised units ([-1, 1] spans the field): +-0.2 is +-0.3" on the presets' 3" source field;
+            # the ratio is left out when it is 1 so that the default draws the same numbers as before the
+            # shift became a setting (exact resume of runs started then)
+            ratio = max_shift_arcsec / (0.1 * self.grid.fov_arcsec)
+            shift = rng.uniform(-0.1, 0.1, (batch, 2)) * 2
+            if not math.isclose(ratio, 1.0, rel_tol=1e-12):
+                shift = shift * ratio
+            c, s = np.cos(angle) / scale, np.sin(angle) / scale
             theta = np.zeros((batch, 2, 3))
             theta[:, 0, 0], theta[:, 0, 1] = c * flip, -s
             theta[:, 1, 0], theta[:, 1, 1] = s * flip, c
@@ -226,19 +242,6 @@ class SourceBank:
 
 
 # ----------------------------------------------------------------------------- parametric sources
-@dataclass(frozen=True)
-class ParametricSourceConfig:
-    """Sersic bulge/disk plus Gaussian star-forming clumps (uniform ranges; arcsec)."""
-
-    r_eff_arcsec: tuple[float, float] = (0.08, 0.5)
-    sersic_index: tuple[float, float] = (0.7, 4.0)
-    axis_ratio: tuple[float, float] = (0.3, 1.0)
-    max_offset_arcsec: float = 0.3
-    clumps: tuple[int, int] = (0, 6)
-    clump_sigma_arcsec: tuple[float, float] = (0.02, 0.08)
-    clump_amplitude: tuple[float, float] = (0.1, 1.0)
-
-
 def parametric_sources(
     grid: PixelGrid,
     rng: np.random.Generator,
