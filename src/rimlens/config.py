@@ -107,6 +107,12 @@ class ValidationConfig:
     min_max_kappa: float = 1.0
 
 
+def _check_range(name: str, pair: tuple) -> None:
+    """Refuse a ``(low, high)`` setting unless ``0 < low <= high < inf``."""
+    if len(pair) != 2 or not 0 < pair[0] <= pair[1] < math.inf:
+        raise RimlensInputError(f"{name} must be a range 0 < low <= high, got {pair}")
+
+
 @dataclass(frozen=True)
 class ParametricSourceConfig:
     """The parametric source family: a Sersic bulge/disk plus Gaussian star-forming clumps.
@@ -127,9 +133,7 @@ class ParametricSourceConfig:
 
     def __post_init__(self):
         for name in ("r_eff_arcsec", "sersic_index", "axis_ratio", "clump_sigma_arcsec", "clump_amplitude"):
-            lo, hi = getattr(self, name)
-            if not (0 < lo <= hi and math.isfinite(hi)):
-                raise RimlensInputError(f"parametric_source.{name} must be a range 0 < low <= high, got {(lo, hi)}")
+            _check_range(f"parametric_source.{name}", getattr(self, name))
         if self.axis_ratio[1] > 1:
             raise RimlensInputError(f"parametric_source.axis_ratio must lie in (0, 1], got {self.axis_ratio}")
         if not (0 <= self.clumps[0] <= self.clumps[1]):
@@ -174,8 +178,7 @@ class DataConfig:
             raise RimlensInputError(f"unknown noise recipe {self.noise!r}; choose from {sorted(NOISE_RECIPES)}")
         if not 0 <= self.shear_max < 0.5:
             raise RimlensInputError(f"shear_max must be in [0, 0.5), got {self.shear_max}")
-        if len(self.cosmos_zoom) != 2 or not 0 < self.cosmos_zoom[0] <= self.cosmos_zoom[1] < math.inf:
-            raise RimlensInputError(f"cosmos_zoom must be a range 0 < low <= high, got {self.cosmos_zoom}")
+        _check_range("cosmos_zoom", self.cosmos_zoom)
         if not 0 <= self.cosmos_max_shift_arcsec < math.inf:
             raise RimlensInputError(f"cosmos_max_shift_arcsec must be >= 0, got {self.cosmos_max_shift_arcsec}")
         for name, mix, allowed in (

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from astropy.io import fits
 from astropy.table import Table
 
-from rimlens.config import ParametricSourceConfig
+from rimlens.config import DataConfig, ParametricSourceConfig
 from rimlens.errors import RimlensInputError
 from rimlens.physics import PixelGrid, profiles
 from rimlens.physics.resample import resample_density
@@ -205,8 +205,8 @@ class SourceBank:
         batch: int,
         augment: bool = True,
         dtype=torch.float32,
-        zoom: tuple[float, float] = (0.8, 1.25),
-        max_shift_arcsec: float = 0.3,
+        zoom: tuple[float, float] = DataConfig.cosmos_zoom,
+        max_shift_arcsec: float = DataConfig.cosmos_max_shift_arcsec,
     ) -> tuple[torch.Tensor, np.ndarray]:
         """``batch`` sources on the source grid (``B x 1 x M x M``, peak 1) and the identifiers of the
         galaxies used.
