@@ -686,3 +686,27 @@ def test_the_gradient_is_kept_only_when_the_data_ask_for_it():
         prep = SimpleNamespace(noise_sigma=sigma, mask=torch.ones_like(data, dtype=torch.bool))
         chosen = _choose_light_shape(start, data, torch.zeros_like(data), prep)
         assert (chosen.ellipticity_gradient is not None) == expect
+
+
+def test_basis_on_another_grid_matches_the_models_own_basis():
+    """``LensLightModel.basis_on`` renders the fitted Gaussians on another grid: on the model's own grid
+    (no offset) it is the model's basis; on a grid shifted by whole pixels, the same images shifted."""
+    import torch
+
+    from rimlens.physics.grid import PixelGrid
+    from rimlens.physics.lens_light import LensLightModel, default_sigmas
+    from rimlens.physics.psf import PSF
+
+    grid = PixelGrid(32, 0.1)
+    xs = torch.arange(-3, 4, dtype=torch.float64)
+    kernel = torch.exp(-(xs[None] ** 2 + xs[:, None] ** 2) / 2.0)
+    psf = PSF.from_kernel(kernel)
+    sigmas = torch.as_tensor(default_sigmas(grid, 6), dtype=torch.float64)
+    one = torch.ones(1, dtype=torch.float64)
+    model = LensLightModel(
+        center_x=0.03 * one, center_y=-0.02 * one, q=0.7 * one, phi=0.4 * one, sigmas=sigmas,
+        amplitudes=torch.ones(1, sigmas.numel(), dtype=torch.float64), grid=grid, psf=psf, chi2=one,
+    )  # fmt: skip
+    torch.testing.assert_close(model.basis_on(grid, (0.0, 0.0), psf), model.basis(True)[0])
+    shifted = model.basis_on(grid, (0.3, 0.0), psf)  # this grid's centre 3 pixels to the right
+    torch.testing.assert_close(shifted[:, 8:24, 5:21], model.basis(True)[0][:, 8:24, 8:24], atol=1e-12, rtol=1e-9)

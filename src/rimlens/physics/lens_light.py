@@ -788,6 +788,20 @@ class LensLightModel:
 
         return image
 
+    def basis_on(self, grid: PixelGrid, offset_arcsec: tuple[float, float], psf: PSF) -> torch.Tensor:
+        """The first example's Gaussians at the fitted shape rendered on another ``grid`` (e.g. a
+        detector crop) whose centre lies at ``offset_arcsec`` from this model's grid centre, convolved
+        with ``psf`` (at that grid's scale): ``K x M x M`` float64 per unit flux (arcsec^-2)."""
+        e1, e2 = gaussian_ellipticities(
+            *ellipticity_from_q_phi(self.q[:1], self.phi[:1]),
+            None if self.ellipticity_gradient is None else self.ellipticity_gradient[:1],
+            self.sigmas,
+        )
+        x0 = self.center_x[:1].to(torch.float64) - offset_arcsec[0]
+        y0 = self.center_y[:1].to(torch.float64) - offset_arcsec[1]
+        out = _render(grid, x0, y0, e1, e2, self.sigmas.to(torch.float64), self.sampling)
+        return _convolve_stack(out, psf)[0]
+
     def on_detector(self, native: NativeFrame) -> LensLightModel:
         """The same model (shape, amplitudes) rendered from now on in the detector's frame ``native``."""
         return dataclasses.replace(self, native=native, _cache={})
