@@ -105,7 +105,7 @@ class PowerLaw:
         return cls(*(float(x) for x in v.detach().reshape(-1)[:8]))
 
     def describe(self) -> dict:
-        """JSON-ready parameters (``summary.json``'s ``power_law`` block)."""
+        """JSON-ready parameters."""
         return {
             "einstein_radius_arcsec": round(self.theta_e_arcsec, 5),
             "log_slope": round(self.slope, 4),
@@ -130,9 +130,9 @@ def _deflect(v: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.T
 class SourceInversion:
     """The semi-linear problem of one cut-out: data ``d``, weights ``1/sigma``, rays, PSF, source grid.
 
-    The model image is ``P (mean over sub-pixel rays of bilinear(s, beta(theta))) + G a``: ``s`` the
-    ``S x S`` source on a square source-plane box, ``P`` the PSF, ``G`` optional fixed lens-light images
-    with amplitudes ``a``. For a given mass, ``(s, a)`` minimise
+    The model image is ``P (mean over sub-pixel rays of bilinear(s, beta(theta))) + light``: ``s`` the
+    ``S x S`` source on a square source-plane box, ``P`` the PSF, ``light`` the lens light re-solved in
+    alternation (:meth:`refit_light`). For a given mass, ``s`` minimises
     ``chi2 + lambda s^T C s`` (``C = L^T L``, ``L`` the discrete Laplacian on the source grid).
 
     Args:
@@ -197,14 +197,13 @@ class SourceInversion:
         self.light = None
         if light_basis is not None:
             # an orthonormal basis (under the weights) of the light's span: the Gaussians overlap almost
-            # completely, and unregularised they would make the joint system too ill-conditioned for CG
+            # completely, and in this basis the least-squares amplitudes are plain projections
             g = light_basis.to(torch.float64).reshape(light_basis.shape[0], -1)
             u, sv, _ = torch.linalg.svd(g * w.reshape(1, -1), full_matrices=False)
             keep = sv > 1e-8 * sv[0]
             self.light = ((u[:, keep] / sv[keep]).T @ g).reshape(-1, *image.shape)
         # the light is solved in alternation with the mass and source (a joint CG with the source did not
         # converge: the light's span and the source's overlap at the centre), held in ``light_image``
-        self.n_light = 0
         self.light_image = torch.zeros_like(self.data)
         self.box: tuple[float, float, float] | None = None  # source box centre x, y and half-size (arcsec)
         self.cg_iterations = 0
@@ -305,14 +304,14 @@ class SourceInversion:
         return self._lensed(x[: self.s * self.s], coords) + self.light_image
 
     def regularise(self, x: torch.Tensor) -> torch.Tensor:
-        """``C x`` (zero on the light amplitudes)."""
+        """``C x`` for the flattened source ``x``."""
         s = x[: self.s * self.s].view(1, 1, self.s, self.s)
         cs = F.conv2d(F.conv2d(s, _LAPLACIAN, padding=1), _LAPLACIAN, padding=1).reshape(-1)
-        return torch.cat([cs, torch.zeros(self.n_light, dtype=x.dtype)])
+        return cs
 
     def _operators(self, v: torch.Tensor) -> tuple[torch.Tensor, Callable, Callable]:
         coords = self._coords(v.detach()).detach()
-        zero = torch.zeros(self.s * self.s + self.n_light, dtype=torch.float64)
+        zero = torch.zeros(self.s * self.s, dtype=torch.float64)
         vjp = torch.func.vjp(lambda x: self._lensed(x, coords), zero)[1]
         return coords, (lambda x: self._lensed(x, coords)), (lambda r: vjp(r)[0])
 
@@ -360,7 +359,7 @@ class SourceInversion:
         """``log P(d | v, lambda)`` up to a constant, for each lambda (dense linear algebra; ``S^2`` columns)."""
         with torch.no_grad():
             _, a_op, _ = self._operators(v)
-            n = self.s * self.s + self.n_light
+            n = self.s * self.s
             w = self.w2.sqrt().reshape(-1)
             cols = []
             for start in range(0, n, 256):
@@ -368,16 +367,8 @@ class SourceInversion:
                 eye[torch.arange(eye.shape[0]), torch.arange(start, start + eye.shape[0])] = 1
                 cols.append(torch.stack([a_op(e).reshape(-1) * w for e in eye], 1))
             b = torch.cat(cols, 1)
-            eye_s = torch.eye(self.s * self.s, dtype=torch.float64)
-            c_src = torch.stack(
-                [
-                    self.regularise(torch.cat([e, torch.zeros(self.n_light, dtype=torch.float64)]))[: self.s * self.s]
-                    for e in eye_s
-                ],
-                1,
-            )
-            c = torch.zeros(n, n, dtype=torch.float64)
-            c[: self.s * self.s, : self.s * self.s] = c_src
+            c_src = torch.stack([self.regularise(e) for e in torch.eye(n, dtype=torch.float64)], 1)
+            c = c_src
             fisher = b.T @ b
             dw = (self.data - self.light_image).reshape(-1) * w
             rhs = b.T @ dw
@@ -429,7 +420,7 @@ class PowerLawFit:
     lambda_history: list[float]
 
     def describe(self) -> dict:
-        """JSON-ready summary (``summary.json``'s ``power_law`` block)."""
+        """JSON-ready summary."""
         return {
             **self.mass.describe(),
             "chi2_nu": round(self.chi2_nu, 4),
