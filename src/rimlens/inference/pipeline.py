@@ -32,6 +32,7 @@ from rimlens.inference.finetune import (
     refine_estimate,
 )
 from rimlens.inference.posterior import PosteriorOptions, PosteriorSamples, sample_posterior
+from rimlens.inference.power_law import measure_power_law
 from rimlens.inference.quality import assess, rim_input
 from rimlens.io.atomic import atomic_path
 from rimlens.io.checkpoint import load_vae
@@ -61,6 +62,7 @@ __all__ = [
     "Reconstruction",
     "describe_mass",
     "describe_posterior",
+    "describe_power_law",
     "describe_shear",
     "reconstruct_folder",
     "reconstruct_observation",
@@ -691,16 +693,42 @@ def reconstruct_observation(
     finetune_with: FinetuneSetup | None = None,
     posterior: PosteriorOptions | None = None,
     fit_supersample: int | None = FIT_SUPERSAMPLE,
+    power_law: bool = False,
 ) -> dict:
     """Reconstruct one FITS observation and write its products (FITS maps, PNG, ``summary.json``)
     into ``out_dir``. Returns the summary (``chi2_nu``, ``baseline_chi2_nu``, ``seconds``, ...).
-    With ``posterior``: posterior-mean maps, their standard deviations and the samples as well."""
+    With ``posterior``: posterior-mean maps, their standard deviations and the samples as well.
+    With ``power_law``: an EPL + shear measured on the cut-out's pixels (:func:`describe_power_law`)."""
     if psf is None:
         raise RimlensInputError("a PSF is required (--psf)")
     obs = load_observation(image, psf, noise, sigma, pixel_scale_arcsec, mask)
     prep = prepare_observation(obs, model.grid.image_grid, center_arcsec)
     rec = reconstruct_prepared(model, prep, finetune_with, lens_light, posterior, fit_supersample)
-    return _write(model, prep, rec, Path(out_dir), {"image": str(image)}, finetune_with, title=obs.name, obs=obs)
+    head: dict = {"image": str(image)}
+    if power_law:
+        head["power_law"] = describe_power_law(obs, prep, rec, model.grid.image_grid)
+    return _write(model, prep, rec, Path(out_dir), head, finetune_with, title=obs.name, obs=obs)
+
+
+def describe_power_law(obs: Observation, prep: PreparedObservation, rec: Reconstruction, grid: PixelGrid) -> dict:
+    """``summary.json``'s ``power_law`` block: :func:`rimlens.inference.power_law.measure_power_law` on the
+    observation's own pixels, started from ``rec``'s convergence (``grid``: the model's image grid) and
+    with its lens light; ``{"error": why}`` where the measurement is impossible (no Einstein radius)."""
+    try:
+        m = measure_power_law(
+            obs.image,
+            obs.noise_sigma,
+            obs.psf,
+            obs.pixel_scale_arcsec,
+            rec.kappa[0, 0].double().numpy(),
+            grid,
+            prep.center_arcsec,
+            mask=obs.mask,
+            light=rec.lens_light_model,
+        )
+    except RimlensInputError as exc:
+        return {"error": str(exc)}
+    return m.describe()
 
 
 @dataclass
@@ -726,6 +754,8 @@ SUMMARY_COLUMNS = (
     "lens_light",
     "shear_gamma1",
     "shear_gamma2",
+    "power_law_einstein_radius_arcsec",
+    "power_law_log_slope",
     "seconds",
     "used_pixels",
 )
@@ -744,6 +774,7 @@ def reconstruct_folder(
     on_error=None,
     posterior: PosteriorOptions | None = None,
     fit_supersample: int | None = FIT_SUPERSAMPLE,
+    power_law: bool = False,
 ) -> FolderSummary | None:
     """Reconstruct every lens sub-folder of ``folder`` (``image.fits``, ``psf.fits`` and
     ``noise_map.fits`` unless ``sigma``) into ``out_dir/<name>/``, then write ``out_dir/summary.csv``.
@@ -778,6 +809,7 @@ def reconstruct_folder(
                     finetune_with=finetune_with,
                     posterior=posterior,
                     fit_supersample=fit_supersample,
+                    power_law=power_law,
                 )
             except RimlensInputError as exc:
                 errors[lens.name] = str(exc)
@@ -800,6 +832,8 @@ def reconstruct_folder(
             log_slope=(summary.get("lens_mass") or {}).get("log_slope", ""),
             shear_gamma1=(summary.get("external_shear") or {}).get("gamma1", ""),
             shear_gamma2=(summary.get("external_shear") or {}).get("gamma2", ""),
+            power_law_einstein_radius_arcsec=(summary.get("power_law") or {}).get("einstein_radius_arcsec", ""),
+            power_law_log_slope=(summary.get("power_law") or {}).get("log_slope", ""),
         )
         rows.append({"lens": lens.name, **{k: summary.get(k, "") for k in SUMMARY_COLUMNS}})
     table = out_dir / "summary.csv"
