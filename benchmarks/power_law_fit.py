@@ -2,14 +2,15 @@
 lenstronomy-made lenses, against the truth and the trivial baselines.
 
     python benchmarks/lenstronomy_lenses.py --count 16 --seed 41 --cutout mixed --out LENSES
-    OMP_NUM_THREADS=2 python benchmarks/power_law_fit.py LENSES [--first 0 --count 16] [--json OUT]
+    OMP_NUM_THREADS=2 python benchmarks/power_law_fit.py LENSES [--first 0 --count 16] [--finetune] [--json OUT]
 
 Reported per lens, against lenstronomy's EPL parameters (the fit's own parametrisation): ``gamma_err``
 ``|gamma - gamma_true|`` of the evidence-ranked slope (the measurement), ``gamma_err_fit`` of the first
 fit's slope (penalised chi2 at the evidence's lambda, the session-12 method), ``gamma_err_rim`` (the RIM
 map's log-slope over 0.5-2 theta_E, ``summary.json``'s ``lens_mass``), the baseline ``gamma_err_iso``
 ``|2 - gamma_true|``; ``theta_err`` ``|theta / theta_E - 1|``; the fit's ``chi2_nu``; ``seconds`` of the
-measurement (the RIM's reconstruction not included). Medians for all lenses and with / without subhaloes.
+measurement (the RIM's reconstruction not included; ``--finetune``: started from the refined
+reconstruction, whose lens light has its shape re-fitted). Medians for all lenses and with / without subhaloes.
 The rows are written to ``--json`` after every lens.
 """
 
@@ -25,7 +26,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from lenstronomy_lenses import load_truth
-from rimlens.inference.pipeline import describe_mass, reconstruct_prepared
+from rimlens.inference.finetune import FinetuneOptions
+from rimlens.inference.pipeline import FinetuneSetup, describe_mass, reconstruct_prepared
 from rimlens.inference.power_law import measure_power_law
 from rimlens.io.checkpoint import load_model
 from rimlens.io.observation import load_observation, prepare_observation
@@ -39,22 +41,26 @@ def main(argv=None) -> int:
     ap.add_argument("--model", default="default")
     ap.add_argument("--json", type=Path)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument(
+        "--finetune", action="store_true", help="start from the refined reconstruction (as reconstruct --finetune)"
+    )
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     model = load_model(args.model)
     grid = model.grid.image_grid
+    setup = FinetuneSetup.load(options=FinetuneOptions.for_mode("refine"), model=model) if args.finetune else None
     folders = sorted(p for p in args.lenses.glob("lens*") if (p / "image.fits").exists())
     folders = folders[args.first : args.first + args.count]
     rows = []
     for lens in folders:
         obs = load_observation(lens / "image.fits", lens / "psf.fits", lens / "noise_map.fits", None, None)
         prep = prepare_observation(obs, grid, "auto")
-        rec = reconstruct_prepared(model, prep, None, "auto")
+        rec = reconstruct_prepared(model, prep, setup, "auto")
         kappa = rec.kappa[0, 0].double().numpy()
         mass = describe_mass(kappa, grid, prep.center_arcsec)
         m = measure_power_law(
             obs.image, obs.noise_sigma, obs.psf, obs.pixel_scale_arcsec, kappa, grid, prep.center_arcsec,
-            mask=obs.mask, light=rec.lens_light_model,
+            mask=obs.mask, light=rec.lens_light_model, light_flux_scale=prep.flux_scale,
         )  # fmt: skip
         truth, _ = load_truth(lens)
         gamma, theta = float(truth["gamma"]), float(truth["theta_E"])

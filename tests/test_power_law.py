@@ -1,6 +1,7 @@
 """The power-law measurement (rimlens.inference.power_law): its evidence against the closed-form
 Gaussian marginal likelihood, and the slope of a lenstronomy-made lens measured from an isothermal start."""
 
+import dataclasses
 import math
 
 import numpy as np
@@ -96,6 +97,9 @@ def test_the_evidence_measures_a_lenstronomy_lens_slope_from_an_isothermal_start
     assert m.chi2_nu < 1.3
     described = m.describe()
     assert described["log_slope"] == round(m.mass.slope, 4) and len(described["evidence_nodes"]) >= 3
+    assert described["warning"] is None
+    # a fit that does not reach the noise flags its slope
+    assert "not reliable" in dataclasses.replace(m, chi2_nu=2.0).describe()["warning"]
 
 
 def test_a_map_without_an_einstein_radius_is_refused():
@@ -105,3 +109,11 @@ def test_a_map_without_an_einstein_radius_is_refused():
         measure_power_law(image, np.ones_like(image), np.ones((1, 1)), 0.05, np.full((64, 64), 0.1), grid, (0, 0))
     with pytest.raises(RimlensInputError, match="not finite"):
         measure_power_law(image, np.ones_like(image), np.ones((1, 1)), 0.05, np.full((64, 64), np.nan), grid, (0, 0))
+
+
+def test_the_cli_refuses_a_power_law_for_a_simulated_set(tmp_path, capsys):
+    from rimlens.cli import main
+
+    (tmp_path / "set.h5").write_bytes(b"")
+    assert main(["reconstruct", str(tmp_path / "set.h5"), "--power-law", "--out", str(tmp_path / "o")]) == 2
+    assert "--power-law cannot be used" in capsys.readouterr().err

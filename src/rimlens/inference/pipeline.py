@@ -483,7 +483,7 @@ def _write(
         "lens_light": _describe_light(rec.lens_light_model, prep),
         "lens_mass": describe_mass(rec.kappa[0, 0].double().numpy(), grid.image_grid, prep.center_arcsec),
         "quality": quality.as_dict(),
-        "warnings": [w for w in (quality.warning(),) if w],
+        "warnings": [w for w in (quality.warning(), (summary.get("power_law") or {}).get("warning")) if w],
     }
     extra_maps: dict[str, tuple[torch.Tensor, str]] = {}
     if rec.lens_light is not None:
@@ -725,6 +725,7 @@ def describe_power_law(obs: Observation, prep: PreparedObservation, rec: Reconst
             prep.center_arcsec,
             mask=obs.mask,
             light=rec.lens_light_model,
+            light_flux_scale=prep.flux_scale,
         )
     except RimlensInputError as exc:
         return {"error": str(exc)}
