@@ -7,6 +7,7 @@ the classical MAP baseline, and resumable work sharded over processes.
 from rimlens.inference.finetune import FinetuneOptions, FinetuneResult
 from rimlens.inference.map_fit import MAPOptions, MAPResult, fit_map
 from rimlens.inference.pipeline import FinetuneSetup, Reconstruction, reconstruct_observation, reconstruct_prepared
+from rimlens.inference.power_law import PowerLawMeasurement, measure_power_law
 from rimlens.inference.predict import BatchReconstruction, predict_file, reconstruct
 
 __all__ = [
@@ -16,8 +17,10 @@ __all__ = [
     "FinetuneSetup",
     "MAPOptions",
     "MAPResult",
+    "PowerLawMeasurement",
     "Reconstruction",
     "fit_map",
+    "measure_power_law",
     "predict_file",
     "reconstruct",
     "reconstruct_observation",
