@@ -1,8 +1,8 @@
 """A parametric mass measured on the detector's own pixels: an elliptical power law (EPL) plus external
 shear, with a pixelated, curvature-regularised source, its slope ranked by the full Bayesian evidence.
 
-The RIM's pixelated convergence gives the Einstein radius to ~1% but not the density slope (README,
-"Measuring the slope"). This is the standard semi-linear method of the field (Warren & Dye 2003; Suyu et
+The RIM's pixelated convergence gives the Einstein radius to ~1% but not the density slope (README, "The
+slope ranked by the Bayesian evidence", for what this measures instead). This is the standard semi-linear method of the field (Warren & Dye 2003; Suyu et
 al. 2006; Vegetti & Koopmans 2009; PyAutoLens): for a given mass the source is linear and solved exactly;
 the mass's eight numbers are fitted by L-BFGS on the penalised chi2, started from the RIM's map; the
 regularisation strength and finally the slope are chosen by the evidence (chi2, regularisation and the
@@ -117,6 +117,7 @@ class PowerLaw:
 def _deflect(v: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Source-plane positions of rays ``x, y`` (arcsec) under the mass ``v`` (:meth:`PowerLaw.vector`)."""
     te, g, e1, e2, cx, cy, g1, g2 = v
+    # not lens_light.q_phi_from_ellipticity: the 1e-18 keeps L-BFGS's gradient finite at e = 0 (round masses)
     e = torch.sqrt(e1 * e1 + e2 * e2 + 1e-18)
     q = ((1 - e) / (1 + e)).clamp(0.05, 1.0)
     phi = 0.5 * torch.atan2(e2, e1)
