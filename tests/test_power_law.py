@@ -31,6 +31,11 @@ def test_log_evidence_is_the_gaussian_marginal_likelihood():
         v = torch.tensor(v, dtype=torch.float64)
         inv.box = (0.0, 0.0, 0.25)
         a = inv.design_matrix(v) / inv.w2.sqrt().reshape(-1, 1)  # unweighted columns
+        # the dense columns are the model the conjugate-gradient fit uses, one source pixel at a time
+        e = torch.zeros(s * s, dtype=torch.float64)
+        e[s * s // 2 + 1] = 1.0
+        model = inv.model(e, inv._coords(v)).reshape(-1)
+        torch.testing.assert_close(a[:, s * s // 2 + 1], model, rtol=1e-12, atol=1e-14)
         c = inv.regularisation_matrix()
         for lam in (0.3, 30.0):
             cov = torch.diag(sigma.reshape(-1) ** 2) + a @ torch.linalg.inv(lam * c) @ a.T

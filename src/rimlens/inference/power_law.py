@@ -199,7 +199,6 @@ class SourceInversion:
         self.light_image = torch.zeros_like(self.data)
         self.light_given = False  # light_image holds a fitted model's light (else: solve it from the data first)
         self.box: tuple[float, float, float] | None = None  # source box centre x, y and half-size (arcsec)
-        self.cg_iterations = 0
 
     @classmethod
     def from_cutout(
@@ -303,34 +302,40 @@ class SourceInversion:
 
     # ------------------------------------------------------------------ linear operators
     def _lensed(self, s: torch.Tensor, coords: torch.Tensor) -> torch.Tensor:
+        """Images of sources ``s`` (``S^2`` or ``B x S^2``): ``H x W`` or ``B x H x W``."""
+        b = 1 if s.ndim == 1 else s.shape[0]
         v = F.grid_sample(
-            s.view(1, 1, self.s, self.s), coords, mode="bilinear", padding_mode="zeros", align_corners=True
-        )
-        img = v.view(self.h, self.w, self.ss * self.ss).mean(-1)
-        return self.psf.convolve(img.view(1, 1, self.h, self.w)).view(self.h, self.w)
+            s.reshape(b, 1, self.s, self.s), coords.expand(b, -1, -1, -1), mode="bilinear", padding_mode="zeros",
+            align_corners=True,
+        )  # fmt: skip
+        img = v.view(b, 1, self.h, self.w, self.ss * self.ss).mean(-1)
+        out = self.psf.convolve(img).reshape(b, self.h, self.w)
+        return out[0] if s.ndim == 1 else out
 
     def model(self, x: torch.Tensor, coords: torch.Tensor) -> torch.Tensor:
         """Model image of the flattened source ``x`` plus the held lens light."""
         return self._lensed(x[: self.s * self.s], coords) + self.light_image
 
     def regularise(self, x: torch.Tensor) -> torch.Tensor:
-        """``C x`` for the flattened source ``x``."""
-        s = x[: self.s * self.s].view(1, 1, self.s, self.s)
-        cs = F.conv2d(F.conv2d(s, _LAPLACIAN, padding=1), _LAPLACIAN, padding=1).reshape(-1)
-        return cs
+        """``C x`` for the flattened source ``x`` (``S^2``, or ``B x S^2`` row by row)."""
+        n = self.s * self.s
+        s = x[..., :n].reshape(-1, 1, self.s, self.s)
+        cs = F.conv2d(F.conv2d(s, _LAPLACIAN, padding=1), _LAPLACIAN, padding=1)
+        return cs.reshape(x[..., :n].shape)
 
-    def _operators(self, v: torch.Tensor) -> tuple[torch.Tensor, Callable, Callable]:
+    def _operators(self, v: torch.Tensor) -> tuple[Callable, Callable]:
+        """The lensing operator ``A`` at the mass ``v`` and its adjoint (by a vector-Jacobian product)."""
         coords = self._coords(v.detach()).detach()
         zero = torch.zeros(self.s * self.s, dtype=torch.float64)
         vjp = torch.func.vjp(lambda x: self._lensed(x, coords), zero)[1]
-        return coords, (lambda x: self._lensed(x, coords)), (lambda r: vjp(r)[0])
+        return (lambda x: self._lensed(x, coords)), (lambda r: vjp(r)[0])
 
     def solve(
         self, v: torch.Tensor, lam: float, start: torch.Tensor | None = None, rtol: float = 1e-9, max_iter: int = 400
     ) -> torch.Tensor:
         """The unknowns minimising ``chi2 + lam s^T C s`` for the mass ``v`` (preconditioned CG)."""
         with torch.no_grad():
-            _, a_op, at_op = self._operators(v)
+            a_op, at_op = self._operators(v)
 
             def normal(x: torch.Tensor) -> torch.Tensor:
                 return at_op(self.w2 * a_op(x)) + lam * self.regularise(x)
@@ -346,7 +351,6 @@ class SourceInversion:
             rz = (r * z).sum()
             b_norm = float(b.norm()) + 1e-300
             for _ in range(max_iter):
-                self.cg_iterations += 1
                 nd = normal(d)
                 alpha = rz / (d * nd).sum()
                 x = x + alpha * d
@@ -372,23 +376,16 @@ class SourceInversion:
             coords = self._coords(v)
             n = self.s * self.s
             w = self.w2.sqrt().reshape(1, -1)
-            eye = torch.eye(n, dtype=torch.float64).view(n, 1, self.s, self.s)
-            cols = []
-            for start in range(0, n, batch):
-                e = eye[start : start + batch]
-                b = e.shape[0]
-                vals = F.grid_sample(
-                    e, coords.expand(b, -1, -1, -1), mode="bilinear", padding_mode="zeros", align_corners=True
-                )
-                img = vals.view(b, self.h, self.w, self.ss * self.ss).mean(-1).view(b, 1, self.h, self.w)
-                cols.append((self.psf.convolve(img).reshape(b, -1) * w).T)
+            eye = torch.eye(n, dtype=torch.float64)
+            cols = [
+                (self._lensed(eye[start : start + batch], coords).reshape(-1, self.h * self.w) * w).T
+                for start in range(0, n, batch)
+            ]
         return torch.cat(cols, 1)
 
     def regularisation_matrix(self) -> torch.Tensor:
         """``S^2 x S^2``: ``C`` of :meth:`regularise` (symmetric, positive definite)."""
-        n = self.s * self.s
-        eye = torch.eye(n, dtype=torch.float64).view(n, 1, self.s, self.s)
-        return F.conv2d(F.conv2d(eye, _LAPLACIAN, padding=1), _LAPLACIAN, padding=1).view(n, n)
+        return self.regularise(torch.eye(self.s * self.s, dtype=torch.float64))
 
     def log_evidence(self, v: torch.Tensor, lambdas: tuple[float, ...]) -> list[float]:
         """``log P(d - light | v, lambda)`` up to a constant that depends on neither, for each lambda (Suyu
@@ -446,16 +443,6 @@ class PowerLawFit:
     seconds: float
     evaluations: int
     lambda_history: list[float]
-
-    def describe(self) -> dict:
-        """JSON-ready summary."""
-        return {
-            **self.mass.describe(),
-            "chi2_nu": round(self.chi2_nu, 4),
-            "source_regularisation": self.regularisation,
-            "seconds": round(self.seconds, 2),
-            "method": "EPL + shear, pixelated source (curvature, evidence-set lambda), detector pixels",
-        }
 
 
 def _lbfgs(inv: SourceInversion, v0: torch.Tensor, lam: float, free: torch.Tensor, max_iter: int,
