@@ -44,6 +44,7 @@ def main(argv=None) -> int:
     ap.add_argument(
         "--finetune", action="store_true", help="start from the refined reconstruction (as reconstruct --finetune)"
     )
+    ap.add_argument("--max-subhalos", type=int, default=2, help="subhaloes the evidence may add (0: none)")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     model = load_model(args.model)
@@ -61,8 +62,14 @@ def main(argv=None) -> int:
         m = measure_power_law(
             obs.image, obs.noise_sigma, obs.psf, obs.pixel_scale_arcsec, kappa, grid, prep.center_arcsec,
             mask=obs.mask, light=rec.lens_light_model, light_flux_scale=prep.flux_scale,
+            max_subhalos=args.max_subhalos,
         )  # fmt: skip
-        truth, _ = load_truth(lens)
+        truth, kw = load_truth(lens)
+        true_subs = [
+            (k["sigma0"] * 2 * k["Ra"] * k["Rs"] / (k["Rs"] - k["Ra"]), k["center_x"], k["center_y"])
+            for name, k in zip(kw["lens_models"], kw["kwargs_lens"], strict=True)
+            if name == "PJAFFE"
+        ]
         gamma, theta = float(truth["gamma"]), float(truth["theta_E"])
         row = {
             "lens": lens.name,
@@ -77,6 +84,9 @@ def main(argv=None) -> int:
             "chi2_nu": m.chi2_nu,
             "seconds": m.seconds,
             "n_subhalos": int(truth["n_subhalos"]),
+            "subhalos_found": [[round(v, 3) for v in sub] for sub in m.mass.subhalos],
+            "subhalos_true": [[round(v, 3) for v in sub] for sub in true_subs],
+            "subhalo_delta_log_evidence": [round(sr.delta_log_evidence, 1) for sr in m.subhalo_searches],
             "lens_light": rec.lens_light_model is not None,
             "nodes": [[round(g, 3), round(e, 2), round(c, 4)] for g, e, c in m.profile.nodes],
         }

@@ -46,3 +46,25 @@ def test_epl_deflection_refuses_a_bad_axis_ratio():
     x, y = _plane(5)
     with pytest.raises(ValueError, match="axis ratio"):
         epl_deflection(x, y, 1.0, 2.0, float("nan"), 0.0)
+
+
+@pytest.mark.parametrize(("b", "core", "trunc"), [(0.04, 0.005, 0.25), (0.3, 0.05, 1.0)])
+def test_pseudo_jaffe_matches_lenstronomy_and_its_closed_form_mass(b, core, trunc):
+    from lenstronomy.LensModel.Profiles.pseudo_jaffe import PseudoJaffe as PJaffe
+
+    from rimlens.physics.profiles import pseudo_jaffe_deflection, pseudo_jaffe_kappa
+
+    x, y = _plane()
+    sigma0 = b * (trunc - core) / (2 * core * trunc)  # lenstronomy's normalisation: kappa -> b / (2 r) inside
+    kw = dict(sigma0=sigma0, Ra=core, Rs=trunc, center_x=0.3, center_y=-0.2)
+    ref = PJaffe().derivatives(x.numpy(), y.numpy(), **kw)
+    ours = pseudo_jaffe_deflection(x, y, b, core, trunc, 0.3, -0.2)
+    for a, r in zip(ours, ref, strict=True):
+        np.testing.assert_allclose(a.numpy(), r, atol=1e-9 * b, rtol=1e-7)
+    kappa = pseudo_jaffe_kappa(x, y, b, core, trunc, 0.3, -0.2)
+    f_xx, _, _, f_yy = PJaffe().hessian(x.numpy(), y.numpy(), **kw)
+    np.testing.assert_allclose(kappa.numpy(), 0.5 * (f_xx + f_yy), rtol=1e-7)
+    # the deflection far outside the truncation encloses the total mass pi b (s - a): |alpha| r = b (s - a)
+    far = torch.tensor([1e4], dtype=torch.float64)
+    ax, _ = pseudo_jaffe_deflection(far, torch.zeros(1, dtype=torch.float64), b, core, trunc)
+    np.testing.assert_allclose(float(ax) * 1e4, b * (trunc - core), rtol=1e-3)

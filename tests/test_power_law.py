@@ -47,7 +47,7 @@ def test_log_evidence_is_the_gaussian_marginal_likelihood():
     np.testing.assert_allclose(offsets, constant, rtol=0, atol=1e-6)
 
 
-def _lenstronomy_lens(gamma=2.2, theta_e=0.85, n_pix=72, snr=150.0, seed=5):
+def _lenstronomy_lens(gamma=2.2, theta_e=0.85, n_pix=72, snr=150.0, seed=5, subhalo=None):
     from lenstronomy.Data.imaging_data import ImageData
     from lenstronomy.Data.psf import PSF
     from lenstronomy.ImSim.image_model import ImageModel
@@ -65,6 +65,14 @@ def _lenstronomy_lens(gamma=2.2, theta_e=0.85, n_pix=72, snr=150.0, seed=5):
         {"amp": 20.0, "R_sersic": 0.15, "n_sersic": 1.5, "e1": 0.1, "e2": 0.0, "center_x": 0.05, "center_y": 0.03},
         {"amp": 3.0, "sigma": 0.04, "center_x": 0.12, "center_y": 0.0},
     ]
+    lens_models = ["EPL", "SHEAR"]
+    if subhalo is not None:  # (b, x, y): lenstronomy's pseudo-Jaffe, truncated at sqrt(b theta_E)
+        b, sx, sy = subhalo
+        core, trunc = 0.005, math.sqrt(b * theta_e)
+        lens_models.append("PJAFFE")
+        kwargs_lens.append(
+            {"sigma0": b * (trunc - core) / (2 * core * trunc), "Ra": core, "Rs": trunc, "center_x": sx, "center_y": sy}
+        )
     half = (n_pix - 1) / 2 * scale
     data = ImageData(
         image_data=np.zeros((n_pix, n_pix)), ra_at_xy_0=-half, dec_at_xy_0=-half,
@@ -72,7 +80,7 @@ def _lenstronomy_lens(gamma=2.2, theta_e=0.85, n_pix=72, snr=150.0, seed=5):
     )  # fmt: skip
     psf = PSF(psf_type="GAUSSIAN", fwhm=0.1)
     model = ImageModel(
-        data, psf, lens_model_class=LensModel(["EPL", "SHEAR"]),
+        data, psf, lens_model_class=LensModel(lens_models),
         source_model_class=LightModel(["SERSIC_ELLIPSE", "GAUSSIAN"]),
         kwargs_numerics={"supersampling_factor": 5, "supersampling_convolution": True},
     )  # fmt: skip
@@ -122,3 +130,36 @@ def test_the_cli_refuses_a_power_law_for_a_simulated_set(tmp_path, capsys):
     (tmp_path / "set.h5").write_bytes(b"")
     assert main(["reconstruct", str(tmp_path / "set.h5"), "--power-law", "--out", str(tmp_path / "o")]) == 2
     assert "--power-law cannot be used" in capsys.readouterr().err
+
+
+def _true_macro_inversion(image, sigma, kernel, scale, gamma):
+    from lenstronomy.Util import param_util
+
+    e1, e2 = param_util.phi_q2_ellipticity(0.6, 0.8)
+    v = torch.tensor([0.85, gamma, e1, e2, 0.02, -0.01, 0.02, -0.01], dtype=torch.float64)
+    inv = SourceInversion.from_cutout(image, sigma, kernel, scale, (0.02, -0.01), 2 * 0.85 + 0.4)
+    inv.place_source_box(v)
+    return inv, v
+
+
+def test_the_evidence_finds_a_subhalo_where_there_is_one_and_none_where_there_is_none():
+    from rimlens.inference.power_law import search_subhalo
+
+    torch.set_num_threads(1)
+    truth = (0.05, -0.55, 0.62)  # on the arcs (theta_E 0.85")
+    lam = 1e3
+    image, sigma, kernel, scale = _lenstronomy_lens(2.0, subhalo=truth)
+    inv, v = _true_macro_inversion(image, sigma, kernel, scale, 2.0)
+    x = inv.solve(v, lam)
+    v_new, _, found = search_subhalo(inv, v, x, lam)
+    assert found.accepted and found.delta_log_evidence > 10, found
+    b, sx, sy = found.subhalo
+    assert math.hypot(sx - truth[1], sy - truth[2]) < 0.1, found.subhalo
+    assert abs(b / truth[0] - 1) < 0.5, found.subhalo
+    assert v_new.shape[0] == 11
+    # the same lens without the subhalo: the evidence does not ask for one
+    image, sigma, kernel, scale = _lenstronomy_lens(2.0)
+    inv, v = _true_macro_inversion(image, sigma, kernel, scale, 2.0)
+    x = inv.solve(v, lam)
+    v_new, _, found = search_subhalo(inv, v, x, lam)
+    assert not found.accepted and v_new.shape[0] == 8, found

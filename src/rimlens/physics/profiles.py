@@ -31,6 +31,8 @@ __all__ = [
     "nfw_deflection",
     "nfw_kappa",
     "pixelate",
+    "pseudo_jaffe_deflection",
+    "pseudo_jaffe_kappa",
     "sersic",
     "sersic_b",
     "shear_deflection",
@@ -132,6 +134,53 @@ def sis_deflection(
     dx, dy = x - center_x, y - center_y
     r = torch.sqrt(dx**2 + dy**2).clamp_min(1e-30)
     return theta_e_arcsec * dx / r, theta_e_arcsec * dy / r
+
+
+# ------------------------------------------------------------------------------ pseudo-Jaffe (truncated SIS)
+def pseudo_jaffe_kappa(
+    x: torch.Tensor,
+    y: torch.Tensor,
+    theta_e_arcsec: Param,
+    core_arcsec: Param,
+    truncation_arcsec: Param,
+    center_x: Param = 0.0,
+    center_y: Param = 0.0,
+) -> torch.Tensor:
+    """A truncated, cored isothermal sphere (the pseudo-Jaffe profile; lenstronomy's ``PJAFFE``):
+    ``kappa = b / 2 (1 / sqrt(r^2 + a^2) - 1 / sqrt(r^2 + s^2))``, an SIS of Einstein radius ``b`` between
+    its core ``a`` and its truncation radius ``s`` (``a < s``), total mass ``pi b (s - a)`` (arcsec^2 in
+    units of the critical density). The usual model of a subhalo stripped by its host.
+
+    Coordinates, ``b``, ``a`` and ``s`` in arcsec; returns the dimensionless convergence with the
+    broadcast shape of the inputs.
+    """
+    r2 = (x - center_x) ** 2 + (y - center_y) ** 2
+    return 0.5 * theta_e_arcsec * (torch.rsqrt(r2 + core_arcsec**2) - torch.rsqrt(r2 + truncation_arcsec**2))
+
+
+def pseudo_jaffe_deflection(
+    x: torch.Tensor,
+    y: torch.Tensor,
+    theta_e_arcsec: Param,
+    core_arcsec: Param,
+    truncation_arcsec: Param,
+    center_x: Param = 0.0,
+    center_y: Param = 0.0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Deflection of :func:`pseudo_jaffe_kappa`: the mass within ``r`` over ``pi r``, radial,
+    ``alpha = b [(sqrt(r^2 + a^2) - a) - (sqrt(r^2 + s^2) - s)] / r``, written as
+    ``b r [1 / (sqrt(r^2 + a^2) + a) - 1 / (sqrt(r^2 + s^2) + s)]`` so that it is smooth (and its
+    gradient finite) at the centre.
+
+    Returns ``(alpha_x, alpha_y)`` in arcsec, each with the broadcast shape of the inputs.
+    """
+    dx, dy = x - center_x, y - center_y
+    r2 = dx * dx + dy * dy
+    f = theta_e_arcsec * (
+        1.0 / (torch.sqrt(r2 + core_arcsec**2) + core_arcsec)
+        - 1.0 / (torch.sqrt(r2 + truncation_arcsec**2) + truncation_arcsec)
+    )
+    return f * dx, f * dy
 
 
 # ------------------------------------------------------------------------------ external shear
