@@ -87,6 +87,8 @@ def main(argv=None) -> int:
             "subhalos_found": [[round(v, 3) for v in sub] for sub in m.mass.subhalos],
             "subhalos_true": [[round(v, 3) for v in sub] for sub in true_subs],
             "subhalo_delta_log_evidence": [round(sr.delta_log_evidence, 1) for sr in m.subhalo_searches],
+            "seconds_subhalos": sum(sr.seconds for sr in m.subhalo_searches),
+            "seconds_profile": m.profile.seconds,
             "lens_light": rec.lens_light_model is not None,
             "nodes": [[round(g, 3), round(e, 2), round(c, 4)] for g, e, c in m.profile.nodes],
         }

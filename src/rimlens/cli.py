@@ -153,7 +153,8 @@ def cli():
     "--power-law",
     is_flag=True,
     help="Also measure an elliptical power law + external shear on the cut-out's own pixels (pixelated source; "
-    "slope at the Bayesian evidence's maximum): summary.json's power_law block. 1-5 min per lens on 2 cores.",
+    "up to two subhaloes where the Bayesian evidence asks for them; slope at the evidence's maximum): "
+    "summary.json's power_law block. 2-8 min per lens on 2 cores.",
 )
 @click.option("--out", "out_dir", type=FOLDER, required=True)
 def reconstruct(image: Path, model: str, finetune: bool, out_dir: Path, **o):
@@ -245,6 +246,7 @@ def reconstruct(image: Path, model: str, finetune: bool, out_dir: Path, **o):
                 f'power law: Einstein radius {p["einstein_radius_arcsec"]:.3f}", log-slope {p["log_slope"]:.3f}'
                 + ("" if sigma is None else f" (statistical ±{sigma:.3f})")
                 + f", axis ratio {p['axis_ratio']:.2f}, chi2_nu {p['chi2_nu']:.3f}"
+                + (f", {len(p['subhalos'])} subhalo(s)" if p.get("subhalos") else "")
             )
     for warning in s["warnings"]:
         click.echo(f"warning: {warning}", err=True)

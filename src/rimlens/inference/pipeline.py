@@ -757,6 +757,7 @@ SUMMARY_COLUMNS = (
     "shear_gamma2",
     "power_law_einstein_radius_arcsec",
     "power_law_log_slope",
+    "power_law_subhalos",
     "seconds",
     "used_pixels",
 )
@@ -835,6 +836,9 @@ def reconstruct_folder(
             shear_gamma2=(summary.get("external_shear") or {}).get("gamma2", ""),
             power_law_einstein_radius_arcsec=(summary.get("power_law") or {}).get("einstein_radius_arcsec", ""),
             power_law_log_slope=(summary.get("power_law") or {}).get("log_slope", ""),
+            power_law_subhalos=len((summary.get("power_law") or {}).get("subhalos", ""))
+            if "subhalos" in (summary.get("power_law") or {})
+            else "",
         )
         rows.append({"lens": lens.name, **{k: summary.get(k, "") for k in SUMMARY_COLUMNS}})
     table = out_dir / "summary.csv"
