@@ -596,7 +596,8 @@ class SubhaloSearch:
 
     Attributes:
         accepted: whether the best candidate raised the evidence by more than the threshold.
-        delta_log_evidence: the best candidate's log-evidence minus the model's without it.
+        delta_log_evidence: the best candidate's log-evidence minus the model's without it (``-inf`` when no
+            candidate was refitted).
         subhalo: its ``(b, x, y)`` after the joint fit (arcsec).
         candidates: ``(x, y, b_trial, delta penalised chi2)`` of each candidate tried at fixed macro-model.
         seconds: cost.
@@ -858,7 +859,14 @@ class PowerLawMeasurement:
                 for g, e, c in self.profile.nodes
             ],
             "subhalo_search": [
-                {"delta_log_evidence": round(sr.delta_log_evidence, 2), "accepted": sr.accepted}
+                {
+                    # None: no candidate lowered the penalised chi2 by the threshold, so none was refitted
+                    "delta_log_evidence": round(sr.delta_log_evidence, 2)
+                    if math.isfinite(sr.delta_log_evidence)
+                    else None,
+                    "accepted": sr.accepted,
+                    "best_trial_delta_chi2": round(min((c[3] for c in sr.candidates), default=0.0), 2),
+                }
                 for sr in self.subhalo_searches
             ],
             "seconds": round(self.seconds, 1),
