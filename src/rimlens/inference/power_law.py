@@ -664,10 +664,14 @@ def search_subhalo(
     ``SUBHALO_TRIAL_B`` with the macro-model held, refit the ``n_refined`` best of those that lower the
     penalised chi2 by more than ``threshold`` jointly with every parameter free (L-BFGS), and keep the one
     whose Bayesian evidence is highest if it beats the model without it by more than ``threshold`` (natural
-    log). Returns the mass, source and :class:`SubhaloSearch`; ``v`` and
-    ``x`` unchanged when rejected."""
+    log) after the same refit. Returns the mass, source and :class:`SubhaloSearch` (when rejected: ``v`` and
+    ``x`` refitted without a subhalo)."""
     t0 = time.perf_counter()
     lambdas = tuple(lam * 2.0**k for k in (-1, 0, 1))
+    # the model without the subhalo gets the same refit first: else the candidate's refit also wins what
+    # more L-BFGS steps give any mass (measured: a b = 0.004" "subhalo" 2" out "raised" the evidence by 468)
+    inv.place_source_box(v)
+    v, x, _ = _lbfgs(inv, v, lam, torch.ones(v.shape[0], dtype=torch.bool), max_iter // 2, x)
     base_box = inv.box
     base_ev = max(inv.log_evidence(v, lambdas))
     base_pchi2 = float(inv.penalised_chi2(v, x, lam)[0])
@@ -704,7 +708,7 @@ def search_subhalo(
     accepted = delta > threshold
     inv.box = box if accepted else base_box
     search = SubhaloSearch(accepted, delta, sub, tried, time.perf_counter() - t0)
-    return (vn, xn, search) if accepted else (v, x, search)
+    return (vn, xn, search) if accepted else (v, x, search)  # rejected: the refitted model without it
 
 
 def add_subhalos(
