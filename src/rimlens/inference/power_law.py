@@ -611,8 +611,8 @@ class SubhaloSearch:
 
 
 def _subhalo_candidates(
-    inv: SourceInversion, v: torch.Tensor, x: torch.Tensor, lam: float, n_best: int, spacing: float,
-    separation: float, annulus: tuple[float, float],
+    inv: SourceInversion, v: torch.Tensor, x: torch.Tensor, n_best: int, spacing: float, separation: float,
+    annulus: tuple[float, float],
 ) -> list[tuple[float, float]]:  # fmt: skip
     """Where a small added mass lowers the penalised chi2 fastest: its first derivative with respect to a
     subhalo's ``b`` at ``b = 0`` (the source held: at the source's optimum that is the profiled chi2's
@@ -675,7 +675,7 @@ def search_subhalo(
     base_box = inv.box
     base_ev = max(inv.log_evidence(v, lambdas))
     base_pchi2 = float(inv.penalised_chi2(v, x, lam)[0])
-    positions = _subhalo_candidates(inv, v, x, lam, n_candidates, spacing, 0.3, annulus)
+    positions = _subhalo_candidates(inv, v, x, n_candidates, spacing, 0.3, annulus)
     tried: list[tuple[float, float, float, float]] = []
     trials: list[tuple[float, torch.Tensor]] = []
     for px, py in positions:
@@ -690,8 +690,8 @@ def search_subhalo(
         assert best is not None
         trials.append(best)
     trials.sort(key=lambda t: t[0])
-    # a candidate that lowers the penalised chi2 by less than the threshold at the trial masses is not refitted:
-    # (measured: true subhaloes lowered it by hundreds; the joint refit is most of the search's cost)
+    # a candidate that lowers the penalised chi2 by less than the threshold at its trial masses is not refitted
+    # (the joint refit is most of the search's cost; a smooth lens then costs a refit and a few source solves)
     trials = [t for t in trials if -t[0] > threshold]
     result = (v, x, -math.inf, (0.0, 0.0, 0.0), base_box)
     free = torch.ones(v.shape[0] + 3, dtype=torch.bool)
