@@ -164,3 +164,12 @@ def test_the_evidence_finds_a_subhalo_where_there_is_one_and_none_where_there_is
     x = inv.solve(v, lam)
     v_new, _, found = search_subhalo(inv, v, x, lam)
     assert not found.accepted and v_new.shape[0] == 8, found
+
+
+def test_the_cli_refuses_subhaloes_without_a_power_law(tmp_path, capsys):
+    from rimlens.cli import main
+
+    (tmp_path / "image.fits").write_bytes(b"")
+    args = ["reconstruct", str(tmp_path / "image.fits"), "--power-law-subhalos", "1", "--out", str(tmp_path / "o")]
+    assert main(args) == 2
+    assert "--power-law-subhalos needs --power-law" in capsys.readouterr().err

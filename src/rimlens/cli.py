@@ -156,6 +156,14 @@ def cli():
     "up to two subhaloes where the Bayesian evidence asks for them; slope at the evidence's maximum): "
     "summary.json's power_law block. 2-8 min per lens on 2 cores.",
 )
+@click.option(
+    "--power-law-subhalos",
+    type=click.IntRange(0, 4),
+    default=2,
+    show_default=True,
+    help="With --power-law: at most this many pseudo-Jaffe subhaloes, each kept only if it raises the Bayesian "
+    "evidence by more than 10 (0: none).",
+)
 @click.option("--out", "out_dir", type=FOLDER, required=True)
 def reconstruct(image: Path, model: str, finetune: bool, out_dir: Path, **o):
     """Reconstruct the convergence and the source of a lens image (FITS) and write FITS/PNG/JSON products.
@@ -170,6 +178,9 @@ def reconstruct(image: Path, model: str, finetune: bool, out_dir: Path, **o):
     }
     center = _center(o.pop("center"))
     power_law = o.pop("power_law")
+    power_law_subhalos = o.pop("power_law_subhalos")
+    if power_law_subhalos != 2 and not power_law:
+        raise click.UsageError("--power-law-subhalos needs --power-law")
     n_posterior = o.pop("posterior")
     posterior = None if n_posterior is None else PosteriorOptions(n_samples=n_posterior)
     if image.suffix.lower() in (".h5", ".hdf5"):  # a simulated set: batched, resumable, sharded (as `predict`)
@@ -208,6 +219,7 @@ def reconstruct(image: Path, model: str, finetune: bool, out_dir: Path, **o):
                 posterior=posterior,
                 fit_supersample=inputs["fit_supersample"],
                 power_law=power_law,
+                power_law_subhalos=power_law_subhalos,
             )
         if done is not None:
             click.echo(f"reconstructed {done.done}/{done.lenses} lenses; table in {done.table}")
@@ -220,6 +232,7 @@ def reconstruct(image: Path, model: str, finetune: bool, out_dir: Path, **o):
         finetune_with=setup,
         posterior=posterior,
         power_law=power_law,
+        power_law_subhalos=power_law_subhalos,
         **inputs,
     )
     shear = s.get("external_shear")

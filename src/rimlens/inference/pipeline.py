@@ -694,11 +694,13 @@ def reconstruct_observation(
     posterior: PosteriorOptions | None = None,
     fit_supersample: int | None = FIT_SUPERSAMPLE,
     power_law: bool = False,
+    power_law_subhalos: int = 2,
 ) -> dict:
     """Reconstruct one FITS observation and write its products (FITS maps, PNG, ``summary.json``)
     into ``out_dir``. Returns the summary (``chi2_nu``, ``baseline_chi2_nu``, ``seconds``, ...).
     With ``posterior``: posterior-mean maps, their standard deviations and the samples as well.
-    With ``power_law``: an EPL + shear measured on the cut-out's pixels (:func:`describe_power_law`)."""
+    With ``power_law``: an EPL + shear (+ up to ``power_law_subhalos`` subhaloes) measured on the cut-out's
+    pixels (:func:`describe_power_law`)."""
     if psf is None:
         raise RimlensInputError("a PSF is required (--psf)")
     obs = load_observation(image, psf, noise, sigma, pixel_scale_arcsec, mask)
@@ -706,14 +708,16 @@ def reconstruct_observation(
     rec = reconstruct_prepared(model, prep, finetune_with, lens_light, posterior, fit_supersample)
     head: dict = {"image": str(image)}
     if power_law:
-        head["power_law"] = describe_power_law(obs, prep, rec, model.grid.image_grid)
+        head["power_law"] = describe_power_law(obs, prep, rec, model.grid.image_grid, power_law_subhalos)
     return _write(model, prep, rec, Path(out_dir), head, finetune_with, title=obs.name, obs=obs)
 
 
-def describe_power_law(obs: Observation, prep: PreparedObservation, rec: Reconstruction, grid: PixelGrid) -> dict:
+def describe_power_law(
+    obs: Observation, prep: PreparedObservation, rec: Reconstruction, grid: PixelGrid, max_subhalos: int = 2
+) -> dict:
     """``summary.json``'s ``power_law`` block: :func:`rimlens.inference.power_law.measure_power_law` on the
     observation's own pixels, started from ``rec``'s convergence (``grid``: the model's image grid) and
-    with its lens light; ``{"error": why}`` where the measurement is impossible (no Einstein radius)."""
+    with its lens light, at most ``max_subhalos`` subhaloes added by the evidence; ``{"error": why}`` where the measurement is impossible (no Einstein radius)."""
     try:
         m = measure_power_law(
             obs.image,
@@ -726,6 +730,7 @@ def describe_power_law(obs: Observation, prep: PreparedObservation, rec: Reconst
             mask=obs.mask,
             light=rec.lens_light_model,
             light_flux_scale=prep.flux_scale,
+            max_subhalos=max_subhalos,
         )
     except RimlensInputError as exc:
         return {"error": str(exc)}
@@ -777,6 +782,7 @@ def reconstruct_folder(
     posterior: PosteriorOptions | None = None,
     fit_supersample: int | None = FIT_SUPERSAMPLE,
     power_law: bool = False,
+    power_law_subhalos: int = 2,
 ) -> FolderSummary | None:
     """Reconstruct every lens sub-folder of ``folder`` (``image.fits``, ``psf.fits`` and
     ``noise_map.fits`` unless ``sigma``) into ``out_dir/<name>/``, then write ``out_dir/summary.csv``.
@@ -812,6 +818,7 @@ def reconstruct_folder(
                     posterior=posterior,
                     fit_supersample=fit_supersample,
                     power_law=power_law,
+                    power_law_subhalos=power_law_subhalos,
                 )
             except RimlensInputError as exc:
                 errors[lens.name] = str(exc)
