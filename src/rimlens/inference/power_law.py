@@ -114,7 +114,8 @@ class PowerLaw:
         """Inverse of :meth:`vector` (a subhalo's ``b`` as its absolute value, as the fit uses it)."""
         p = [float(x) for x in v.detach().reshape(-1)]
         subs = tuple((abs(p[k]), p[k + 1], p[k + 2]) for k in range(8, len(p) - 2, 3))
-        return cls(*p[:8], subhalos=subs)
+        te, g, e1, e2, cx, cy, g1, g2 = p[:8]
+        return cls(te, g, e1, e2, cx, cy, g1, g2, subhalos=subs)
 
     def describe(self) -> dict:
         """JSON-ready parameters."""
@@ -712,8 +713,8 @@ def search_subhalo(
         if abs(float(vf[-3])) < SUBHALO_MIN_B:  # the refit let the mass go: no subhalo, whatever else improved
             continue
         if ev - base_ev > result[2]:
-            sub = vf[-3:]
-            result = (vf, xf, ev - base_ev, (abs(float(sub[0])), float(sub[1]), float(sub[2])), inv.box)
+            found = (abs(float(vf[-3])), float(vf[-2]), float(vf[-1]))
+            result = (vf, xf, ev - base_ev, found, inv.box)
     vn, xn, delta, sub, box = result
     accepted = delta > threshold
     inv.box = box if accepted else base_box
