@@ -44,7 +44,9 @@ def main(argv=None) -> int:
     ap.add_argument(
         "--finetune", action="store_true", help="start from the refined reconstruction (as reconstruct --finetune)"
     )
-    ap.add_argument("--max-subhalos", type=int, default=0, help="subhaloes the evidence may add (0: none)")
+    ap.add_argument(
+        "--max-subhalos", type=int, default=None, help="subhaloes the evidence may add (default: measure_power_law's)"
+    )
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     model = load_model(args.model)

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from rimlens.errors import RimlensInputError
-from rimlens.inference.power_law import SourceInversion, measure_power_law
+from rimlens.inference.power_law import PowerLaw, SourceInversion, measure_power_law
 from rimlens.physics import PixelGrid
 from rimlens.physics.profiles import sie_kappa
 
@@ -111,6 +111,7 @@ def test_the_evidence_measures_a_lenstronomy_lens_slope_from_an_isothermal_start
     described = m.describe()
     assert described["log_slope"] == round(m.mass.slope, 4) and len(described["evidence_nodes"]) >= 3
     assert described["warning"] is None
+    assert described["subhalos"] == [], described["subhalo_search"]  # a smooth lens: the evidence adds none
     # a fit that does not reach the noise flags its slope
     assert "not reliable" in dataclasses.replace(m, chi2_nu=2.0).describe()["warning"]
 
@@ -157,6 +158,9 @@ def test_the_evidence_finds_a_subhalo_where_there_is_one_and_none_where_there_is
     assert math.hypot(sx - truth[1], sy - truth[2]) < 0.1, found.subhalo
     assert abs(b / truth[0] - 1) < 0.5, found.subhalo
     assert v_new.shape[0] == 11
+    described = PowerLaw.from_vector(v_new).describe()["subhalos"]
+    assert len(described) == 1 and described[0]["truncation_arcsec"] == pytest.approx(math.sqrt(b * 0.85), rel=0.05)
+    assert PowerLaw.from_vector(v_new).vector().shape == (11,)
     # the same lens without the subhalo: the evidence does not ask for one
     image, sigma, kernel, scale = _lenstronomy_lens(2.0)
     inv, v = _true_macro_inversion(image, sigma, kernel, scale, 2.0)
