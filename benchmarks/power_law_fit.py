@@ -44,9 +44,7 @@ def main(argv=None) -> int:
     ap.add_argument(
         "--finetune", action="store_true", help="start from the refined reconstruction (as reconstruct --finetune)"
     )
-    ap.add_argument(
-        "--max-subhalos", type=int, default=None, help="subhaloes the evidence may add (default: measure_power_law's)"
-    )
+    ap.add_argument("--max-subhalos", type=int, default=2, help="subhaloes the evidence may add (0: none)")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     model = load_model(args.model)

@@ -159,10 +159,10 @@ def cli():
 @click.option(
     "--power-law-subhalos",
     type=click.IntRange(0, 4),
-    default=None,
+    default=2,
+    show_default=True,
     help="With --power-law: at most this many pseudo-Jaffe subhaloes, each kept only if it raises the Bayesian "
-    "evidence by more than 10. Default: 2 when no lens light is modelled, 0 when one is (its residuals made "
-    "false detections).",
+    "evidence by more than 10 (0: none).",
 )
 @click.option("--out", "out_dir", type=FOLDER, required=True)
 def reconstruct(image: Path, model: str, finetune: bool, out_dir: Path, **o):
@@ -179,7 +179,7 @@ def reconstruct(image: Path, model: str, finetune: bool, out_dir: Path, **o):
     center = _center(o.pop("center"))
     power_law = o.pop("power_law")
     power_law_subhalos = o.pop("power_law_subhalos")
-    if power_law_subhalos is not None and not power_law:
+    if power_law_subhalos != 2 and not power_law:
         raise click.UsageError("--power-law-subhalos needs --power-law")
     n_posterior = o.pop("posterior")
     posterior = None if n_posterior is None else PosteriorOptions(n_samples=n_posterior)

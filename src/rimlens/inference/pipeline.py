@@ -694,7 +694,7 @@ def reconstruct_observation(
     posterior: PosteriorOptions | None = None,
     fit_supersample: int | None = FIT_SUPERSAMPLE,
     power_law: bool = False,
-    power_law_subhalos: int | None = None,
+    power_law_subhalos: int = 2,
 ) -> dict:
     """Reconstruct one FITS observation and write its products (FITS maps, PNG, ``summary.json``)
     into ``out_dir``. Returns the summary (``chi2_nu``, ``baseline_chi2_nu``, ``seconds``, ...).
@@ -713,11 +713,11 @@ def reconstruct_observation(
 
 
 def describe_power_law(
-    obs: Observation, prep: PreparedObservation, rec: Reconstruction, grid: PixelGrid, max_subhalos: int | None = None
+    obs: Observation, prep: PreparedObservation, rec: Reconstruction, grid: PixelGrid, max_subhalos: int = 2
 ) -> dict:
     """``summary.json``'s ``power_law`` block: :func:`rimlens.inference.power_law.measure_power_law` on the
     observation's own pixels, started from ``rec``'s convergence (``grid``: the model's image grid) and
-    with its lens light, at most ``max_subhalos`` subhaloes added by the evidence (``None``: the measured default); ``{"error": why}`` where the measurement is impossible (no Einstein radius)."""
+    with its lens light, at most ``max_subhalos`` subhaloes added by the evidence; ``{"error": why}`` where the measurement is impossible (no Einstein radius)."""
     try:
         m = measure_power_law(
             obs.image,
@@ -782,7 +782,7 @@ def reconstruct_folder(
     posterior: PosteriorOptions | None = None,
     fit_supersample: int | None = FIT_SUPERSAMPLE,
     power_law: bool = False,
-    power_law_subhalos: int | None = None,
+    power_law_subhalos: int = 2,
 ) -> FolderSummary | None:
     """Reconstruct every lens sub-folder of ``folder`` (``image.fits``, ``psf.fits`` and
     ``noise_map.fits`` unless ``sigma``) into ``out_dir/<name>/``, then write ``out_dir/summary.csv``.

@@ -905,7 +905,7 @@ def measure_power_law(
     mask: np.ndarray | None = None,
     light: LensLightModel | None = None,
     light_flux_scale: float | None = None,
-    max_subhalos: int | None = None,
+    max_subhalos: int = 2,
 ) -> PowerLawMeasurement:
     """Measure an EPL + shear on a cut-out's own pixels, started from a convergence map.
 
@@ -924,9 +924,7 @@ def measure_power_law(
             light's own amplitudes. Without it the light is first solved against the data alone, where
             it also takes some of the arcs (a worse start with a bright lens galaxy).
         max_subhalos: subhaloes the evidence may add to the mass (:func:`add_subhalos`) before the slope is
-            ranked; ``None``: 2 without a lens light, 0 with one (measured on lenstronomy's lenses: without a
-            light the search took the median slope error of lenses with subhaloes from 0.064 to 0.014; with a
-            bright light its residuals made false detections that cost the slope, README).
+            ranked (0: none; measured on lenstronomy's lenses in the README).
 
     Returns:
         :class:`PowerLawMeasurement`. The fit uses the square of half-size ``2 theta_E + 0.4"`` about the
@@ -953,8 +951,6 @@ def measure_power_law(
     )  # fmt: skip
     fit = fit_power_law(inv, start)
     searches: list[SubhaloSearch] = []
-    if max_subhalos is None:
-        max_subhalos = 0 if light is not None else 2
     if max_subhalos > 0:
         fit, searches = add_subhalos(inv, fit, max_subhalos=max_subhalos)
     profile = slope_profile(inv, fit)
