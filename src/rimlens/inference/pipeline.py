@@ -843,7 +843,7 @@ def reconstruct_folder(
             shear_gamma2=(summary.get("external_shear") or {}).get("gamma2", ""),
             power_law_einstein_radius_arcsec=(summary.get("power_law") or {}).get("einstein_radius_arcsec", ""),
             power_law_log_slope=(summary.get("power_law") or {}).get("log_slope", ""),
-            power_law_subhalos=len((summary.get("power_law") or {}).get("subhalos", ""))
+            power_law_subhalos=len(summary["power_law"]["subhalos"])
             if "subhalos" in (summary.get("power_law") or {})
             else "",
         )

@@ -551,14 +551,19 @@ def fit_power_law(inv: SourceInversion, start: PowerLaw, *, max_iter: int = 50) 
         history.append(lam)
         v, x, n = _lbfgs(inv, v, lam, free, max_iter, x)
         evaluations += n
+    return _power_law_fit(inv, v, x, lam, best_ev, time.perf_counter() - t0, evaluations, history)
+
+
+def _power_law_fit(inv: SourceInversion, v: torch.Tensor, x: torch.Tensor, lam: float, log_evidence: float,
+                   seconds: float, evaluations: int, history: list[float]) -> PowerLawFit:  # fmt: skip
+    """The :class:`PowerLawFit` of mass ``v`` and source ``x`` on ``inv`` (model image and chi2 computed)."""
     with torch.no_grad():
-        coords = inv._coords(v)
-        model = inv.model(x, coords)
+        model = inv.model(x, inv._coords(v))
         chi2 = float(inv.penalised_chi2(v, x, lam)[1])
     return PowerLawFit(
-        mass=PowerLaw.from_vector(v), chi2_nu=chi2 / inv.n_used, regularisation=lam, log_evidence=best_ev,
+        mass=PowerLaw.from_vector(v), chi2_nu=chi2 / inv.n_used, regularisation=lam, log_evidence=log_evidence,
         source=x[: inv.s * inv.s].reshape(inv.s, inv.s), source_box=inv.box or (0.0, 0.0, 0.0),
-        model_image=model, seconds=time.perf_counter() - t0, evaluations=evaluations, lambda_history=history,
+        model_image=model, seconds=seconds, evaluations=evaluations, lambda_history=history,
     )  # fmt: skip
 
 
@@ -588,10 +593,19 @@ def _fixed_slope_fit(
     follows the source-plane scale a change of slope brings; a fixed box biases the evidence)."""
     free = torch.ones(v0.shape[0], dtype=torch.bool)
     free[1] = False
-    inv.place_source_box(v0)
-    v, x, _ = _lbfgs(inv, v0, lam, free, max_iter, None)
-    inv.place_source_box(v)
-    v, x, _ = _lbfgs(inv, v, lam, free, max_iter, None)
+    return _refit(inv, v0, lam, free, (max_iter, max_iter))
+
+
+def _refit(
+    inv: SourceInversion, v: torch.Tensor, lam: float, free: torch.Tensor, iterations: tuple[int, int]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``free`` parameters of ``v`` refitted in two L-BFGS runs of ``iterations``, the source box placed
+    before each (the box follows the source-plane scale the mass brings; a fixed box biases the evidence)."""
+    x = None
+    for n in iterations:
+        inv.place_source_box(v)
+        v, x, _ = _lbfgs(inv, v, lam, free, n, None)
+    assert x is not None
     return v, x
 
 
@@ -658,17 +672,6 @@ def _subhalo_candidates(
     return picked
 
 
-def _refit(inv: SourceInversion, v: torch.Tensor, lam: float, max_iter: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Every parameter of ``v`` refitted, the source box placed before and after (the same schedule for a
-    model with and without a candidate subhalo)."""
-    free = torch.ones(v.shape[0], dtype=torch.bool)
-    inv.place_source_box(v)
-    v, x, _ = _lbfgs(inv, v, lam, free, max_iter, None)
-    inv.place_source_box(v)
-    v, x, _ = _lbfgs(inv, v, lam, free, max_iter // 2, None)
-    return v, x
-
-
 def search_subhalo(
     inv: SourceInversion, v: torch.Tensor, x: torch.Tensor, lam: float, *, threshold: float = 10.0,
     n_candidates: int = 6, n_refined: int = 1, max_iter: int = 50, spacing: float = 0.1,
@@ -686,7 +689,7 @@ def search_subhalo(
     lambdas = tuple(lam * 2.0**k for k in (-1, 0, 1))
     # the model without the subhalo gets the same refit first: else the candidate's refit also wins what
     # more L-BFGS steps give any mass (measured: "subhaloes" of b < 0.005" "raised" the evidence by 160-468)
-    v, x = _refit(inv, v, lam, max_iter)
+    v, x = _refit(inv, v, lam, torch.ones(v.shape[0], dtype=torch.bool), (max_iter, max_iter // 2))
     base_box = inv.box
     base_ev = max(inv.log_evidence(v, lambdas))
     base_pchi2 = float(inv.penalised_chi2(v, x, lam)[0])
@@ -710,7 +713,7 @@ def search_subhalo(
     trials = [t for t in trials if -t[0] > threshold]
     result = (v, x, -math.inf, (0.0, 0.0, 0.0), base_box)
     for _, vt in trials[:n_refined]:
-        vf, xf = _refit(inv, vt, lam, max_iter)
+        vf, xf = _refit(inv, vt, lam, torch.ones(vt.shape[0], dtype=torch.bool), (max_iter, max_iter // 2))
         ev = max(inv.log_evidence(vf, lambdas))
         if abs(float(vf[-3])) < SUBHALO_MIN_B:  # the refit let the mass go: no subhalo, whatever else improved
             continue
@@ -743,17 +746,9 @@ def add_subhalos(
         x = inv.solve(v, lam, x)
     if not any(s.accepted for s in searches):
         return fit, searches
-    with torch.no_grad():
-        model = inv.model(x, inv._coords(v))
-        chi2 = float(inv.penalised_chi2(v, x, lam)[1])
-        ev = max(inv.log_evidence(v, (lam,)))
-    new = PowerLawFit(
-        mass=PowerLaw.from_vector(v), chi2_nu=chi2 / inv.n_used, regularisation=lam, log_evidence=ev,
-        source=x[: inv.s * inv.s].reshape(inv.s, inv.s), source_box=inv.box or (0.0, 0.0, 0.0),
-        model_image=model, seconds=fit.seconds + time.perf_counter() - t0, evaluations=fit.evaluations,
-        lambda_history=fit.lambda_history,
-    )  # fmt: skip
-    return new, searches
+    ev = inv.log_evidence(v, (lam,))[0]
+    seconds = fit.seconds + time.perf_counter() - t0
+    return _power_law_fit(inv, v, x, lam, ev, seconds, fit.evaluations, fit.lambda_history), searches
 
 
 def slope_profile(inv: SourceInversion, fit: PowerLawFit, *, step: float = 0.1, max_nodes: int = 9,
