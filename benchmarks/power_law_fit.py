@@ -45,6 +45,8 @@ def main(argv=None) -> int:
         "--finetune", action="store_true", help="start from the refined reconstruction (as reconstruct --finetune)"
     )
     ap.add_argument("--max-subhalos", type=int, default=2, help="subhaloes the evidence may add (0: none)")
+    ap.add_argument("--lens-light", choices=["auto", "mge", "none"], default="auto",
+                    help="the reconstruction's lens-light mode (none: the images hold the arcs only)")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     model = load_model(args.model)
@@ -56,7 +58,7 @@ def main(argv=None) -> int:
     for lens in folders:
         obs = load_observation(lens / "image.fits", lens / "psf.fits", lens / "noise_map.fits", None, None)
         prep = prepare_observation(obs, grid, "auto")
-        rec = reconstruct_prepared(model, prep, setup, "auto")
+        rec = reconstruct_prepared(model, prep, setup, args.lens_light)
         kappa = rec.kappa[0, 0].double().numpy()
         mass = describe_mass(kappa, grid, prep.center_arcsec)
         m = measure_power_law(

@@ -690,7 +690,9 @@ def test_the_gradient_is_kept_only_when_the_data_ask_for_it():
 
 def test_basis_on_another_grid_matches_the_models_own_basis():
     """``LensLightModel.basis_on`` renders the fitted Gaussians on another grid: on the model's own grid
-    (no offset) it is the model's basis; on a grid shifted by whole pixels, the same images shifted."""
+    (no offset) it is the model's basis away from the edges, and at the edges the central crop of the basis
+    on a grid large enough that nothing is lost to the convolution's padding; on a grid shifted by whole
+    pixels, the same images shifted."""
     import torch
 
     from rimlens.physics.grid import PixelGrid
@@ -707,6 +709,11 @@ def test_basis_on_another_grid_matches_the_models_own_basis():
         center_x=0.03 * one, center_y=-0.02 * one, q=0.7 * one, phi=0.4 * one, sigmas=sigmas,
         amplitudes=torch.ones(1, sigmas.numel(), dtype=torch.float64), grid=grid, psf=psf, chi2=one,
     )  # fmt: skip
-    torch.testing.assert_close(model.basis_on(grid, (0.0, 0.0), psf), model.basis(True)[0])
+    own = model.basis_on(grid, (0.0, 0.0), psf)
+    torch.testing.assert_close(own[:, 3:-3, 3:-3], model.basis(True)[0][:, 3:-3, 3:-3])
+    large = model.basis_on(PixelGrid(64, 0.1), (0.0, 0.0), psf)
+    torch.testing.assert_close(own, large[:, 16:48, 16:48], atol=1e-12, rtol=1e-9)
+    # zero padding would have lost the light scattered in from beyond the edge (the broadest Gaussian's)
+    assert float((own[-1, 0] - model.basis(True)[0][-1, 0]).min()) > 0
     shifted = model.basis_on(grid, (0.3, 0.0), psf)  # this grid's centre 3 pixels to the right
     torch.testing.assert_close(shifted[:, 8:24, 5:21], model.basis(True)[0][:, 8:24, 8:24], atol=1e-12, rtol=1e-9)

@@ -176,3 +176,108 @@ def test_the_cli_refuses_subhaloes_without_a_power_law(tmp_path, capsys):
     args = ["reconstruct", str(tmp_path / "image.fits"), "--power-law-subhalos", "1", "--out", str(tmp_path / "o")]
     assert main(args) == 2
     assert "--power-law-subhalos needs --power-law" in capsys.readouterr().err
+
+
+def _light_inversion(rng, n=21, s=6, light=(0.4, 0.0, 2.0, 0.0), noise=0.02, sigmas=(0.03, 0.08, 0.2, 0.5)):
+    """A small inversion with a lens light of Gaussians of widths ``sigmas`` (arcsec) and amplitudes
+    ``light`` in the data (with zeros the others' best amplitudes are zero or negative: the
+    non-negativity binds)."""
+    from rimlens.physics.lens_light import mge_basis
+    from rimlens.physics.psf import PSF as RimPSF
+
+    kernel = torch.as_tensor(np.outer([0.25, 0.5, 0.25], [0.25, 0.5, 0.25]))
+    basis = mge_basis(PixelGrid(n, 0.05), 0.01, -0.02, 0.8, 0.4, list(sigmas), RimPSF.from_kernel(kernel))[0]
+    v = torch.tensor([0.3, 2.1, 0.05, -0.03, 0.0, 0.0, 0.01, 0.0], dtype=torch.float64)
+    source = torch.as_tensor(rng.uniform(0, 1, s * s))
+    amps = torch.tensor(light, dtype=torch.float64)
+    sigma = torch.full((n, n), noise, dtype=torch.float64)
+    inv = SourceInversion(torch.zeros(n, n), sigma, kernel, 0.05, source_pixels=s, supersample=2, light_basis=basis)
+    inv.box = (0.0, 0.0, 0.25)
+    clean = inv._lensed(source, inv._coords(v)) + torch.einsum("j,jhw->hw", amps, basis)
+    inv.data = clean + torch.as_tensor(rng.normal(0, noise, (n, n)))
+    return inv, v, basis
+
+
+def _reference_light(inv, v, basis, lam):
+    """The joint solution by dense linear algebra: the light's amplitudes from the Schur complement of the
+    source block (exact marginalisation of the source) by SciPy's NNLS, then the source given them."""
+    from scipy.optimize import nnls
+
+    j = basis.shape[0]
+    a = inv.design_matrix(v)  # weighted
+    w = inv.w2.sqrt().reshape(-1)
+    g = basis.reshape(j, -1).T * w[:, None]
+    dw = inv.data.reshape(-1) * w
+    m = a.T @ a + lam * inv.regularisation_matrix()
+    mi_ag = torch.linalg.solve(m, a.T @ g)
+    mi_ad = torch.linalg.solve(m, a.T @ dw)
+    q = g.T @ g - (g.T @ a) @ mi_ag
+    h = g.T @ dw - (g.T @ a) @ mi_ad
+    # NNLS of the quadratic a^T Q a / 2 - h^T a through its Cholesky factor: min |R a - R^-T h|
+    r = torch.linalg.cholesky(q).T
+    amps = torch.as_tensor(nnls(r.numpy(), torch.linalg.solve(r.T, h).numpy(), maxiter=50 * j)[0])
+    return amps, mi_ad - mi_ag @ amps
+
+
+def test_the_light_and_source_are_solved_jointly_with_non_negative_amplitudes():
+    # reference: dense linear algebra (_reference_light); the inversion's own path is conjugate gradients
+    # on an active set
+    rng = np.random.default_rng(11)
+    for light in ((0.4, 0.0, 2.0, 0.0), (0.0, 0.4, 0.0, 2.0)):
+        inv, v, basis = _light_inversion(rng, light=light)
+        lam = 0.5
+        x = inv.solve(v, lam)
+        n = inv.s * inv.s
+        amps_ref, source_ref = _reference_light(inv, v, basis, lam)
+        assert (x[n:] >= 0).all()
+        assert (amps_ref == 0).any(), "the case must make the non-negativity bind"
+        torch.testing.assert_close(x[n:], amps_ref, rtol=1e-6, atol=1e-6 * float(amps_ref.max()))
+        torch.testing.assert_close(x[:n], source_ref, rtol=1e-5, atol=1e-6 * float(source_ref.abs().max()))
+        # the held light is the solution's, and the model image is the one the solution describes
+        torch.testing.assert_close(inv.light_image, torch.einsum("j,jhw->hw", x[n:], basis))
+
+
+def test_the_joint_solve_reaches_the_optimum_from_any_start():
+    # twelve overlapping Gaussians (as an MGE's), nearly degenerate with each other and with a smooth
+    # source: an active set stopped at small but non-zero pulls left chi2 34x the optimum here; and the
+    # answer must not depend on the warm start (the solution at a distant mass, on another active set)
+    rng = np.random.default_rng(11)
+    light = tuple(20.0 * np.exp(-np.arange(12) / 3.0))
+    inv, v, basis = _light_inversion(rng, n=31, s=8, light=light, noise=0.01, sigmas=np.geomspace(0.02, 1.0, 12))
+    inv.box = (0.0, 0.0, 0.3)
+    lam = 0.5
+    n = inv.s * inv.s
+    amps_ref, source_ref = _reference_light(inv, v, basis, lam)
+    x_ref = torch.cat([source_ref, amps_ref])
+    best = float(inv.penalised_chi2(v, x_ref, lam)[0])
+    cold = inv.solve(v, lam)
+    far = inv.solve(v + torch.tensor([0.08, -0.3, 0.1, 0.1, 0.05, -0.05, 0.05, 0.0], dtype=torch.float64), lam)
+    assert not torch.equal(far[n:] > 0, cold[n:] > 0)
+    warm = inv.solve(v, lam, far)
+    for x in (cold, warm):
+        assert (x[n:] >= 0).all()
+        assert float(inv.penalised_chi2(v, x, lam)[0]) < best * (1 + 1e-9)
+        torch.testing.assert_close(x[n:], amps_ref, rtol=1e-5, atol=1e-5 * float(amps_ref.max()))
+
+
+def test_the_evidence_profiles_the_light():
+    # with the light's amplitudes free (all positive here) the evidence is the Gaussian marginal
+    # likelihood of d - G^T a maximised over a: a = (G S^-1 G^T)^-1 G S^-1 d, S = N + A (lam C)^-1 A^T
+    rng = np.random.default_rng(12)
+    inv, v, basis = _light_inversion(rng, light=(0.4, 1.0, 2.0, 3.0), noise=0.05)
+    lam = 2.0
+    inv.solve(v, lam)
+    # every amplitude on the active set (the profiled evidence uses the last solve's positive set)
+    inv.light_amplitudes = torch.ones(4, dtype=torch.float64)
+    a = inv.design_matrix(v) / inv.w2.sqrt().reshape(-1, 1)
+    cov = torch.diag(inv.w2.reshape(-1).reciprocal()) + a @ torch.linalg.inv(lam * inv.regularisation_matrix()) @ a.T
+    g = basis.reshape(4, -1).T
+    d = inv.data.reshape(-1)
+    ci_g = torch.linalg.solve(cov, g)
+    amps = torch.linalg.solve(g.T @ ci_g, ci_g.T @ d)
+    assert (amps > 0).all()
+    r = d - g @ amps
+    exact = -0.5 * float(r @ torch.linalg.solve(cov, r)) - 0.5 * float(torch.linalg.slogdet(cov)[1])
+    exact -= 0.5 * d.numel() * math.log(2 * math.pi)
+    constant = float(torch.log(inv.w2.rsqrt()).sum()) + 0.5 * d.numel() * math.log(2 * math.pi)
+    assert abs(inv.log_evidence(v, (lam,))[0] - exact - constant) < 1e-6

@@ -791,7 +791,11 @@ class LensLightModel:
     def basis_on(self, grid: PixelGrid, offset_arcsec: tuple[float, float], psf: PSF) -> torch.Tensor:
         """The first example's Gaussians at the fitted shape rendered on another ``grid`` (e.g. a
         detector crop) whose centre lies at ``offset_arcsec`` from this model's grid centre, convolved
-        with ``psf`` (at that grid's scale): ``K x M x M`` float64 per unit flux (arcsec^-2)."""
+        with ``psf`` (at that grid's scale): ``K x M x M`` float64 per unit flux (arcsec^-2).
+
+        Rendered with a margin of the PSF's half-size on every side and cropped after the convolution: a
+        crop's edge pixels then receive the light the PSF scatters in from beyond it (zero padding lost
+        it: on a lenstronomy Sersic light 49x the arcs, chi2 3.4 per edge pixel at the true shape)."""
         e1, e2 = gaussian_ellipticities(
             *ellipticity_from_q_phi(self.q[:1], self.phi[:1]),
             None if self.ellipticity_gradient is None else self.ellipticity_gradient[:1],
@@ -799,8 +803,10 @@ class LensLightModel:
         )
         x0 = self.center_x[:1].to(torch.float64) - offset_arcsec[0]
         y0 = self.center_y[:1].to(torch.float64) - offset_arcsec[1]
-        out = _render(grid, x0, y0, e1, e2, self.sigmas.to(torch.float64), self.sampling)
-        return _convolve_stack(out, psf)[0]
+        margin = psf.size // 2
+        canvas = PixelGrid(grid.n_pixels + 2 * margin, grid.pixel_scale_arcsec)
+        out = _convolve_stack(_render(canvas, x0, y0, e1, e2, self.sigmas.to(torch.float64), self.sampling), psf)
+        return out[0, :, margin : margin + grid.n_pixels, margin : margin + grid.n_pixels]
 
     def on_detector(self, native: NativeFrame) -> LensLightModel:
         """The same model (shape, amplitudes) rendered from now on in the detector's frame ``native``."""
