@@ -45,8 +45,12 @@ def main(argv=None) -> int:
         "--finetune", action="store_true", help="start from the refined reconstruction (as reconstruct --finetune)"
     )
     ap.add_argument("--max-subhalos", type=int, default=2, help="subhaloes the evidence may add (0: none)")
-    ap.add_argument("--lens-light", choices=["auto", "mge", "none"], default="auto",
-                    help="the reconstruction's lens-light mode (none: the images hold the arcs only)")
+    ap.add_argument(
+        "--lens-light",
+        choices=["auto", "mge", "none"],
+        default="auto",
+        help="the reconstruction's lens-light mode (none: the images hold the arcs only)",
+    )
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     model = load_model(args.model)

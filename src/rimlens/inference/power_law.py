@@ -264,8 +264,9 @@ class SourceInversion:
         """The inversion of the square of half-size ``half_size_arcsec`` around ``center_arcsec`` of a
         cut-out (``H x W`` arrays, row 0 at the bottom, ``mask`` True = use); pixels beyond the cut-out are
         excluded. ``light``: a fitted lens-light model whose grid is centred at
-        ``light_frame_center_arcsec`` (cut-out frame); its Gaussians are re-solved with non-negative amplitudes,
-        starting from the model's own (times ``light_to_data``, its units to the cut-out's) when given."""
+        ``light_frame_center_arcsec`` (cut-out frame); its Gaussians' non-negative amplitudes are solved with
+        the source (:meth:`solve`), starting from the model's own (times ``light_to_data``, its units to the
+        cut-out's) when given."""
         img = np.asarray(image, dtype=np.float64)
         h, w = img.shape
         sc = float(pixel_scale_arcsec)
@@ -320,22 +321,16 @@ class SourceInversion:
             half = float(torch.quantile(ext, 0.98)) * pad
         self.box = (cx, cy, max(half, 0.05))
 
-    def refit_light(self, v: torch.Tensor | None = None, x: torch.Tensor | None = None) -> None:
-        """Re-solve the lens light's non-negative amplitudes against the data minus the arcs of mass ``v``
-        and source ``x`` (none given: against the data), by weighted NNLS."""
+    def start_light(self) -> None:
+        """Solve the lens light's non-negative amplitudes against the data alone (weighted NNLS): a start
+        for :meth:`solve` when no fitted model's amplitudes are given (the light then also takes some of
+        the arcs, which the joint solves give back)."""
         if self.light is None:
             return
         with torch.no_grad():
-            arcs = (
-                torch.zeros_like(self.data)
-                if v is None or x is None
-                else self._lensed(x[: self.s * self.s], self._coords(v))
-            )
             g = self.light.reshape(self.light.shape[0], -1)
             w2 = self.w2.reshape(1, -1)
-            gram = (g * w2) @ g.T
-            rhs = (g * w2) @ (self.data - arcs).reshape(-1)
-            amps, _ = nnls_gram(gram[None], rhs[None])
+            amps, _ = nnls_gram(((g * w2) @ g.T)[None], ((g * w2) @ self.data.reshape(-1))[None])
             self._set_light(amps[0].to(torch.float64))
 
     def _set_light(self, amplitudes: torch.Tensor) -> None:
@@ -674,7 +669,7 @@ def fit_power_law(inv: SourceInversion, start: PowerLaw, *, max_iter: int = 50) 
     t0 = time.perf_counter()
     v = start.vector()
     if not inv.light_given:  # against the data alone the light also takes some of the arcs: a start only
-        inv.refit_light()
+        inv.start_light()
     inv.place_source_box(v)
     lam = 10.0**START_LOG10_LAMBDA
     free = torch.ones(v.shape[0], dtype=torch.bool)
@@ -1057,8 +1052,8 @@ def measure_power_law(
             (arcsec from the cut-out's centre); its Einstein radius, centre and second-moment
             ellipticity start the fit.
         mask: optional ``H x W``, True = use.
-        light: the reconstruction's fitted lens light (on ``grid``; its Gaussians are re-solved against the
-            data, non-negative, in alternation with the mass and source).
+        light: the reconstruction's fitted lens light (on ``grid``; its Gaussians' non-negative amplitudes
+            are solved jointly with the source at every mass, :meth:`SourceInversion.solve`).
         light_flux_scale: ``grid``'s units per input flux per ``grid`` pixel
             (:attr:`rimlens.io.observation.PreparedObservation.flux_scale`): the fit then starts from the
             light's own amplitudes. Without it the light is first solved against the data alone, where
