@@ -61,9 +61,6 @@ START_LOG10_LAMBDA = 6.0
 # model): on lenstronomy's lenses such fits missed the slope by 0.1-0.26 (README), so the slope is flagged
 POWER_LAW_CHI2_WARN = 1.5
 EVIDENCE_ROUNDS = 3
-# the joint solve's precision with a lens light: chi2 still to gain per used pixel when CG stops (1e-9 took
-# 400 iterations per solve at lambda = 1e5 on a lenstronomy lens with two subhaloes, 30-50 s per solve)
-LIGHT_SOLVE_CHI2 = 1e-6
 # subhaloes: a core well below HST's pixels (keeps the deflection smooth at the centre; the lensing effect of
 # what is inside it is unresolved); the trial Einstein radii of the search (arcsec)
 SUBHALO_CORE_ARCSEC = 0.01
@@ -174,8 +171,8 @@ class SourceInversion:
     """The semi-linear problem of one cut-out: data ``d``, weights ``1/sigma``, rays, PSF, source grid.
 
     The model image is ``P (mean over sub-pixel rays of bilinear(s, beta(theta))) + light``: ``s`` the
-    ``S x S`` source on a square source-plane box, ``P`` the PSF, ``light`` the lens light solved jointly
-    with ``s`` (:meth:`solve`). For a given mass, ``s`` minimises
+    ``S x S`` source on a square source-plane box, ``P`` the PSF, ``light`` the lens light re-solved in
+    alternation (:meth:`refit_light`). For a given mass, ``s`` minimises
     ``chi2 + lambda s^T C s`` (``C = L^T L``, ``L`` the discrete Laplacian on the source grid).
 
     Args:
@@ -238,13 +235,9 @@ class SourceInversion:
         self.pixel_y = ys[:, None].expand(self.h, self.w)
         self.psf = PSF.from_kernel(torch.as_tensor(psf_kernel, dtype=torch.float64))
         # the lens light: non-negative amplitudes of the PSF-convolved Gaussians (as the RIM pipeline's; with
-        # free signs their differences make rings that absorb the arcs -- measured: theta_E off by 65%),
-        # solved jointly with the source (:meth:`solve`)
+        # free signs their differences make rings that absorb the arcs -- measured: theta_E off by 65%)
         self.light = None if light_basis is None else light_basis.to(torch.float64)
         self.light_image = torch.zeros_like(self.data)
-        self.light_amplitudes = (
-            None if self.light is None else torch.zeros(self.light.shape[0], dtype=torch.float64)
-        )  # of light_image; the last solve's (its positive set starts the next solve's)
         self.light_given = False  # light_image holds a fitted model's light (else: solve it from the data first)
         self.box: tuple[float, float, float] | None = None  # source box centre x, y and half-size (arcsec)
 
@@ -267,9 +260,8 @@ class SourceInversion:
         """The inversion of the square of half-size ``half_size_arcsec`` around ``center_arcsec`` of a
         cut-out (``H x W`` arrays, row 0 at the bottom, ``mask`` True = use); pixels beyond the cut-out are
         excluded. ``light``: a fitted lens-light model whose grid is centred at
-        ``light_frame_center_arcsec`` (cut-out frame); its Gaussians' non-negative amplitudes are solved with
-        the source (:meth:`solve`), starting from the model's own (times ``light_to_data``, its units to the
-        cut-out's) when given."""
+        ``light_frame_center_arcsec`` (cut-out frame); its Gaussians are re-solved with non-negative amplitudes,
+        starting from the model's own (times ``light_to_data``, its units to the cut-out's) when given."""
         img = np.asarray(image, dtype=np.float64)
         h, w = img.shape
         sc = float(pixel_scale_arcsec)
@@ -297,7 +289,8 @@ class SourceInversion:
         inv = cls(torch.as_tensor(crop), torch.as_tensor(sigma), kernel, sc, origin,
                   mask=torch.as_tensor(use), light_basis=basis, **kwargs)  # fmt: skip
         if light is not None and basis is not None and light_to_data is not None:
-            inv._set_light(light.amplitudes[0].detach().to(torch.float64) * float(light_to_data))
+            amps = light.amplitudes[0].detach().to(torch.float64)
+            inv.light_image = torch.einsum("j,jhw->hw", amps, basis) * float(light_to_data)
             inv.light_given = True
         return inv
 
@@ -324,28 +317,23 @@ class SourceInversion:
             half = float(torch.quantile(ext, 0.98)) * pad
         self.box = (cx, cy, max(half, 0.05))
 
-    def start_light(self) -> None:
-        """Solve the lens light's non-negative amplitudes against the data alone (weighted NNLS): a start
-        for :meth:`solve` when no fitted model's amplitudes are given (the light then also takes some of
-        the arcs, which the joint solves give back)."""
+    def refit_light(self, v: torch.Tensor | None = None, x: torch.Tensor | None = None) -> None:
+        """Re-solve the lens light's non-negative amplitudes against the data minus the arcs of mass ``v``
+        and source ``x`` (none given: against the data), by weighted NNLS."""
         if self.light is None:
             return
         with torch.no_grad():
+            arcs = (
+                torch.zeros_like(self.data)
+                if v is None or x is None
+                else self._lensed(x[: self.s * self.s], self._coords(v))
+            )
             g = self.light.reshape(self.light.shape[0], -1)
             w2 = self.w2.reshape(1, -1)
-            amps, _ = nnls_gram(((g * w2) @ g.T)[None], ((g * w2) @ self.data.reshape(-1))[None])
-            self._set_light(amps[0].to(torch.float64))
-
-    def _set_light(self, amplitudes: torch.Tensor) -> None:
-        assert self.light is not None
-        self.light_amplitudes = amplitudes.detach().clone()
-        self.light_image = torch.einsum("j,jhw->hw", self.light_amplitudes, self.light)
-
-    @property
-    def n_unknowns(self) -> int:
-        """Length of :meth:`solve`'s vector: the ``S^2`` source pixels, then the lens light's ``J``
-        amplitudes when there is one."""
-        return self.s * self.s + (0 if self.light is None else self.light.shape[0])
+            gram = (g * w2) @ g.T
+            rhs = (g * w2) @ (self.data - arcs).reshape(-1)
+            amps, _ = nnls_gram(gram[None], rhs[None])
+            self.light_image = torch.einsum("j,jhw->hw", amps[0].to(torch.float64), self.light)
 
     def _coords(self, v: torch.Tensor) -> torch.Tensor:
         assert self.box is not None, "place_source_box first"
@@ -366,12 +354,8 @@ class SourceInversion:
         return out[0] if s.ndim == 1 else out
 
     def model(self, x: torch.Tensor, coords: torch.Tensor) -> torch.Tensor:
-        """Model image of :meth:`solve`'s ``x``: the lensed source plus the lens light of ``x``'s amplitudes
-        (``x`` of length ``S^2`` only: plus the held :attr:`light_image`)."""
-        n = self.s * self.s
-        if self.light is not None and x.shape[-1] > n:
-            return self._lensed(x[:n], coords) + torch.einsum("j,jhw->hw", x[n:], self.light)
-        return self._lensed(x[:n], coords) + self.light_image
+        """Model image of the flattened source ``x`` plus the held lens light."""
+        return self._lensed(x[: self.s * self.s], coords) + self.light_image
 
     def regularise(self, x: torch.Tensor) -> torch.Tensor:
         """``C x`` for the flattened source ``x`` (``S^2``, or ``B x S^2`` row by row)."""
@@ -390,143 +374,41 @@ class SourceInversion:
     def solve(
         self, v: torch.Tensor, lam: float, start: torch.Tensor | None = None, rtol: float = 1e-9, max_iter: int = 400
     ) -> torch.Tensor:
-        """The unknowns minimising ``chi2 + lam s^T C s`` for the mass ``v``: the source ``s`` (``S^2``) and,
-        with a lens light, its ``J`` non-negative amplitudes after it (:attr:`n_unknowns`), solved jointly.
-
-        Joint, not in alternation with the source: the light's broad Gaussians and a smooth source ring are
-        nearly degenerate at the arcs, and alternating solves crawl along that direction (measured on a
-        lenstronomy lens with a Sersic light 49x the arcs: after 3 alternations the light was still 1.8 sigma
-        per pixel too bright on the ring, after 60 0.6 sigma). Preconditioned CG on the normal equations, the
-        light's amplitudes on an active set (Lawson-Hanson's conditions: the positive ones solved with the
-        source, a zero one enters when the residual pulls it up, one that turns negative leaves)."""
-        n = self.s * self.s
+        """The unknowns minimising ``chi2 + lam s^T C s`` for the mass ``v`` (preconditioned CG)."""
         with torch.no_grad():
             a_op, at_op = self._operators(v)
-            if self.light is None:
-                x0 = None if start is None else start[:n]
-                return self._pcg(a_op, at_op, None, lam, x0, rtol, max_iter)
-            assert self.light_amplitudes is not None
-            j = self.light.shape[0]
-            g = self.light.reshape(j, -1)
-            amps = start[n:] if start is not None and start.shape[0] == n + j else self.light_amplitudes
-            passive = amps > 0  # a feasible start: the warm amplitudes (zero off the passive set)
-            x = torch.cat([torch.zeros(n, dtype=torch.float64) if start is None else start[:n], amps.clamp_min(0)])
-            x[n:][~passive] = 0.0
-            scale = (g.abs() * self.w2.reshape(1, -1)).sum(1).clamp_min(1e-300)  # gradient units per amplitude
-            # tiny: the Gaussians and the source are nearly degenerate, so small pulls still matter (measured:
-            # stopping at 1e-6 of the largest left chi2 17 above the optimum, and a warm start's answer differed)
-            enter_tol = 1e-12 * float(((g @ (self.w2 * self.data).reshape(-1)) / scale).abs().max())
-            entered = -1  # the amplitude that entered the passive set at the last step (-1: none did)
-            for _ in range(6 * j + 6):
-                z = self._pcg(a_op, at_op, passive, lam, x, rtol, max_iter)
-                bad = passive & (z[n:] <= 0)
-                if entered >= 0 and bool(bad[entered]):
-                    passive[entered] = False  # exact solves would keep it positive: optimal to their precision
+
+            def normal(x: torch.Tensor) -> torch.Tensor:
+                return at_op(self.w2 * a_op(x)) + lam * self.regularise(x)
+
+            b = at_op(self.w2 * (self.data - self.light_image))
+            # Jacobi preconditioner: A^T W^2 A applied to ones (row sums; positive) plus C's diagonal (20)
+            diag = at_op(self.w2 * a_op(torch.ones_like(b))).abs().clamp_min(1e-12)
+            diag[: self.s * self.s] += 20.0 * lam
+            x = torch.zeros_like(b) if start is None else start.clone()
+            r = b - normal(x)
+            z = r / diag
+            d = z.clone()
+            rz = (r * z).sum()
+            b_norm = float(b.norm()) + 1e-300
+            for _ in range(max_iter):
+                nd = normal(d)
+                alpha = rz / (d * nd).sum()
+                x = x + alpha * d
+                r = r - alpha * nd
+                if float(r.norm()) < rtol * b_norm:
                     break
-                entered = -1
-                if bool(bad.any()):  # back along x -> z to the feasible boundary; the amplitudes reaching 0 leave
-                    ratio = torch.full((j,), math.inf, dtype=torch.float64)
-                    ratio[bad] = x[n:][bad] / (x[n:][bad] - z[n:][bad])
-                    alpha = float(ratio.min())
-                    x = x + alpha * (z - x)
-                    passive = passive & (ratio > alpha) & (x[n:] > 0)
-                    x[n:][~passive] = 0.0
-                    continue
-                x = z
-                resid = self.w2 * (self.data - a_op(x[:n]) - torch.einsum("j,jhw->hw", x[n:], self.light))
-                pull = (g @ resid.reshape(-1)) / scale  # minus the objective's gradient in each amplitude
-                pull = torch.where(passive, torch.full_like(pull, -math.inf), pull)
-                entered = int(torch.argmax(pull))
-                if float(pull[entered]) <= enter_tol:
-                    break
-                passive = passive.clone()
-                passive[entered] = True
-            x = torch.cat([x[:n], x[n:].clamp_min(0)])
-            self._set_light(x[n:])
+                z = r / diag
+                rz_new = (r * z).sum()
+                d = z + (rz_new / rz) * d
+                rz = rz_new
         return x
-
-    def _pcg(
-        self, a_op: Callable, at_op: Callable, passive: torch.Tensor | None, lam: float, start: torch.Tensor | None,
-        rtol: float, max_iter: int,
-    ) -> torch.Tensor:  # fmt: skip
-        """Preconditioned CG on the normal equations of the source (and the ``passive`` light amplitudes;
-        the others held at zero): ``[A^T W A + lam C, A^T W G^T; G W A, G W G^T] [s; a] = [A^T W d; G W d]``
-        (``W`` the inverse variances). Preconditioner: the source block's diagonal, the light block's exact
-        inverse (its Gaussians overlap: far from diagonal). Converged: the source's residual at ``rtol`` of
-        its right-hand side and, with a light, ``r^T M^-1 r`` (about twice the chi2 still to gain) below
-        :data:`LIGHT_SOLVE_CHI2` per used pixel -- the light's residual relative to its own right-hand side, the bright
-        Gaussians' flux, is no test (measured: an amplitude entering the active set with a small pull left
-        CG converged at once, and the light off its optimum)."""
-        n = self.s * self.s
-        if passive is None:
-            g = None
-            m = 0
-        else:
-            assert self.light is not None
-            g = self.light.reshape(self.light.shape[0], -1)[passive]
-            m = g.shape[0]
-
-        def images(x: torch.Tensor) -> torch.Tensor:
-            out = a_op(x[:n])
-            return out if g is None else out + (x[n:] @ g).reshape(self.h, self.w)
-
-        def normal(x: torch.Tensor) -> torch.Tensor:
-            r = self.w2 * images(x)
-            top = at_op(r) + lam * self.regularise(x[:n])
-            return top if g is None else torch.cat([top, g @ r.reshape(-1)])
-
-        wd = self.w2 * (self.data - (self.light_image if g is None else 0.0))
-        b = at_op(wd)
-        if g is not None:
-            b = torch.cat([b, g @ wd.reshape(-1)])
-        # Jacobi for the source: A^T W^2 A applied to ones (row sums; positive) plus C's diagonal (20)
-        diag = at_op(self.w2 * a_op(torch.ones(n, dtype=torch.float64))).abs().clamp_min(1e-12) + 20.0 * lam
-        chol = None
-        if g is not None:
-            gram = (g * self.w2.reshape(1, -1)) @ g.T
-            gram = gram + 1e-10 * torch.diagonal(gram).mean() * torch.eye(m, dtype=torch.float64)
-            chol = torch.linalg.cholesky(gram)
-
-        def precondition(r: torch.Tensor) -> torch.Tensor:
-            z = r[:n] / diag
-            return z if chol is None else torch.cat([z, torch.cholesky_solve(r[n:, None], chol)[:, 0]])
-
-        x = torch.zeros_like(b)
-        if start is not None:
-            x[:n] = start[:n]
-            if g is not None and start.shape[0] > n:
-                assert passive is not None
-                x[n:] = start[n:][passive]
-        r = b - normal(x)
-        z = precondition(r)
-        d = z.clone()
-        rz = (r * z).sum()
-        b_norm = float(b[:n].norm()) + 1e-300
-        for _ in range(max_iter):
-            if float(r[:n].norm()) < rtol * b_norm and (g is None or float(rz) < LIGHT_SOLVE_CHI2 * self.n_used):
-                break
-            nd = normal(d)
-            alpha = rz / (d * nd).sum()
-            x = x + alpha * d
-            r = r - alpha * nd
-            z = precondition(r)
-            rz_new = (r * z).sum()
-            d = z + (rz_new / rz) * d
-            rz = rz_new
-        if g is None:
-            return x
-        assert passive is not None and self.light is not None
-        out = torch.zeros(n + self.light.shape[0], dtype=torch.float64)
-        out[:n] = x[:n]
-        out[n:][passive] = x[n:]
-        return out
 
     def penalised_chi2(self, v: torch.Tensor, x: torch.Tensor, lam: float) -> tuple[torch.Tensor, torch.Tensor]:
         """``(chi2 + lam s^T C s, chi2)``, differentiable in the mass ``v`` (``x`` held)."""
         r = (self.data - self.model(x, self._coords(v))) * self.w2.sqrt()
         chi2 = (r * r).sum()
-        n = self.s * self.s
-        return chi2 + lam * (x[:n] * self.regularise(x)).sum(), chi2
+        return chi2 + lam * (x * self.regularise(x)).sum(), chi2
 
     def design_matrix(self, v: torch.Tensor, batch: int = 128) -> torch.Tensor:
         """``(H W) x S^2``: column ``k`` is the weighted image (``w * P B e_k``) of source pixel ``k`` under
@@ -549,23 +431,14 @@ class SourceInversion:
     def log_evidence(self, v: torch.Tensor, lambdas: tuple[float, ...]) -> list[float]:
         """``log P(d - light | v, lambda)`` up to a constant that depends on neither, for each lambda (Suyu
         et al. 2006, eq. 19: ``-chi2/2 - lambda E_s - log det(F + lambda C)/2 + log det(lambda C)/2``;
-        dense). A lens light is profiled: its amplitudes (on the last :meth:`solve`'s positive set, less any
-        that turn negative) are those that maximise this evidence, i.e. the joint solution's, for each
-        lambda (its Schur complement on the source's Cholesky factor)."""
+        dense), the lens light held at :attr:`light_image`."""
         with torch.no_grad():
             b = self.design_matrix(v)
             c = self.regularisation_matrix()
             n = c.shape[0]
             fisher = b.T @ b
-            w = self.w2.sqrt().reshape(-1)
-            light = self.light is not None and self.light_amplitudes is not None
-            dw = (self.data.reshape(-1) if light else (self.data - self.light_image).reshape(-1)) * w
+            dw = (self.data - self.light_image).reshape(-1) * self.w2.sqrt().reshape(-1)
             rhs = b.T @ dw
-            g = None
-            if light:
-                assert self.light is not None and self.light_amplitudes is not None
-                passive = self.light_amplitudes > 0
-                g = self.light.reshape(self.light.shape[0], -1) * w  # J x HW, weighted
             logdet_c = float(torch.linalg.slogdet(c)[1])
             ridge = 1e-9 * float(torch.diagonal(fisher).mean())
             out = []
@@ -575,26 +448,8 @@ class SourceInversion:
                 if int(info) != 0:
                     out.append(-math.inf)
                     continue
-                model = torch.zeros_like(dw)
-                if g is not None:
-                    use = passive.clone()
-                    for _ in range(g.shape[0]):
-                        gu = g[use]
-                        if gu.shape[0] == 0:
-                            break
-                        bg = b.T @ gu.T  # S^2 x P
-                        sol = torch.cholesky_solve(torch.cat([bg, rhs[:, None]], 1), chol)
-                        schur = gu @ gu.T - bg.T @ sol[:, :-1]
-                        eye = torch.eye(gu.shape[0], dtype=torch.float64)
-                        schur = schur + 1e-10 * torch.diagonal(schur).abs().mean() * eye
-                        amps = torch.linalg.solve(schur, gu @ dw - bg.T @ sol[:, -1])
-                        if bool((amps >= 0).all()):
-                            model = amps @ gu
-                            break
-                        idx = torch.nonzero(use)[:, 0]
-                        use[idx[amps < 0]] = False
-                x = torch.cholesky_solve((rhs - b.T @ model)[:, None], chol)[:, 0]
-                res = dw - model - b @ x
+                x = torch.cholesky_solve(rhs[:, None], chol)[:, 0]
+                res = dw - b @ x
                 value = (
                     -0.5 * float(res @ res) - 0.5 * lam * float(x @ (c @ x))
                     - float(torch.log(torch.diagonal(chol)).sum())
@@ -666,29 +521,31 @@ def fit_power_law(inv: SourceInversion, start: PowerLaw, *, max_iter: int = 50) 
     Stages: (1) slope fixed at ``start``'s, everything else free, at a strong regularisation (the source
     is smooth, so the mass follows the arcs' overall shape); (2) all eight free; (3) lambda set by the
     evidence at the current mass and the fit repeated, until lambda stops changing (at most
-    ``EVIDENCE_ROUNDS`` times). A lens light is solved with the source (:meth:`SourceInversion.solve`). Returns the
+    ``EVIDENCE_ROUNDS`` times). A lens light is re-solved (non-negative) between the stages. Returns the
     :class:`PowerLawFit`.
     """
     t0 = time.perf_counter()
     v = start.vector()
     if not inv.light_given:  # against the data alone the light also takes some of the arcs: a start only
-        inv.start_light()
+        inv.refit_light()
     inv.place_source_box(v)
     lam = 10.0**START_LOG10_LAMBDA
     free = torch.ones(v.shape[0], dtype=torch.bool)
     fixed_slope = free.clone()
     fixed_slope[1] = False
     v, x, n1 = _lbfgs(inv, v, lam, fixed_slope, max_iter // 2, None)
+    inv.refit_light(v, x)
     v, x, n2 = _lbfgs(inv, v, lam, free, max_iter, x)
     evaluations = n1 + n2
     history = [lam]
     lambdas = tuple(10.0**k for k in LOG10_LAMBDAS)
     best_ev = -math.inf
     for _ in range(EVIDENCE_ROUNDS):
+        inv.refit_light(v, x)
         evs = inv.log_evidence(v, lambdas)
         k = int(np.argmax(evs))
         best_ev = evs[k]
-        if lambdas[k] == lam:
+        if lambdas[k] == lam and inv.light is None:
             break
         lam = lambdas[k]
         history.append(lam)
@@ -874,7 +731,7 @@ def add_subhalos(
     inv: SourceInversion, fit: PowerLawFit, *, max_subhalos: int = 2, threshold: float = 10.0
 ) -> tuple[PowerLawFit, list[SubhaloSearch]]:
     """Add subhaloes to ``fit``'s mass one at a time (:func:`search_subhalo`) while the evidence asks for
-    them, at most ``max_subhalos``. Returns the new fit (``fit``
+    them, at most ``max_subhalos``; a lens light is re-solved after each. Returns the new fit (``fit``
     itself when none was accepted) and every round's :class:`SubhaloSearch`."""
     t0 = time.perf_counter()
     v, x, lam = fit.mass.vector(), fit.source.reshape(-1).clone(), fit.regularisation
@@ -885,6 +742,8 @@ def add_subhalos(
         searches.append(search)
         if not search.accepted:
             break
+        inv.refit_light(v, x)
+        x = inv.solve(v, lam, x)
     if not any(s.accepted for s in searches):
         return fit, searches
     ev = inv.log_evidence(v, (lam,))[0]
@@ -897,8 +756,8 @@ def slope_profile(inv: SourceInversion, fit: PowerLawFit, *, step: float = 0.1, 
     """Rank slopes by the full Bayesian evidence (Suyu et al. 2006: chi2, regularisation and the
     log-determinants), each with its own refitted mass and source box, starting from ``fit``: nodes
     ``step`` apart about ``fit``'s slope, extended towards the higher evidence until it falls on both
-    sides (at most ``max_nodes``), then the parabola through the best three. A lens light is solved with
-    the source at every node and profiled in its evidence (:meth:`SourceInversion.log_evidence`)."""
+    sides (at most ``max_nodes``), then the parabola through the best three. A lens light is held at
+    ``fit``'s (re-solving it per node would change the data the nodes are ranked on)."""
     t0 = time.perf_counter()
     lam = fit.regularisation
     lambdas = tuple(lam * 2.0**k for k in (-2, -1, 0, 1, 2))
@@ -1055,8 +914,8 @@ def measure_power_law(
             (arcsec from the cut-out's centre); its Einstein radius, centre and second-moment
             ellipticity start the fit.
         mask: optional ``H x W``, True = use.
-        light: the reconstruction's fitted lens light (on ``grid``; its Gaussians' non-negative amplitudes
-            are solved jointly with the source at every mass, :meth:`SourceInversion.solve`).
+        light: the reconstruction's fitted lens light (on ``grid``; its Gaussians are re-solved against the
+            data, non-negative, in alternation with the mass and source).
         light_flux_scale: ``grid``'s units per input flux per ``grid`` pixel
             (:attr:`rimlens.io.observation.PreparedObservation.flux_scale`): the fit then starts from the
             light's own amplitudes. Without it the light is first solved against the data alone, where
