@@ -690,8 +690,8 @@ def test_the_gradient_is_kept_only_when_the_data_ask_for_it():
 
 def test_basis_on_another_grid_matches_the_models_own_basis():
     """``LensLightModel.basis_on`` renders the fitted Gaussians on another grid: on the model's own grid
-    (no offset) it is the model's basis away from the edges, and at the edges the central crop of the basis
-    on a grid large enough that nothing is lost to the convolution's padding; on a grid shifted by whole
+    (no offset) it is the model's basis, edges included, and both are the central crop of the basis on a
+    grid large enough that nothing is lost to the convolution's padding; on a grid shifted by whole
     pixels, the same images shifted."""
     import torch
 
@@ -710,10 +710,43 @@ def test_basis_on_another_grid_matches_the_models_own_basis():
         amplitudes=torch.ones(1, sigmas.numel(), dtype=torch.float64), grid=grid, psf=psf, chi2=one,
     )  # fmt: skip
     own = model.basis_on(grid, (0.0, 0.0), psf)
-    torch.testing.assert_close(own[:, 3:-3, 3:-3], model.basis(True)[0][:, 3:-3, 3:-3])
+    torch.testing.assert_close(own, model.basis(True)[0], atol=1e-12, rtol=1e-9)
     large = model.basis_on(PixelGrid(64, 0.1), (0.0, 0.0), psf)
     torch.testing.assert_close(own, large[:, 16:48, 16:48], atol=1e-12, rtol=1e-9)
-    # zero padding would have lost the light scattered in from beyond the edge (the broadest Gaussian's)
-    assert float((own[-1, 0] - model.basis(True)[0][-1, 0]).min()) > 0
+    # a zero-padded convolution on the grid itself would have lost the light scattered in from beyond the
+    # edge (the broadest Gaussian's): the edge row is brighter than that, the interior the same
+    zero_padded = psf.convolve(model.basis(False)[0][:, None])[:, 0]
+    assert float((own[-1, 0] - zero_padded[-1, 0]).min()) > 0
+    torch.testing.assert_close(own[:, 3:-3, 3:-3], zero_padded[:, 3:-3, 3:-3], atol=1e-12, rtol=1e-9)
     shifted = model.basis_on(grid, (0.3, 0.0), psf)  # this grid's centre 3 pixels to the right
     torch.testing.assert_close(shifted[:, 8:24, 5:21], model.basis(True)[0][:, 8:24, 8:24], atol=1e-12, rtol=1e-9)
+
+
+def test_mge_basis_edges_receive_the_light_from_beyond_the_field():
+    """``mge_basis`` (the model grid's basis: the RIM's light subtraction, the light fits) equals the central
+    crop of the same basis on a grid large enough that the convolution's padding loses nothing, edges
+    included, with and without the analytic derivatives' path (the Levenberg-Marquardt's ``_basis_images``)."""
+    import torch
+
+    from rimlens.physics.grid import PixelGrid
+    from rimlens.physics.lens_light import (
+        _basis_images,
+        default_sigmas,
+        ellipticity_from_q_phi,
+        mge_basis,
+    )
+    from rimlens.physics.psf import PSF
+
+    grid, large_grid = PixelGrid(24, 0.12), PixelGrid(56, 0.12)
+    psf = PSF.gaussian(0.3, 0.12, size=9, dtype=torch.float64)
+    sigmas = default_sigmas(grid, 8)
+    small = mge_basis(grid, 0.05, -0.04, 0.6, 0.7, sigmas, psf)
+    large = mge_basis(large_grid, 0.05, -0.04, 0.6, 0.7, sigmas, psf)
+    torch.testing.assert_close(small, large[..., 16:40, 16:40], atol=1e-12, rtol=1e-9)
+    one = torch.ones(1, dtype=torch.float64)
+    e1, e2 = ellipticity_from_q_phi(0.6 * one, 0.7 * one)
+    amps = torch.linspace(1.0, 2.0, len(sigmas), dtype=torch.float64)[None]
+    args = (0.05 * one, -0.04 * one, e1, e2, torch.as_tensor(sigmas, dtype=torch.float64), 1.5, amps)
+    small_d = _basis_images(grid, psf, None, *args)
+    large_d = _basis_images(large_grid, psf, None, *args)
+    torch.testing.assert_close(small_d, large_d[..., 16:40, 16:40], atol=1e-12, rtol=1e-9)

@@ -366,13 +366,42 @@ def _basis_images(
     """:func:`_render` (then the PSF unless ``convolve`` is False) on the model ``grid``, or, with a
     ``native`` frame, on the detector's grid, convolved with its PSF and resampled to the model grid."""
     if native is None:
-        out = _render(grid, x0, y0, e1, e2, sigmas, sampling, amps)
-        return _convolve_stack(out, psf) if convolve and psf is not None else out
+        if convolve and psf is not None:
+            return _render_convolved(grid, psf, x0, y0, e1, e2, sigmas, sampling, amps)
+        return _render(grid, x0, y0, e1, e2, sigmas, sampling, amps)
     ox, oy = native.offset_arcsec
     out = _render(native.grid, x0 - ox, y0 - oy, e1, e2, sigmas, sampling, amps)
     if convolve:
         out = _convolve_stack(out, native.psf)
     return native.to_model(out)
+
+
+def _render_convolved(
+    grid: PixelGrid,
+    psf: PSF,
+    x0: torch.Tensor,
+    y0: torch.Tensor,
+    e1: torch.Tensor,
+    e2: torch.Tensor,
+    sigmas: torch.Tensor,
+    sampling: float,
+    amps: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """:func:`_render` convolved with ``psf``, the ``B x C x N x N`` result on ``grid``.
+
+    Rendered on a canvas larger by the PSF's half-size on every side (same centre and pixel scale) and
+    cropped after the convolution, so that the field's edge pixels receive the light the PSF scatters in
+    from beyond the edge, as a detector's do. A zero-padded convolution on ``grid`` itself loses it: a
+    broad lens galaxy is then too faint along the edges by up to the PSF's wings times its brightness
+    there (chi2 3.4 per edge pixel on a lenstronomy Sersic light 49x the arcs, README "Lens light").
+    """
+    margin = psf.size // 2
+    if margin == 0:
+        return _convolve_stack(_render(grid, x0, y0, e1, e2, sigmas, sampling, amps), psf)
+    n = grid.n_pixels
+    canvas = PixelGrid(n + 2 * margin, grid.pixel_scale_arcsec)
+    out = _convolve_stack(_render(canvas, x0, y0, e1, e2, sigmas, sampling, amps), psf)
+    return out[..., margin : margin + n, margin : margin + n]
 
 
 def _convolve_stack(images: torch.Tensor, psf: PSF) -> torch.Tensor:
@@ -438,10 +467,9 @@ def mge_basis(
     if bool((qt <= 0).any()) or bool((qt > 1).any()):
         raise RimlensInputError(f"axis ratio q must be in (0, 1], got {qt.tolist()}")
     e1, e2 = ellipticity_from_q_phi(qt, phit)
-    basis = _render(grid, x0t, y0t, e1, e2, sig.to(dtype), sampling)
     if psf is None:
-        return basis
-    return _convolve_stack(basis, psf)
+        return _render(grid, x0t, y0t, e1, e2, sig.to(dtype), sampling)
+    return _render_convolved(grid, psf, x0t, y0t, e1, e2, sig.to(dtype), sampling)
 
 
 # ------------------------------------------------------------------------------ NNLS
@@ -714,12 +742,12 @@ class LensLightModel:
                     self.sampling, convolve=convolved,
                 )  # fmt: skip
                 return self._cache[key]
-            if "unconvolved" not in self._cache:
-                self._cache["unconvolved"] = _render(
-                    self.grid, self.center_x, self.center_y, e1, e2, self.sigmas, self.sampling
-                )
             if convolved:
-                self._cache["convolved"] = _convolve_stack(self._cache["unconvolved"], self.psf)
+                self._cache[key] = _render_convolved(
+                    self.grid, self.psf, self.center_x, self.center_y, e1, e2, self.sigmas, self.sampling
+                )
+            else:
+                self._cache[key] = _render(self.grid, self.center_x, self.center_y, e1, e2, self.sigmas, self.sampling)
         return self._cache[key]
 
     def image(self) -> torch.Tensor:
@@ -803,10 +831,7 @@ class LensLightModel:
         )
         x0 = self.center_x[:1].to(torch.float64) - offset_arcsec[0]
         y0 = self.center_y[:1].to(torch.float64) - offset_arcsec[1]
-        margin = psf.size // 2
-        canvas = PixelGrid(grid.n_pixels + 2 * margin, grid.pixel_scale_arcsec)
-        out = _convolve_stack(_render(canvas, x0, y0, e1, e2, self.sigmas.to(torch.float64), self.sampling), psf)
-        return out[0, :, margin : margin + grid.n_pixels, margin : margin + grid.n_pixels]
+        return _render_convolved(grid, psf, x0, y0, e1, e2, self.sigmas.to(torch.float64), self.sampling)[0]
 
     def on_detector(self, native: NativeFrame) -> LensLightModel:
         """The same model (shape, amplitudes) rendered from now on in the detector's frame ``native``."""
