@@ -67,6 +67,8 @@ SUBHALO_CORE_ARCSEC = 0.01
 SUBHALO_TRIAL_B = (0.015, 0.03, 0.06)
 # a refitted subhalo lighter than this is not one (its deflection, < b, is a tenth of an HST pixel)
 SUBHALO_MIN_B = 0.005
+# a subhalo is kept when it raises the log-evidence (natural log) by more than this
+SUBHALO_EVIDENCE_THRESHOLD = 10.0
 
 
 @dataclass(frozen=True)
@@ -673,7 +675,8 @@ def _subhalo_candidates(
 
 
 def search_subhalo(
-    inv: SourceInversion, v: torch.Tensor, x: torch.Tensor, lam: float, *, threshold: float = 10.0,
+    inv: SourceInversion, v: torch.Tensor, x: torch.Tensor, lam: float, *,
+    threshold: float = SUBHALO_EVIDENCE_THRESHOLD,
     n_candidates: int = 6, n_refined: int = 1, max_iter: int = 50, spacing: float = 0.1,
     annulus: tuple[float, float] = (0.4, 1.8),
 ) -> tuple[torch.Tensor, torch.Tensor, SubhaloSearch]:  # fmt: skip
@@ -728,7 +731,7 @@ def search_subhalo(
 
 
 def add_subhalos(
-    inv: SourceInversion, fit: PowerLawFit, *, max_subhalos: int = 2, threshold: float = 10.0
+    inv: SourceInversion, fit: PowerLawFit, *, max_subhalos: int = 2, threshold: float = SUBHALO_EVIDENCE_THRESHOLD
 ) -> tuple[PowerLawFit, list[SubhaloSearch]]:
     """Add subhaloes to ``fit``'s mass one at a time (:func:`search_subhalo`) while the evidence asks for
     them, at most ``max_subhalos``; a lens light is re-solved after each. Returns the new fit (``fit``
@@ -903,6 +906,7 @@ def measure_power_law(
     light: LensLightModel | None = None,
     light_flux_scale: float | None = None,
     max_subhalos: int = 2,
+    subhalo_threshold: float = SUBHALO_EVIDENCE_THRESHOLD,
 ) -> PowerLawMeasurement:
     """Measure an EPL + shear on a cut-out's own pixels, started from a convergence map.
 
@@ -922,6 +926,7 @@ def measure_power_law(
             it also takes some of the arcs (a worse start with a bright lens galaxy).
         max_subhalos: subhaloes the evidence may add to the mass (:func:`add_subhalos`) before the slope is
             ranked (0: none; measured on lenstronomy's lenses in the README).
+        subhalo_threshold: the rise of the log-evidence (natural log) a subhalo must bring to be kept.
 
     Returns:
         :class:`PowerLawMeasurement`. The fit uses the square of half-size ``2 theta_E + 0.4"`` about the
@@ -949,7 +954,7 @@ def measure_power_law(
     fit = fit_power_law(inv, start)
     searches: list[SubhaloSearch] = []
     if max_subhalos > 0:
-        fit, searches = add_subhalos(inv, fit, max_subhalos=max_subhalos)
+        fit, searches = add_subhalos(inv, fit, max_subhalos=max_subhalos, threshold=subhalo_threshold)
     profile = slope_profile(inv, fit)
     return PowerLawMeasurement(
         mass=profile.mass, slope_sigma=profile.slope_sigma, chi2_nu=fit.chi2_nu, fit=fit, profile=profile,
