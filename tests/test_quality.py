@@ -108,3 +108,41 @@ def test_a_shear_model_reports_its_shear_everywhere(tmp_path):
     assert models == ["INTERPOL", "SHEAR"] and kwargs[1]["gamma2"] == pytest.approx(float(rec.shear[0, 1]))
     coolest = json.loads((tmp_path / "coolest.json").read_text())
     assert "ExternalShear" in json.dumps(coolest)
+
+
+def test_pure_noise_resampled_onto_the_model_grid_judges_no_annulus():
+    """The annuli's yardstick: noise drawn on a 0.05" cut-out and resampled onto the 0.12" model grid (its
+    neighbouring pixels share detector pixels) gives chi2_nu within UNEVEN_SIGMAS sqrt(2 / pixels) of 1 in
+    every annulus; the same residuals scaled by 0.6 (a fit into the noise) or by 1.6 (structure missed)
+    inside 1-2" are judged so, and together they make the overall chi2_nu an uneven average."""
+    import torch
+
+    from rimlens.inference.quality import Quality, chi2_by_radius
+    from rimlens.io.observation import Observation
+
+    grid = load_model("default").grid.image_grid
+    rng = np.random.default_rng(7)
+    h = 160
+    yy, xx = np.indices((h, h))
+    blob = 100 * np.exp(-((xx - (h - 1) / 2) ** 2 + (yy - (h - 1) / 2) ** 2) / 50.0)
+    sigma = np.full((h, h), 0.3) + 0.01 * blob  # a light-like Poisson term
+    psf = np.zeros((5, 5))
+    psf[2, 2] = 1.0
+    clean = prepare_observation(Observation(blob, sigma, psf, 0.05), grid, (0.0, 0.0))
+    noisy = prepare_observation(Observation(blob + rng.normal(size=(h, h)) * sigma, sigma, psf, 0.05), grid, (0.0, 0.0))
+    resid = ((noisy.observation - clean.observation) / clean.noise_sigma)[0, 0].double()
+    used = clean.mask[0, 0]
+    x, y = grid.coordinates(torch.float64)
+    annuli = chi2_by_radius(resid, used, x, y)
+    assert len(annuli) >= 7 and sum(a["pixels"] for a in annuli) == int(used.sum())
+    assert all(a["judged"] == "" for a in annuli), annuli
+    r = torch.hypot(x, y)
+    fitted = torch.where((r >= 1.0) & (r < 2.0), 0.6 * resid, resid)
+    assert [a["judged"] for a in chi2_by_radius(fitted, used, x, y)][2:4] == ["noise fitted"] * 2
+    q = Quality(1.0, None, 0, 0.0, 0.0, chi2_nu_by_radius=chi2_by_radius(fitted, used, x, y))
+    assert not q.uneven and q.warning() is None  # fitted into the noise, but nothing missed
+    both = torch.where(r < 0.5, 1.6 * resid, fitted)
+    q = Quality(1.0, None, 0, 0.0, 0.0, chi2_nu_by_radius=chi2_by_radius(both, used, x, y))
+    assert q.uneven and q.missed[0]["r_in"] == 0.0
+    warning = q.warning()
+    assert warning is not None and "fitted into the noise (1" in warning and 'misses (0-0.5" chi2_nu' in warning

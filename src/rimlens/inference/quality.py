@@ -1,5 +1,12 @@
-"""Honest quality flags for a reconstruction: chi2_nu over the whole field and over the arcs, and,
-when the fit is poor, the likely causes that can be tested cheaply with the RIM itself.
+"""Honest quality flags for a reconstruction: chi2_nu over the whole field, over the arcs and in
+annuli about the lens, and, when the fit is poor, the likely causes that can be tested cheaply with the
+RIM itself.
+
+A chi2_nu near 1 over the whole field can average a region the model misses with one where it fits the
+noise (a pixelated source and kappa have thousands of free pixels, and a fit stopped at chi2_nu = 1
+spends them where it can). The annuli show it: for pure noise each annulus's chi2_nu is 1 within
+``sqrt(2 / pixels)`` (measured on data resampled onto the model grid: README, "Quality flags"), so one
+``UNEVEN_SIGMAS`` of those below 1 is a fit into the noise, one as far above is structure missed.
 
 Each cause is tested by a counterfactual: reconstruct again with the suspected ingredient changed
 (the pixel scale scaled by 0.8 or 1.25, the PSF broadened or narrowed) and see whether chi2_nu
@@ -19,12 +26,21 @@ from rimlens.nn.rim import RIM
 from rimlens.physics import PSF
 from rimlens.physics.likelihood import reduced_chi_squared, used_pixels
 
-__all__ = ["POOR_CHI2_NU", "Quality", "assess"]
+__all__ = ["ANNULUS_WIDTH_ARCSEC", "POOR_CHI2_NU", "UNEVEN_SIGMAS", "Quality", "assess", "chi2_by_radius"]
 
 POOR_CHI2_NU = 3.0
 """chi2_nu above which a fit is called poor and its likely causes are tested."""
 
 BETTER_BY = 2.0  # a counterfactual must lower chi2_nu by this factor to be named as a cause
+
+ANNULUS_WIDTH_ARCSEC = 0.5
+"""Width of the annuli of :func:`chi2_by_radius` (arcsec)."""
+
+UNEVEN_SIGMAS = 5.0
+"""An annulus whose chi2_nu is this many ``sqrt(2 / pixels)`` below (above) 1 is fitted into the noise
+(misses structure); annuli of fewer than ``MIN_ANNULUS_PIXELS`` used pixels are not judged."""
+
+MIN_ANNULUS_PIXELS = 50
 
 
 @dataclass
@@ -37,15 +53,43 @@ class Quality:
     central_residual_sigma: float  # mean (data - model) / sigma within 0.5" of the centre
     edge_flux_sigma: float  # largest lensed-source S/N within 2 model pixels of the field's edge
     causes: list[str] = field(default_factory=list)
+    # chi2_nu in annuli about the lens centre: dicts of r_in, r_out (arcsec), pixels, chi2_nu, and
+    # "judged": "noise fitted" / "missed" / "" (see UNEVEN_SIGMAS)
+    chi2_nu_by_radius: list[dict] = field(default_factory=list)
 
     @property
     def poor(self) -> bool:
         return self.chi2_nu > POOR_CHI2_NU
 
+    @property
+    def noise_fitted(self) -> list[dict]:
+        """The annuli where the model fits the noise (chi2_nu far below what noise allows)."""
+        return [a for a in self.chi2_nu_by_radius if a["judged"] == "noise fitted"]
+
+    @property
+    def missed(self) -> list[dict]:
+        """The annuli where the model misses structure (chi2_nu far above what noise allows)."""
+        return [a for a in self.chi2_nu_by_radius if a["judged"] == "missed"]
+
+    @property
+    def uneven(self) -> bool:
+        """The overall chi2_nu averages annuli fitted into the noise with annuli that miss structure."""
+        return bool(self.noise_fitted) and bool(self.missed)
+
     def warning(self) -> str | None:
-        """One line for the user when the fit is poor, else ``None``."""
+        """One line for the user when the fit is poor or its chi2_nu is an uneven average, else ``None``."""
         if not self.poor:
-            return None
+            if not self.uneven:
+                return None
+
+            def worst(annuli: list[dict], low: bool) -> str:
+                a = sorted(annuli, key=lambda v: v["chi2_nu"], reverse=not low)[0]
+                return f'{a["r_in"]:g}-{a["r_out"]:g}" chi2_nu {a["chi2_nu"]:.2f}'
+
+            return (
+                f"chi2_nu {self.chi2_nu:.2f} averages annuli fitted into the noise ({worst(self.noise_fitted, True)}) "
+                f"with annuli the model misses ({worst(self.missed, False)}): see quality.chi2_nu_by_radius"
+            )
         why = (
             "; ".join(self.causes)
             if self.causes
@@ -55,7 +99,7 @@ class Quality:
 
     def as_dict(self) -> dict:
         """JSON-ready, for ``summary.json``."""
-        return {**dataclasses.asdict(self), "poor": self.poor}
+        return {**dataclasses.asdict(self), "poor": self.poor, "uneven": self.uneven}
 
 
 def _rim_chi2(
@@ -80,6 +124,48 @@ def rim_input(data: torch.Tensor, prep: PreparedObservation) -> tuple[torch.Tens
     peak = float(smooth.masked_fill(~prep.mask, -float("inf")).max())
     gain = 1.0 / peak if peak > 0 else 1.0
     return data * gain, prep.noise_sigma * gain, gain
+
+
+def chi2_by_radius(
+    normalised_residual: torch.Tensor, used: torch.Tensor, x: torch.Tensor, y: torch.Tensor,
+    width_arcsec: float = ANNULUS_WIDTH_ARCSEC,
+) -> list[dict]:  # fmt: skip
+    """chi2_nu in annuli of ``width_arcsec`` about ``(0, 0)``, judged against pure noise.
+
+    Args:
+        normalised_residual: ``N x N`` (data - model) / sigma.
+        used: ``N x N`` bool, the pixels that count.
+        x, y: ``N x N`` pixel-centre coordinates (arcsec) relative to the lens centre.
+        width_arcsec: annulus width.
+
+    Returns:
+        One dict per annulus with used pixels, inner to outer: ``r_in``, ``r_out`` (arcsec), ``pixels``,
+        ``chi2_nu``, and ``judged``: ``"noise fitted"`` when chi2_nu < 1 - UNEVEN_SIGMAS sqrt(2 / pixels),
+        ``"missed"`` when > 1 + UNEVEN_SIGMAS sqrt(2 / pixels), else ``""`` (annuli of fewer than
+        ``MIN_ANNULUS_PIXELS`` pixels: ``""``).
+    """
+    r = torch.hypot(x, y)
+    out = []
+    for k in range(int(float(r[used].max()) // width_arcsec) + 1 if bool(used.any()) else 0):
+        ring = used & (r >= k * width_arcsec) & (r < (k + 1) * width_arcsec)
+        n = int(ring.sum())
+        if n == 0:
+            continue
+        chi2 = float((normalised_residual[ring].double() ** 2).mean())
+        tol = UNEVEN_SIGMAS * (2.0 / n) ** 0.5
+        judged = ""
+        if n >= MIN_ANNULUS_PIXELS:
+            judged = "noise fitted" if chi2 < 1 - tol else "missed" if chi2 > 1 + tol else ""
+        out.append(
+            {
+                "r_in": round(k * width_arcsec, 3),
+                "r_out": round((k + 1) * width_arcsec, 3),
+                "pixels": n,
+                "chi2_nu": round(chi2, 4),
+                "judged": judged,
+            }
+        )
+    return out
 
 
 def _gaussian_kernel(sigma_px: float, size: int) -> torch.Tensor:
@@ -122,6 +208,7 @@ def assess(
     snr = torch.where(used[0, 0] & edge, lensed_source[0, 0] / sigma[0, 0], torch.zeros_like(sigma[0, 0]))
     edge_snr = float(snr.max())
     q = Quality(chi2_nu, chi2_arcs, n_arcs, central_resid, edge_snr)
+    q.chi2_nu_by_radius = chi2_by_radius(resid[0, 0], used[0, 0], x, y)
     if not q.poor:
         return q
     if lens_light is None and central_resid > 3:
