@@ -15,7 +15,10 @@ prior: two numbers the data constrain well).
    estimate in pixel space: L-BFGS on source pixels and log10 kappa minimising
    ``chi2 / (2 n) + w [mean (s - s_ft)^2 + mean (eta - eta_ft)^2]`` (a proximity prior centred on the
    fine-tuned RIM estimate), stopping as soon as chi2_nu < target (the discrepancy principle), so it
-   cannot fit the noise. The weight-space fine-tuning of a small recurrent model meets a rough
+   cannot fit the noise. The weight ``w`` starts at ``refine_weight`` and is divided by
+   ``REFINE_WEIGHT_STEP`` each time the fit stalls above the target, down to ``refine_weight_min``: the
+   largest weight of that ladder that reaches the noise (Morozov's discrepancy principle), so the
+   estimate departs from the RIM's only as far as the data ask. The weight-space fine-tuning of a small recurrent model meets a rough
    loss landscape and stalls above the noise at high SNR; this stage takes it the rest of the way
    (measurements: README, "Fine-tuning to the noise level").
 """
@@ -55,6 +58,11 @@ STALL_ITERATIONS = 20  # the refinement stops after this many iterations without
 LAPLACIAN = torch.tensor([[[[0.0, 1.0, 0.0], [1.0, -4.0, 1.0], [0.0, 1.0, 0.0]]]])  # 5-point stencil, per pixel^2
 RESTART_STEP_FACTOR = 0.1  # each restart of the refinement's L-BFGS scales its first step by this
 STALL_TOLERANCE = 1e-4  # ... this much in chi2_nu
+# the refinement's proximity weight is divided by this each time the fit stalls above the target (until
+# FinetuneOptions.refine_weight_min): the largest weight of the ladder that reaches the noise is kept
+REFINE_WEIGHT_STEP = 10.0
+# ... or when a rung has used this many iterations without reaching the target (the budget is shared)
+REFINE_RUNG_ITERATIONS = 100
 
 
 def _fisher_loss(
@@ -83,7 +91,10 @@ class FinetuneOptions:
     optimizer: str = "rmsprop"  # the paper's; or "adam"
     second_order: bool = False  # also differentiate through the RIM's likelihood-gradient inputs
     refine_steps: int = 0  # pixel-space refinement after the weight fine-tuning (0: the paper's method only)
-    refine_weight: float = 1.0  # weight w of the proximity prior of the refinement
+    # weight w of the proximity prior of the refinement: its start, and the floor of its ladder (the fit
+    # divides it by REFINE_WEIGHT_STEP each time it stalls above the target)
+    refine_weight: float = 1.0
+    refine_weight_min: float = 1.0
     # weight of the refinement's smoothness prior on its change of log10 kappa: mean squared Laplacian
     # (per pixel^2) of log10 kappa minus the starting estimate's
     refine_kappa_smoothness: float = 0.0
@@ -99,6 +110,7 @@ class FinetuneOptions:
             "sample_chunk": isinstance(self.sample_chunk, int) and self.sample_chunk >= 1,
             "refine_steps": isinstance(self.refine_steps, int) and self.refine_steps >= 0,
             "refine_weight": self.refine_weight >= 0,
+            "refine_weight_min": 0 <= self.refine_weight_min <= self.refine_weight,
             "refine_kappa_smoothness": self.refine_kappa_smoothness >= 0,
             "target_chi2_nu": self.target_chi2_nu >= 0,
         }
@@ -115,7 +127,7 @@ class FinetuneOptions:
     def fast(cls, **changes) -> FinetuneOptions:
         """The CLI's default: 50 Fisher samples, RMSprop lr 1e-5, <= 200 steps, then <= 300
         pixel-space refinement iterations (L-BFGS); chosen by benchmarks/bench_finetune.py (README)."""
-        base = dict(n_samples=50, learning_rate=1e-5, max_steps=200, refine_steps=300)
+        base = dict(n_samples=50, learning_rate=1e-5, max_steps=200, refine_steps=400, refine_weight=300.0)
         base.update(changes)
         return cls(**base)
 
@@ -162,6 +174,7 @@ class FinetuneResult:
     weight_change: float = 0.0  # max |phi - phi0| at the end
     ewc_chi2_nu: float | None = None  # after the weight fine-tuning, before any pixel refinement
     refine_steps: int = 0  # pixel-space refinement iterations used
+    refine_weight: float | None = None  # the proximity weight the refinement ended with
     baseline_shear: torch.Tensor | None = None  # 1 x 2 external shear of the RIM (None: no shear term)
     shear: torch.Tensor | None = None  # 1 x 2 external shear of the final estimate
 
@@ -374,8 +387,9 @@ def refine(
     background: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> None:
     """Pixel-space refinement of ``result``'s estimate (in place): L-BFGS on source pixels and
-    log10 kappa with a proximity prior to the starting estimate, stopping at chi2_nu < target; only
-    a better chi2_nu replaces the estimate (see the module docstring).
+    log10 kappa with a proximity prior to the starting estimate, stopping at chi2_nu < target, the prior's
+    weight lowered down a ladder each time the fit stalls above it; only a better chi2_nu replaces the
+    estimate (see the module docstring). ``result.refine_weight`` records the weight it ended with.
 
     ``background``, if given, maps ``observation - arcs`` (``1 x 1 x N x N``, the arcs being the
     simulated lensed source) to the best fit of everything else in the data -- e.g. the lens light with
@@ -406,6 +420,7 @@ def refine(
     opt = new_lbfgs(lr)
     n_used = float(used_pixels(sigma_b, observation.shape, mask).sum())
     w, smooth = options.refine_weight, options.refine_kappa_smoothness
+    result.refine_weight = w
 
     def closure():
         opt.zero_grad()
@@ -419,7 +434,7 @@ def refine(
         loss.backward()
         return loss
 
-    previous, stalled = None, 0
+    previous, stalled, rung_iterations = None, 0, 0
     last_good = [v.detach().clone() for v in free]
     for it in range(options.refine_steps):
         with torch.enable_grad():  # callable under torch.no_grad()
@@ -467,8 +482,15 @@ def refine(
         # a refinement stuck at a kink of the clamped objective repeats the same chi2_nu for the rest of
         # its budget (seen: 260 of 300 iterations on a lenstronomy lens); stop once restarts stop helping
         stalled = 0 if improved else stalled + 1
-        if stalled >= STALL_ITERATIONS:
-            break
+        rung_iterations += 1
+        if stalled >= STALL_ITERATIONS or (rung_iterations >= REFINE_RUNG_ITERATIONS and w > options.refine_weight_min):
+            if w <= options.refine_weight_min:
+                break
+            # stalled above the noise under this prior: the next, weaker weight of the ladder, from here
+            w = max(w / REFINE_WEIGHT_STEP, options.refine_weight_min)
+            result.refine_weight = w
+            stalled, previous, lr, rung_iterations = 0, None, 1.0, 0  # a new objective: a fresh first step
+            opt = new_lbfgs(lr)
 
 
 def refine_estimate(

@@ -117,6 +117,7 @@ class Reconstruction:
     chi2_history: list[float] | None = None
     ewc_chi2_nu: float | None = None
     refine_steps: int | None = None
+    refine_weight: float | None = None  # the refinement's proximity weight at its end (its ladder's rung)
     lens_light: torch.Tensor | None = None  # 1 x 1 x N x N, PSF-convolved, when modelled
     lens_light_model: LensLightModel | None = None
     shear: torch.Tensor | None = None  # 1 x 2 external shear (gamma1, gamma2) when the model estimates one
@@ -144,6 +145,7 @@ class Reconstruction:
                 chi2_history=self.chi2_history,
                 ewc_chi2_nu=self.ewc_chi2_nu,
                 refine_steps=self.refine_steps,
+                refine_weight=self.refine_weight,
             )
             if finetune_options is not None:
                 out["finetune_options"] = dataclasses.asdict(finetune_options)
@@ -397,6 +399,7 @@ def reconstruct_prepared(
             "chi2_history": ft.chi2_history,
             "ewc_chi2_nu": ft.ewc_chi2_nu,
             "refine_steps": ft.refine_steps,
+            "refine_weight": ft.refine_weight,
         }
     samples, baseline_chi2 = None, chi2
     if posterior is not None:
