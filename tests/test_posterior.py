@@ -2,6 +2,8 @@
 posterior known in closed form (a linear-Gaussian source behind a fixed lens), and a mis-specified
 noise level showing up as mis-calibration."""
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -220,19 +222,40 @@ def test_samples_that_do_not_fit_are_flagged(tmp_path):
 
 def test_refinement_stops_when_it_stalls_and_improves_otherwise():
     """refine_estimate from the exact answer (noiseless data, chi2 = 0) cannot gain: it stops after
-    STALL_ITERATIONS instead of spending its whole budget; from a poor start it lowers chi2_nu."""
+    STALL_ITERATIONS on each rung of its weight ladder (300, 30, 3, 1: four) instead of spending its whole
+    budget, after STALL_ITERATIONS with the weight pinned; from a poor start it lowers chi2_nu."""
     from rimlens.inference.finetune import STALL_ITERATIONS, FinetuneOptions, refine_estimate
 
     sim, kappa, psf, a = _problem()
     truth = torch.rand(1, 1, 6, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
     y = (a @ truth.flatten()).reshape(1, 1, 12, 12)
     opts = FinetuneOptions.refine_only(refine_steps=300, target_chi2_nu=0.0)
-    stuck = refine_estimate(sim, y, psf, 0.05, truth, kappa, options=opts)
-    # (the first iteration may still "gain" from round-off at chi2 ~ 1e-28, hence the +2)
-    assert STALL_ITERATIONS <= stuck.refine_steps <= STALL_ITERATIONS + 2 and stuck.chi2_nu < 1e-12
-    torch.testing.assert_close(stuck.source, truth)
+    assert (opts.refine_weight, opts.refine_weight_min) == (300.0, 1.0)
+    # (the first iteration of a rung may still "gain" from round-off at chi2 ~ 1e-28, hence the slack)
+    for options, rungs in ((opts, 4), (dataclasses.replace(opts, refine_weight_min=300.0), 1)):
+        stuck = refine_estimate(sim, y, psf, 0.05, truth, kappa, options=options)
+        assert rungs * STALL_ITERATIONS <= stuck.refine_steps <= rungs * (STALL_ITERATIONS + 2)
+        assert stuck.chi2_nu < 1e-12 and stuck.refine_weight == options.refine_weight_min
+        torch.testing.assert_close(stuck.source, truth)
     poor = refine_estimate(sim, y, psf, 0.05, 0.5 * truth, kappa, options=opts)
     assert poor.chi2_nu < 0.1 * poor.baseline_chi2_nu
+
+
+def test_refinement_weight_ladder_reaches_the_noise_a_pinned_weight_cannot():
+    """The discrepancy principle: a proximity weight so strong that the fit stalls far above the target
+    is lowered down the ladder until the target is met; the same weight pinned stays above it."""
+    from rimlens.inference.finetune import FinetuneOptions, refine_estimate
+
+    sim, kappa, psf, a = _problem()
+    truth = torch.rand(1, 1, 6, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
+    noise = 0.05 * torch.randn(144, dtype=torch.float64, generator=torch.Generator().manual_seed(6))
+    y = (a @ truth.flatten() + noise).reshape(1, 1, 12, 12)
+    ladder = FinetuneOptions.refine_only(refine_steps=400, refine_weight=1e6, refine_weight_min=1.0, target_chi2_nu=1.5)
+    pinned = dataclasses.replace(ladder, refine_weight_min=1e6)
+    held = refine_estimate(sim, y, psf, 0.05, 0.3 * truth, kappa, options=pinned)
+    freed = refine_estimate(sim, y, psf, 0.05, 0.3 * truth, kappa, options=ladder)
+    assert held.chi2_nu > 1.5 and held.refine_weight == 1e6
+    assert freed.chi2_nu < 1.5 and freed.refine_weight < 1e6
 
 
 def test_posterior_mean_products_fit_the_data(tmp_path):
