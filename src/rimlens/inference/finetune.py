@@ -18,9 +18,9 @@ prior: two numbers the data constrain well).
    cannot fit the noise. The weight ``w`` starts at ``refine_weight`` and is divided by
    ``REFINE_WEIGHT_STEP`` each time the fit stalls above the target, down to ``refine_weight_min``: the
    largest weight of that ladder that reaches the noise (Morozov's discrepancy principle), so the
-   estimate departs from the RIM's only as far as the data ask. The weight-space fine-tuning of a small recurrent model meets a rough
-   loss landscape and stalls above the noise at high SNR; this stage takes it the rest of the way
-   (measurements: README, "Fine-tuning to the noise level").
+   estimate departs from the RIM's only as far as the data ask. The weight-space fine-tuning of a small
+   recurrent model meets a rough loss landscape and stalls above the noise at high SNR; this stage takes
+   it the rest of the way (measurements: README, "Fine-tuning to the noise level").
 """
 
 from __future__ import annotations
@@ -125,8 +125,9 @@ class FinetuneOptions:
 
     @classmethod
     def fast(cls, **changes) -> FinetuneOptions:
-        """The CLI's default: 50 Fisher samples, RMSprop lr 1e-5, <= 200 steps, then <= 300
-        pixel-space refinement iterations (L-BFGS); chosen by benchmarks/bench_finetune.py (README)."""
+        """The CLI's default: 50 Fisher samples, RMSprop lr 1e-5, <= 200 steps, then <= 400
+        pixel-space refinement iterations (L-BFGS) with the proximity weight's ladder from 300 down to 1;
+        chosen by benchmarks/bench_finetune.py and on lenstronomy's lenses (README)."""
         base = dict(n_samples=50, learning_rate=1e-5, max_steps=200, refine_steps=400, refine_weight=300.0)
         base.update(changes)
         return cls(**base)
