@@ -396,8 +396,6 @@ def _render_convolved(
     there (chi2 3.4 per edge pixel on a lenstronomy Sersic light 49x the arcs, README "Lens light").
     """
     margin = psf.size // 2
-    if margin == 0:
-        return _convolve_stack(_render(grid, x0, y0, e1, e2, sigmas, sampling, amps), psf)
     n = grid.n_pixels
     canvas = PixelGrid(n + 2 * margin, grid.pixel_scale_arcsec)
     out = _convolve_stack(_render(canvas, x0, y0, e1, e2, sigmas, sampling, amps), psf)
