@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from lenstronomy_lenses import load_truth
 from rimlens.inference.finetune import FinetuneOptions
 from rimlens.inference.pipeline import FinetuneSetup, describe_mass, reconstruct_prepared
-from rimlens.inference.power_law import SUBHALO_EVIDENCE_THRESHOLD, measure_power_law
+from rimlens.inference.power_law import SUBHALO_EVIDENCE_THRESHOLD, SUBHALO_REFITS, measure_power_law
 from rimlens.io.checkpoint import load_model
 from rimlens.io.observation import load_observation, prepare_observation
 
@@ -50,6 +50,9 @@ def main(argv=None) -> int:
         type=float,
         default=SUBHALO_EVIDENCE_THRESHOLD,
         help="log-evidence rise a subhalo must bring to be kept",
+    )
+    ap.add_argument(
+        "--subhalo-refits", type=int, default=SUBHALO_REFITS, help="candidates refitted per subhalo search round"
     )
     ap.add_argument(
         "--lens-light",
@@ -75,6 +78,7 @@ def main(argv=None) -> int:
             obs.image, obs.noise_sigma, obs.psf, obs.pixel_scale_arcsec, kappa, grid, prep.center_arcsec,
             mask=obs.mask, light=rec.lens_light_model, light_flux_scale=prep.flux_scale,
             max_subhalos=args.max_subhalos, subhalo_threshold=args.subhalo_threshold,
+            subhalo_refits=args.subhalo_refits,
         )  # fmt: skip
         truth, kw = load_truth(lens)
         true_subs = [

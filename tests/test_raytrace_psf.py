@@ -90,6 +90,21 @@ def test_fft_psf_matches_direct_and_scipy(k, rng):
         np.testing.assert_allclose(fft[b, 0].numpy(), ref, atol=1e-6)
 
 
+@pytest.mark.parametrize(("k", "n", "margin"), [(7, 30, 3), (9, 31, 6), (11, 40, 9)])
+def test_interior_convolution_is_the_linear_convolution_cropped(k, n, margin, rng):
+    # the circular FFT on the canvas' own size must equal scipy's zero-padded convolution of the whole
+    # canvas, cropped: odd and even canvases, margins at and beyond the half-size, a per-example PSF
+    img = torch.rand(2, 1, n, n, generator=rng, dtype=torch.float64)
+    psf = PSF.from_kernel(_asymmetric_kernel(k, batch=2))
+    inner = psf.convolve_interior(img, margin)
+    assert inner.shape == (2, 1, n - 2 * margin, n - 2 * margin)
+    for b in range(2):
+        ref = convolve2d(img[b, 0].numpy(), psf.kernel[b, 0].numpy(), mode="same", boundary="fill")
+        np.testing.assert_allclose(inner[b, 0].numpy(), ref[margin : n - margin, margin : n - margin], atol=1e-12)
+    with pytest.raises(RimlensInputError, match="half-size"):
+        psf.convolve_interior(img, k // 2 - 1)
+
+
 def test_psf_direction_convention():
     # light at kernel offset (+1 column) moves a point source one pixel right (towards +x)
     kern = torch.zeros(3, 3, dtype=torch.float64)

@@ -69,6 +69,8 @@ SUBHALO_TRIAL_B = (0.015, 0.03, 0.06)
 SUBHALO_MIN_B = 0.005
 # a subhalo is kept when it raises the log-evidence (natural log) by more than this
 SUBHALO_EVIDENCE_THRESHOLD = 10.0
+# the best candidates (by their penalised chi2 at the trial masses) refitted jointly; the evidence picks among them
+SUBHALO_REFITS = 1
 
 
 @dataclass(frozen=True)
@@ -677,7 +679,7 @@ def _subhalo_candidates(
 def search_subhalo(
     inv: SourceInversion, v: torch.Tensor, x: torch.Tensor, lam: float, *,
     threshold: float = SUBHALO_EVIDENCE_THRESHOLD,
-    n_candidates: int = 6, n_refined: int = 1, max_iter: int = 50, spacing: float = 0.1,
+    n_candidates: int = 6, n_refined: int = SUBHALO_REFITS, max_iter: int = 50, spacing: float = 0.1,
     annulus: tuple[float, float] = (0.4, 1.8),
 ) -> tuple[torch.Tensor, torch.Tensor, SubhaloSearch]:  # fmt: skip
     """Look for one more subhalo in the mass ``v`` (source ``x``, regularisation ``lam``), the gravitational
@@ -731,17 +733,19 @@ def search_subhalo(
 
 
 def add_subhalos(
-    inv: SourceInversion, fit: PowerLawFit, *, max_subhalos: int = 2, threshold: float = SUBHALO_EVIDENCE_THRESHOLD
-) -> tuple[PowerLawFit, list[SubhaloSearch]]:
-    """Add subhaloes to ``fit``'s mass one at a time (:func:`search_subhalo`) while the evidence asks for
-    them, at most ``max_subhalos``; a lens light is re-solved after each. Returns the new fit (``fit``
-    itself when none was accepted) and every round's :class:`SubhaloSearch`."""
+    inv: SourceInversion, fit: PowerLawFit, *, max_subhalos: int = 2, threshold: float = SUBHALO_EVIDENCE_THRESHOLD,
+    n_refined: int = SUBHALO_REFITS,
+) -> tuple[PowerLawFit, list[SubhaloSearch]]:  # fmt: skip
+    """Add subhaloes to ``fit``'s mass one at a time (:func:`search_subhalo`, refitting the ``n_refined``
+    best candidates of each round) while the evidence asks for them, at most ``max_subhalos``; a lens light
+    is re-solved after each. Returns the new fit (``fit`` itself when none was accepted) and every round's
+    :class:`SubhaloSearch`."""
     t0 = time.perf_counter()
     v, x, lam = fit.mass.vector(), fit.source.reshape(-1).clone(), fit.regularisation
     inv.box = fit.source_box
     searches: list[SubhaloSearch] = []
     for _ in range(max_subhalos):
-        v, x, search = search_subhalo(inv, v, x, lam, threshold=threshold)
+        v, x, search = search_subhalo(inv, v, x, lam, threshold=threshold, n_refined=n_refined)
         searches.append(search)
         if not search.accepted:
             break
@@ -907,6 +911,7 @@ def measure_power_law(
     light_flux_scale: float | None = None,
     max_subhalos: int = 2,
     subhalo_threshold: float = SUBHALO_EVIDENCE_THRESHOLD,
+    subhalo_refits: int = SUBHALO_REFITS,
 ) -> PowerLawMeasurement:
     """Measure an EPL + shear on a cut-out's own pixels, started from a convergence map.
 
@@ -927,6 +932,7 @@ def measure_power_law(
         max_subhalos: subhaloes the evidence may add to the mass (:func:`add_subhalos`) before the slope is
             ranked (0: none; measured on lenstronomy's lenses in the README).
         subhalo_threshold: the rise of the log-evidence (natural log) a subhalo must bring to be kept.
+        subhalo_refits: candidates of each search round refitted jointly before the evidence chooses.
 
     Returns:
         :class:`PowerLawMeasurement`. The fit uses the square of half-size ``2 theta_E + 0.4"`` about the
@@ -954,7 +960,9 @@ def measure_power_law(
     fit = fit_power_law(inv, start)
     searches: list[SubhaloSearch] = []
     if max_subhalos > 0:
-        fit, searches = add_subhalos(inv, fit, max_subhalos=max_subhalos, threshold=subhalo_threshold)
+        fit, searches = add_subhalos(
+            inv, fit, max_subhalos=max_subhalos, threshold=subhalo_threshold, n_refined=subhalo_refits
+        )
     profile = slope_profile(inv, fit)
     return PowerLawMeasurement(
         mass=profile.mass, slope_sigma=profile.slope_sigma, chi2_nu=fit.chi2_nu, fit=fit, profile=profile,

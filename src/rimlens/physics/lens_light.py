@@ -398,21 +398,20 @@ def _render_convolved(
     margin = psf.size // 2
     n = grid.n_pixels
     canvas = PixelGrid(n + 2 * margin, grid.pixel_scale_arcsec)
-    out = _convolve_stack(_render(canvas, x0, y0, e1, e2, sigmas, sampling, amps), psf)
-    return out[..., margin : margin + n, margin : margin + n]
+    return _convolve_stack(_render(canvas, x0, y0, e1, e2, sigmas, sampling, amps), psf, margin)
 
 
-def _convolve_stack(images: torch.Tensor, psf: PSF) -> torch.Tensor:
-    """Convolve ``B x K x N x N`` images with a PSF of batch 1 or ``B`` (each channel alike)."""
+def _convolve_stack(images: torch.Tensor, psf: PSF, margin: int = 0) -> torch.Tensor:
+    """Convolve ``B x K x N x N`` images with a PSF of batch 1 or ``B`` (each channel alike); with a
+    ``margin``, keep only the central ``N - 2 margin`` pixels (:meth:`PSF.convolve_interior`)."""
     b, k = images.shape[:2]
     flat = images.reshape(b * k, 1, *images.shape[-2:])
-    if psf.batch_size == 1:
-        out = psf.convolve(flat)
-    elif psf.batch_size == b:
-        out = psf.select(torch.arange(b, device=psf.kernel.device).repeat_interleave(k)).convolve(flat)
-    else:
+    if psf.batch_size == b and b > 1:
+        psf = psf.select(torch.arange(b, device=psf.kernel.device).repeat_interleave(k))
+    elif psf.batch_size != 1:
         raise RimlensInputError(f"PSF batch ({psf.batch_size}) does not match the batch ({b})")
-    return out.reshape(images.shape)
+    out = psf.convolve_interior(flat, margin) if margin else psf.convolve(flat)
+    return out.reshape(b, k, *out.shape[-2:])
 
 
 def _check_sigmas(sigmas: torch.Tensor | Sequence[float]) -> torch.Tensor:
