@@ -149,22 +149,32 @@ def _as_batch(v: float | torch.Tensor, batch: int | None = None) -> torch.Tensor
 
 
 # ------------------------------------------------------------------------------ basis
-def _gaussian_stack(
-    dx: torch.Tensor,
-    dy: torch.Tensor,
-    e1: torch.Tensor,
-    e2: torch.Tensor,
-    sig2: torch.Tensor,
-    var_pix: float,
-    amps: torch.Tensor | None,
-) -> torch.Tensor:
-    """Unit-flux elliptical Gaussians (arcsec^-2) with an extra isotropic variance ``var_pix`` (arcsec^2).
+@dataclass(frozen=True)
+class _GaussianTerms:
+    """Per-Gaussian constants of :func:`_gaussian_stack`, all ``B x K x 1 x 1`` (``coefs``: ``B x K x 12``,
+    the amplitude-free coefficients of the model's derivatives; ``None`` when not asked for)."""
 
-    ``dx``: ``B x 1 x 1 x W``, ``dy``: ``B x 1 x H x 1``, offsets from the centre in arcsec; ``e1, e2``:
-    ``B x 1 x 1 x 1``; ``sig2``: ``1 x K x 1 x 1`` squared widths (arcsec^2). Returns the ``B x K x H x W``
-    Gaussians, or with ``amps`` (``B x K``) the ``B x 5 x H x W`` stack of ``sum_k a_k G_k`` and its
-    analytic derivatives with respect to ``(x0, y0, e1, e2)``.
-    """
+    ixx: torch.Tensor
+    iyy: torch.Tensor
+    ixy: torch.Tensor
+    log_norm: torch.Tensor
+    coefs: torch.Tensor | None
+
+    def __getitem__(self, k: slice) -> _GaussianTerms:
+        """The Gaussians ``k`` of the stack."""
+        return _GaussianTerms(
+            self.ixx[:, k], self.iyy[:, k], self.ixy[:, k], self.log_norm[:, k],
+            None if self.coefs is None else self.coefs[:, k],
+        )  # fmt: skip
+
+
+def _gaussian_terms(
+    e1: torch.Tensor, e2: torch.Tensor, sig2: torch.Tensor, var_pix: torch.Tensor, derivatives: bool
+) -> _GaussianTerms:
+    """The inverse covariances and log-normalisations of elliptical Gaussians of squared widths ``sig2``
+    (``1 x K x 1 x 1``, arcsec^2) and ellipticities ``e1, e2`` (``B x K x 1 x 1``) with an extra isotropic
+    variance ``var_pix`` (``1 x K x 1 x 1``, arcsec^2), computed once for the whole stack (they are tiny
+    tensors: done per supersampling group, these few dozen operations cost more than the images)."""
     ee = e1**2 + e2**2
     den = 1 - ee
     a = (1 + ee) / den
@@ -177,14 +187,10 @@ def _gaussian_stack(
     det = cxx * cyy - cxy**2
     ixx, iyy, ixy = cyy / det, cxx / det, -cxy / det  # C^-1, B x K x 1 x 1
     log_norm = torch.log(2 * math.pi * torch.sqrt(det))
-    # log G = -(ixx dx^2 + iyy dy^2 + 2 ixy dx dy) / 2 - log(2 pi sqrt(det C)): one full-size temporary
-    g = (-0.5 * ixx * dx**2 - log_norm) + (-0.5 * iyy) * dy**2
-    g = g.addcmul_(-ixy, dx * dy).exp_()
-    if amps is None:
-        return g
+    if not derivatives:
+        return _GaussianTerms(ixx, iyy, ixy, log_norm, None)
     # dG/dx0 = G (C^-1 d)_x, dG/dy0 = G (C^-1 d)_y, dG/dp = G (d^T C^-1 C_p C^-1 d - tr(C^-1 C_p)) / 2:
-    # all are G times a quadratic form in (dx, dy) with per-Gaussian coefficients, so sum over k first.
-    b, k = g.shape[:2]
+    # all are G times a quadratic form in (dx, dy) with per-Gaussian coefficients
     coefs = [torch.ones_like(ixx), ixx, ixy, iyy]
     den2 = den**2
     for da, dbc, dbs in (
@@ -195,7 +201,27 @@ def _gaussian_stack(
         t00, t01 = ixx * pxx + ixy * pxy, ixx * pxy + ixy * pyy  # C^-1 C_p
         t10, t11 = ixy * pxx + iyy * pxy, ixy * pxy + iyy * pyy
         coefs += [t00 * ixx + t01 * ixy, t00 * ixy + t01 * iyy, t10 * ixy + t11 * iyy, t00 + t11]
-    coef = torch.cat([c.expand(b, k, 1, 1) for c in coefs], dim=-1)[:, :, 0] * amps[:, :, None]  # B x K x 12
+    b, k = ixx.shape[:2]
+    return _GaussianTerms(ixx, iyy, ixy, log_norm, torch.cat([c.expand(b, k, 1, 1) for c in coefs], dim=-1)[:, :, 0])
+
+
+def _gaussian_stack(
+    dx: torch.Tensor, dy: torch.Tensor, terms: _GaussianTerms, amps: torch.Tensor | None
+) -> torch.Tensor:
+    """Unit-flux elliptical Gaussians (arcsec^-2) of the given :class:`_GaussianTerms`.
+
+    ``dx``: ``B x 1 x 1 x W``, ``dy``: ``B x 1 x H x 1``, offsets from the centre in arcsec. Returns the
+    ``B x K x H x W`` Gaussians, or with ``amps`` (``B x K``) the ``B x 5 x H x W`` stack of
+    ``sum_k a_k G_k`` and its analytic derivatives with respect to ``(x0, y0, e1, e2)``.
+    """
+    # log G = -(ixx dx^2 + iyy dy^2 + 2 ixy dx dy) / 2 - log(2 pi sqrt(det C)): one full-size temporary
+    g = (-0.5 * terms.ixx * dx**2 - terms.log_norm) + (-0.5 * terms.iyy) * dy**2
+    g = g.addcmul_(-terms.ixy, dx * dy).exp_()
+    if amps is None:
+        return g
+    assert terms.coefs is not None
+    b = g.shape[0]
+    coef = terms.coefs * amps[:, :, None]  # B x K x 12: sum over k first
     s = (coef.transpose(1, 2) @ g.flatten(2)).reshape(b, 12, *g.shape[-2:])
     dxy = dx * dy
     out = [
@@ -256,15 +282,19 @@ def _render(
         else:
             groups.append((k, k + 1, f))
     idx = torch.arange(n, device=device)
+    # each Gaussian's sub-pixel variance (s / f)^2 / 12, and every per-Gaussian constant computed once
+    var_pix = torch.tensor(
+        [(s / f) ** 2 / 12 for start, stop, f in groups for _ in range(start, stop)], dtype=dtype, device=device
+    ).reshape(1, -1, 1, 1)
+    terms = _gaussian_terms(e1r, e2r, (sigmas**2).reshape(1, -1, 1, 1), var_pix, amps is not None)
     parts = []
     for start, stop, f in groups:
-        sig2 = (sigmas[start:stop] ** 2).reshape(1, -1, 1, 1)
         amp_g = None if ampsr is None else ampsr[:, start:stop]
         if f == 1:
             axis = grid.axis(dtype, device)
             dx = axis.reshape(1, 1, 1, -1) - x0r
             dy = axis.reshape(1, 1, -1, 1) - y0r
-            parts.append(_gaussian_stack(dx, dy, e1r[:, start:stop], e2r[:, start:stop], sig2, s**2 / 12, amp_g))
+            parts.append(_gaussian_stack(dx, dy, terms[start:stop], amp_g))
             continue
         half = min(n - 1, math.ceil(_CUTOUT_SIGMAS * sig_px[stop - 1] / sqrt_q_min) + 1)
         m = 2 * half + 1
@@ -273,7 +303,7 @@ def _render(
         yc = ((row_c.to(dtype) - (n - 1) / 2) * s).reshape(-1, 1, 1, 1)
         dx = (xc - x0r) + fine.reshape(1, 1, 1, -1)
         dy = (yc - y0r) + fine.reshape(1, 1, -1, 1)
-        cut = _gaussian_stack(dx, dy, e1r[:, start:stop], e2r[:, start:stop], sig2, (s / f) ** 2 / 12, amp_g)
+        cut = _gaussian_stack(dx, dy, terms[start:stop], amp_g)
         cut = torch.nn.functional.avg_pool2d(cut, f)
         # image pixel i <- cutout pixel i - centre + half (zero outside the cutout)
         c = cut.shape[1]
