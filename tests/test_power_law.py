@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from rimlens.errors import RimlensInputError
-from rimlens.inference.power_law import PowerLaw, SourceInversion, measure_power_law
+from rimlens.inference.power_law import SUBHALO_EVIDENCE_THRESHOLD, PowerLaw, SourceInversion, measure_power_law
 from rimlens.physics import PixelGrid
 from rimlens.physics.profiles import sie_kappa
 
@@ -153,7 +153,7 @@ def test_the_evidence_finds_a_subhalo_where_there_is_one_and_none_where_there_is
     inv, v = _true_macro_inversion(image, sigma, kernel, scale, 2.0)
     x = inv.solve(v, lam)
     v_new, _, found = search_subhalo(inv, v, x, lam)
-    assert found.accepted and found.delta_log_evidence > 10, found
+    assert found.accepted and found.delta_log_evidence > SUBHALO_EVIDENCE_THRESHOLD, found
     b, sx, sy = found.subhalo
     assert math.hypot(sx - truth[1], sy - truth[2]) < 0.1, found.subhalo
     assert abs(b / truth[0] - 1) < 0.5, found.subhalo
