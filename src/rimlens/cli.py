@@ -28,6 +28,7 @@ from rimlens.inference.pipeline import (
     run_demo,
 )
 from rimlens.inference.posterior import PosteriorOptions
+from rimlens.inference.power_law import SUBHALO_EVIDENCE_THRESHOLD
 from rimlens.inference.predict import predict_file
 from rimlens.io.checkpoint import export_model, load_model
 from rimlens.train.engine import train_rim
@@ -154,7 +155,7 @@ def cli():
     is_flag=True,
     help="Also measure an elliptical power law + external shear on the cut-out's own pixels (pixelated source; "
     "up to two subhaloes where the Bayesian evidence asks for them; slope at the evidence's maximum): "
-    "summary.json's power_law block. 2-8 min per lens on 2 cores.",
+    "summary.json's power_law block. 2-20 min per lens on one core.",
 )
 @click.option(
     "--power-law-subhalos",
@@ -162,7 +163,7 @@ def cli():
     default=2,
     show_default=True,
     help="With --power-law: at most this many pseudo-Jaffe subhaloes, each kept only if it raises the Bayesian "
-    "evidence by more than 10 (0: none).",
+    f"evidence by more than {SUBHALO_EVIDENCE_THRESHOLD:g}, natural log (0: none).",
 )
 @click.option("--out", "out_dir", type=FOLDER, required=True)
 def reconstruct(image: Path, model: str, finetune: bool, out_dir: Path, **o):

@@ -7,9 +7,10 @@ al. 2006; Vegetti & Koopmans 2009; PyAutoLens): for a given mass the source is l
 the mass's eight numbers are fitted by L-BFGS on the penalised chi2, started from the RIM's map; the
 regularisation strength and finally the slope are chosen by the evidence (chi2, regularisation and the
 log-determinants), each slope with its own refitted mass and a source box that follows the source-plane
-scale the slope brings (a fixed box biases the evidence by up to 0.25 in the slope: README). Before the
-slope is ranked, pseudo-Jaffe subhaloes are added one at a time where the evidence asks for them
-(:func:`search_subhalo`: unmodelled subhaloes at the arcs otherwise bend the power law).
+scale the slope brings (a fixed box biases the evidence by up to 0.25 in the slope: README). About the
+evidence's best slope, pseudo-Jaffe subhaloes are then added one at a time where the evidence asks for them
+(:func:`search_subhalo`: unmodelled subhaloes at the arcs otherwise bend the power law), and the slope is
+ranked again with them in the mass.
 
 Conventions: arcsec in the cut-out's frame (x along columns, y along rows, row 0 at the bottom, origin at
 the cut-out's centre); the EPL and shear as lenstronomy's ``EPL`` and ``SHEAR``
