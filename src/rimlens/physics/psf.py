@@ -214,15 +214,15 @@ class PSF:
             raise RimlensInputError(
                 f"margin {margin} must be >= the PSF's half-size {k // 2} and leave pixels of {n_rows} x {n_cols}"
             )
-        if self.factors is not None or k > min(n_rows, n_cols):
+        if self.factors is not None:  # (the margin check above already makes the image at least K wide)
             return self.convolve(image)[..., margin : n_rows - margin, margin : n_cols - margin]
         if self.batch_size not in (1, image.shape[0]):
             raise RimlensInputError(f"PSF batch ({self.batch_size}) does not match image batch ({image.shape[0]})")
         shape = (scipy.fft.next_fast_len(n_rows, real=True), scipy.fft.next_fast_len(n_cols, real=True))
         out = torch.fft.irfft2(torch.fft.rfft2(image, s=shape) * self._kernel_hat(shape, image), s=shape)
         # circular index i holds the 'same' output pixel i - K // 2
-        r0, c0 = margin + k // 2, margin + k // 2
-        return out[..., r0 : r0 + n_rows - 2 * margin, c0 : c0 + n_cols - 2 * margin]
+        first = margin + k // 2
+        return out[..., first : first + n_rows - 2 * margin, first : first + n_cols - 2 * margin]
 
     def _kernel_hat(self, shape: tuple[int, int], image: torch.Tensor) -> torch.Tensor:
         """The kernel's real FFT at ``shape`` (cached unless the kernel is being differentiated)."""
