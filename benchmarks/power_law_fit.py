@@ -28,14 +28,50 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from lenstronomy_lenses import load_truth
 from rimlens.inference.finetune import FinetuneOptions
 from rimlens.inference.pipeline import FinetuneSetup, describe_mass, reconstruct_prepared
-from rimlens.inference.power_law import SUBHALO_EVIDENCE_THRESHOLD, SUBHALO_REFITS, measure_power_law
+from rimlens.inference.power_law import (
+    SLOPE_SIGMA_SYSTEMATIC,
+    SUBHALO_EVIDENCE_THRESHOLD,
+    SUBHALO_REFITS,
+    measure_power_law,
+)
 from rimlens.io.checkpoint import load_model
 from rimlens.io.observation import load_observation, prepare_observation
 
 
+def report(rows: list[dict]) -> None:
+    """Print medians (all lenses, with / without subhaloes) and how often the reported widths hold the truth."""
+
+    def med(key, sel=lambda r: True):
+        vals = [r[key] for r in rows if sel(r)]
+        return float(np.nanmedian(vals)) if vals else float("nan")
+
+    for label, sel in (("all", lambda r: True), ("no subhaloes", lambda r: r["n_subhalos"] == 0),
+                       ("with subhaloes", lambda r: r["n_subhalos"] > 0)):  # fmt: skip
+        n = sum(1 for r in rows if sel(r))
+        print(
+            f"{label} ({n}): median slope error: evidence-ranked {med('gamma_err', sel):.3f} "
+            f"(first fit {med('gamma_err_fit', sel):.3f}, RIM map {med('gamma_err_rim', sel):.3f}, isothermal guess "
+            f"{med('gamma_err_iso', sel):.3f}); theta_E error {100 * med('theta_err', sel):.2f}%; "
+            f"chi2_nu {med('chi2_nu', sel):.2f}; {med('seconds', sel):.0f} s/lens"
+        )
+    if not rows:
+        return
+    err = np.array([r["gamma_err"] for r in rows])
+    stat = np.array([r["gamma_sigma"] for r in rows])
+    total = np.hypot(stat, SLOPE_SIGMA_SYSTEMATIC)  # as summary.json's log_slope_sigma (older rows lack it)
+    print(
+        f"slope error: max {err.max():.3f}, {int((err <= 0.05).sum())} of {len(err)} <= 0.05; truth within the "
+        f"statistical width {np.mean(err <= stat):.2f} (1 sigma), within the total width (+ {SLOPE_SIGMA_SYSTEMATIC} "
+        f"systematic) {np.mean(err <= total):.2f} (1 sigma), {np.mean(err <= 2 * total):.2f} (2 sigma)"
+    )
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("lenses", type=Path)
+    ap.add_argument("lenses", type=Path, nargs="?", help="folder of lens* folders (not needed with --summarize)")
+    ap.add_argument(
+        "--summarize", type=Path, nargs="+", metavar="JSON", help="only report the rows of earlier runs' --json files"
+    )
     ap.add_argument("--first", type=int, default=0)
     ap.add_argument("--count", type=int, default=16)
     ap.add_argument("--model", default="default")
@@ -61,6 +97,11 @@ def main(argv=None) -> int:
         help="the reconstruction's lens-light mode (none: the images hold the arcs only)",
     )
     args = ap.parse_args(argv)
+    if args.summarize:
+        report([row for path in args.summarize for row in json.loads(path.read_text())])
+        return 0
+    if args.lenses is None:
+        ap.error("give the lenses' folder (or --summarize JSON ...)")
     torch.set_num_threads(args.threads)
     model = load_model(args.model)
     grid = model.grid.image_grid
@@ -92,6 +133,7 @@ def main(argv=None) -> int:
             "gamma": gamma,
             "gamma_fit": m.mass.slope,
             "gamma_sigma": m.slope_sigma,
+            "gamma_sigma_total": m.slope_sigma_total,
             "gamma_err": abs(m.mass.slope - gamma),
             "gamma_err_fit": abs(m.fit.mass.slope - gamma),
             "gamma_err_rim": abs(mass["log_slope"] - gamma) if mass["log_slope"] is not None else float("nan"),
@@ -113,19 +155,7 @@ def main(argv=None) -> int:
         if args.json:
             args.json.write_text(json.dumps(rows, indent=1))
 
-    def med(key, sel=lambda r: True):
-        vals = [r[key] for r in rows if sel(r)]
-        return float(np.nanmedian(vals)) if vals else float("nan")
-
-    for label, sel in (("all", lambda r: True), ("no subhaloes", lambda r: r["n_subhalos"] == 0),
-                       ("with subhaloes", lambda r: r["n_subhalos"] > 0)):  # fmt: skip
-        n = sum(1 for r in rows if sel(r))
-        print(
-            f"{label} ({n}): median slope error: evidence-ranked {med('gamma_err', sel):.3f} "
-            f"(first fit {med('gamma_err_fit', sel):.3f}, RIM map {med('gamma_err_rim', sel):.3f}, isothermal guess "
-            f"{med('gamma_err_iso', sel):.3f}); theta_E error {100 * med('theta_err', sel):.2f}%; "
-            f"chi2_nu {med('chi2_nu', sel):.2f}; {med('seconds', sel):.0f} s/lens"
-        )
+    report(rows)
     return 0
 
 

@@ -9,7 +9,13 @@ import pytest
 import torch
 
 from rimlens.errors import RimlensInputError
-from rimlens.inference.power_law import SUBHALO_EVIDENCE_THRESHOLD, PowerLaw, SourceInversion, measure_power_law
+from rimlens.inference.power_law import (
+    SLOPE_SIGMA_SYSTEMATIC,
+    SUBHALO_EVIDENCE_THRESHOLD,
+    PowerLaw,
+    SourceInversion,
+    measure_power_law,
+)
 from rimlens.physics import PixelGrid
 from rimlens.physics.profiles import sie_kappa
 
@@ -111,6 +117,9 @@ def test_the_evidence_measures_a_lenstronomy_lens_slope_from_an_isothermal_start
     described = m.describe()
     assert described["log_slope"] == round(m.mass.slope, 4) and len(described["evidence_nodes"]) >= 3
     assert described["warning"] is None
+    # the reported width is the statistical one and the calibrated systematic floor in quadrature
+    stat, total = described["log_slope_sigma_statistical"], described["log_slope_sigma"]
+    assert 0 < stat < total and abs(total**2 - stat**2 - SLOPE_SIGMA_SYSTEMATIC**2) < 1e-3, described
     assert described["subhalos"] == [], described["subhalo_search"]  # a smooth lens: the evidence adds none
     # a fit that does not reach the noise flags its slope
     assert "not reliable" in dataclasses.replace(m, chi2_nu=2.0).describe()["warning"]

@@ -255,10 +255,10 @@ def reconstruct(image: Path, model: str, finetune: bool, out_dir: Path, **o):
         if "error" in p:
             click.echo(f"warning: no power-law measurement: {p['error']}", err=True)
         else:
-            sigma = p["log_slope_sigma_statistical"]
+            sigma, stat = p["log_slope_sigma"], p["log_slope_sigma_statistical"]
             click.echo(
                 f'power law: Einstein radius {p["einstein_radius_arcsec"]:.3f}", log-slope {p["log_slope"]:.3f}'
-                + ("" if sigma is None else f" (statistical ±{sigma:.3f})")
+                + ("" if sigma is None else f" ± {sigma:.3f} (statistical ± {stat:.3f})")
                 + f", axis ratio {p['axis_ratio']:.2f}, chi2_nu {p['chi2_nu']:.3f}"
                 + (f", {len(p['subhalos'])} subhalo(s)" if p.get("subhalos") else "")
             )
