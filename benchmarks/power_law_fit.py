@@ -48,6 +48,8 @@ def report(rows: list[dict]) -> None:
     for label, sel in (("all", lambda r: True), ("no subhaloes", lambda r: r["n_subhalos"] == 0),
                        ("with subhaloes", lambda r: r["n_subhalos"] > 0)):  # fmt: skip
         n = sum(1 for r in rows if sel(r))
+        if n == 0:
+            continue
         print(
             f"{label} ({n}): median slope error: evidence-ranked {med('gamma_err', sel):.3f} "
             f"(first fit {med('gamma_err_fit', sel):.3f}, RIM map {med('gamma_err_rim', sel):.3f}, isothermal guess "

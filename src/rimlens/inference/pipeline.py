@@ -766,6 +766,7 @@ SUMMARY_COLUMNS = (
     "shear_gamma2",
     "power_law_einstein_radius_arcsec",
     "power_law_log_slope",
+    "power_law_log_slope_sigma",
     "power_law_subhalos",
     "seconds",
     "used_pixels",
@@ -848,6 +849,7 @@ def reconstruct_folder(
             shear_gamma2=(summary.get("external_shear") or {}).get("gamma2", ""),
             power_law_einstein_radius_arcsec=(summary.get("power_law") or {}).get("einstein_radius_arcsec", ""),
             power_law_log_slope=(summary.get("power_law") or {}).get("log_slope", ""),
+            power_law_log_slope_sigma=(summary.get("power_law") or {}).get("log_slope_sigma", ""),
             power_law_subhalos=len(summary["power_law"]["subhalos"])
             if "subhalos" in (summary.get("power_law") or {})
             else "",
