@@ -60,7 +60,7 @@ def report(rows: list[dict]) -> None:
         return
     err = np.array([r["gamma_err"] for r in rows])
     stat = np.array([r["gamma_sigma"] for r in rows])
-    total = np.hypot(stat, SLOPE_SIGMA_SYSTEMATIC)  # as summary.json's log_slope_sigma (older rows lack it)
+    total = np.hypot(stat, SLOPE_SIGMA_SYSTEMATIC)  # as summary.json's log_slope_sigma
     print(
         f"slope error: max {err.max():.3f}, {int((err <= 0.05).sum())} of {len(err)} <= 0.05; truth within the "
         f"statistical width {np.mean(err <= stat):.2f} (1 sigma), within the total width (+ {SLOPE_SIGMA_SYSTEMATIC} "
@@ -135,7 +135,6 @@ def main(argv=None) -> int:
             "gamma": gamma,
             "gamma_fit": m.mass.slope,
             "gamma_sigma": m.slope_sigma,
-            "gamma_sigma_total": m.slope_sigma_total,
             "gamma_err": abs(m.mass.slope - gamma),
             "gamma_err_fit": abs(m.fit.mass.slope - gamma),
             "gamma_err_rim": abs(mass["log_slope"] - gamma) if mass["log_slope"] is not None else float("nan"),
