@@ -34,6 +34,7 @@ from rimlens.inference.power_law import (
     SUBHALO_REFITS,
     measure_power_law,
 )
+from rimlens.io.atomic import atomic_path
 from rimlens.io.checkpoint import load_model
 from rimlens.io.observation import load_observation, prepare_observation
 
@@ -78,6 +79,11 @@ def main(argv=None) -> int:
     ap.add_argument("--count", type=int, default=16)
     ap.add_argument("--model", default="default")
     ap.add_argument("--json", type=Path)
+    ap.add_argument(
+        "--save",
+        type=Path,
+        help="folder for each lens's inversion and measurement (LENS.pt, torch.save) to sample posteriors from later",
+    )
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument(
         "--finetune", action="store_true", help="start from the refined reconstruction (as reconstruct --finetune)"
@@ -123,6 +129,10 @@ def main(argv=None) -> int:
             max_subhalos=args.max_subhalos, subhalo_threshold=args.subhalo_threshold,
             subhalo_refits=args.subhalo_refits,
         )  # fmt: skip
+        if args.save:
+            args.save.mkdir(parents=True, exist_ok=True)
+            with atomic_path(args.save / f"{lens.name}.pt") as tmp:
+                torch.save({"inversion": m.inversion, "measurement": m}, tmp)
         truth, kw = load_truth(lens)
         true_subs = [
             (k["sigma0"] * 2 * k["Ra"] * k["Rs"] / (k["Rs"] - k["Ra"]), k["center_x"], k["center_y"])

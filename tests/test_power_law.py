@@ -102,7 +102,7 @@ def _lenstronomy_lens(gamma=2.2, theta_e=0.85, n_pix=72, snr=150.0, seed=5, subh
     return image, np.full_like(image, noise), kernel / kernel.sum(), scale
 
 
-def test_the_evidence_measures_a_lenstronomy_lens_slope_from_an_isothermal_start():
+def test_the_evidence_measures_a_lenstronomy_lens_slope_from_an_isothermal_start(tmp_path):
     torch.set_num_threads(1)
     gamma = 2.2
     image, sigma, kernel, scale = _lenstronomy_lens(gamma)
@@ -124,6 +124,62 @@ def test_the_evidence_measures_a_lenstronomy_lens_slope_from_an_isothermal_start
     assert described["subhalos"] == [], described["subhalo_search"]  # a smooth lens: the evidence adds none
     # a fit that does not reach the noise flags its slope
     assert "not reliable" in dataclasses.replace(m, chi2_nu=2.0).describe()["warning"]
+    _check_posterior_and_products(m, gamma, tmp_path)
+
+
+def _check_posterior_and_products(m, gamma, out):
+    """The measurement's posterior samples fit the data and hold the truth; its products are written and read."""
+    import h5py
+    from astropy.io import fits
+
+    from rimlens.inference.power_law_posterior import _linear_block, power_law_images, sample_power_law_posterior
+    from rimlens.io.products import write_power_law_products
+
+    post = sample_power_law_posterior(m, 24, seed=1)
+    # each sample fits the data (a sample that does not is no posterior sample): a posterior draw's chi2 exceeds
+    # the fit's, on average, by the effective number of linear parameters, tr(F (F + Q)^-1), plus the mass's
+    # tr(S C) (S the data's precision of the mass, C the covariance drawn from: 8 at the statistical width, more
+    # with the slope widened to its total width)
+    images = power_law_images(m)
+    chi2_fit = float((images.residuals**2).sum()) / m.inversion.n_used
+    b, q, _ = _linear_block(m.inversion, m.mass.vector(), m.fit.regularisation, True)
+    f = b.T @ b
+    n_eff = float(torch.trace(torch.linalg.solve(f + q + 1e-10 * f.diagonal().mean() * torch.eye(f.shape[0]), f)))
+    n_mass = float(np.trace(np.linalg.solve(post.covariance_statistical, post.covariance)))
+    expected = chi2_fit + (n_eff + n_mass) / m.inversion.n_used
+    assert abs(np.median(post.chi2_nu) - expected) < 0.03 and post.chi2_nu.max() < expected + 0.15, (
+        expected, post.chi2_nu)  # fmt: skip
+    slope = post.masses[:, 1].numpy()
+    # the slope's spread is its total width, and the truth lies within two of it
+    assert abs(slope.std(ddof=1) / m.slope_sigma_total - 1) < 0.35, (slope.std(), m.slope_sigma_total)
+    assert abs(slope.mean() - gamma) < 2 * m.slope_sigma_total
+    theta = post.masses[:, 0].numpy()
+    assert abs(np.median(theta) / 0.85 - 1) < 0.01 and theta.std() < 0.01
+    grid = PixelGrid(32, 0.12)
+    kappa = post.kappa_maps(grid, (0.02, -0.01))
+    assert kappa.shape == (24, 32, 32) and np.isfinite(kappa).all()
+    box = images.source_box
+    n = images.source.shape[0]
+    paths = write_power_law_products(
+        out, data=images.data, model=images.model, residuals=images.residuals, crop_grid=PixelGrid(
+            images.data.shape[0], images.pixel_scale_arcsec), crop_center_arcsec=(0.0, 0.0),
+        source=post.sources.numpy().mean(0), source_grid=PixelGrid(n, 2 * box[2] / (n - 1)),
+        source_center_arcsec=box[:2], chi2_nu=m.chi2_nu, image_grid=grid,
+        samples={"parameters": post.masses.numpy(), "names": post.names, "kappa": kappa,
+                 "source": post.sources.numpy(), "chi2_nu": post.chi2_nu, "covariance": post.covariance,
+                 "covariance_statistical": post.covariance_statistical},
+    )  # fmt: skip
+    assert {p.split("/")[-1] for p in paths.values()} == {
+        "power_law_source.fits", "power_law_source_std.fits", "power_law_kappa.fits", "power_law_kappa_std.fits",
+        "power_law_samples.h5", "power_law.png",
+    }  # fmt: skip
+    with fits.open(paths["power_law_kappa_std.fits"]) as hdul:
+        np.testing.assert_allclose(hdul[0].data, kappa.std(0, ddof=1), rtol=1e-6)
+    with fits.open(paths["power_law_source.fits"]) as hdul:
+        assert hdul[0].header["CRVAL1"] == pytest.approx(box[0]) and hdul[0].data.shape == (n, n)
+    with h5py.File(paths["power_law_samples.h5"]) as h5:
+        assert h5["parameters"].shape == (24, 8) and h5["kappa"].shape == (24, 32, 32)
+        np.testing.assert_allclose(h5["chi2_nu"][:], post.chi2_nu)
 
 
 def test_a_map_without_an_einstein_radius_is_refused():
@@ -186,3 +242,14 @@ def test_the_cli_refuses_subhaloes_without_a_power_law(tmp_path, capsys):
     args = ["reconstruct", str(tmp_path / "image.fits"), "--power-law-subhalos", "1", "--out", str(tmp_path / "o")]
     assert main(args) == 2
     assert "--power-law-subhalos needs --power-law" in capsys.readouterr().err
+
+
+def test_the_cli_refuses_a_power_law_posterior_without_a_power_law(tmp_path, capsys):
+    from rimlens.cli import main
+
+    (tmp_path / "image.fits").write_bytes(b"")
+    assert (
+        main(["reconstruct", str(tmp_path / "image.fits"), "--power-law-posterior", "8", "--out", str(tmp_path / "o")])
+        == 2
+    )
+    assert "--power-law-posterior needs --power-law" in capsys.readouterr().err

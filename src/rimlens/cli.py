@@ -166,6 +166,15 @@ def cli():
     help="With --power-law: at most this many pseudo-Jaffe subhaloes, each kept only if it raises the Bayesian "
     f"evidence by more than {SUBHALO_EVIDENCE_THRESHOLD:g}, natural log (0: none).",
 )
+@click.option(
+    "--power-law-posterior",
+    type=click.IntRange(min=2),
+    default=None,
+    metavar="N",
+    help="With --power-law: N samples of its posterior (Laplace approximation of the evidence, source and lens light "
+    "marginalised, widths calibrated on lenstronomy lenses): power_law_kappa.fits / _std, power_law_source.fits / _std, "
+    "power_law_samples.h5, 16/50/84 percentiles in summary.json, power_law.png. Seconds per lens.",
+)
 @click.option("--out", "out_dir", type=FOLDER, required=True)
 def reconstruct(image: Path, model: str, finetune: bool, out_dir: Path, **o):
     """Reconstruct the convergence and the source of a lens image (FITS) and write FITS/PNG/JSON products.
@@ -183,6 +192,9 @@ def reconstruct(image: Path, model: str, finetune: bool, out_dir: Path, **o):
     power_law_subhalos = o.pop("power_law_subhalos")
     if power_law_subhalos != 2 and not power_law:
         raise click.UsageError("--power-law-subhalos needs --power-law")
+    power_law_posterior = o.pop("power_law_posterior") or 0
+    if power_law_posterior and not power_law:
+        raise click.UsageError("--power-law-posterior needs --power-law")
     n_posterior = o.pop("posterior")
     posterior = None if n_posterior is None else PosteriorOptions(n_samples=n_posterior)
     if image.suffix.lower() in (".h5", ".hdf5"):  # a simulated set: batched, resumable, sharded (as `predict`)
@@ -222,6 +234,7 @@ def reconstruct(image: Path, model: str, finetune: bool, out_dir: Path, **o):
                 fit_supersample=inputs["fit_supersample"],
                 power_law=power_law,
                 power_law_subhalos=power_law_subhalos,
+                power_law_posterior=power_law_posterior,
             )
         if done is not None:
             click.echo(f"reconstructed {done.done}/{done.lenses} lenses; table in {done.table}")
@@ -235,6 +248,7 @@ def reconstruct(image: Path, model: str, finetune: bool, out_dir: Path, **o):
         posterior=posterior,
         power_law=power_law,
         power_law_subhalos=power_law_subhalos,
+        power_law_posterior=power_law_posterior,
         **inputs,
     )
     shear = s.get("external_shear")
@@ -263,6 +277,16 @@ def reconstruct(image: Path, model: str, finetune: bool, out_dir: Path, **o):
                 + f", axis ratio {p['axis_ratio']:.2f}, chi2_nu {p['chi2_nu']:.3f}"
                 + (f", {len(p['subhalos'])} subhalo(s)" if p.get("subhalos") else "")
             )
+            if "posterior" in p:
+                q = p["posterior"]
+                t, g = q["einstein_radius_arcsec_p16_p50_p84"], q["log_slope_p16_p50_p84"]
+                click.echo(
+                    f'power-law posterior ({q["samples"]} samples): Einstein radius {t[1]:.3f}" '
+                    f"(+{t[2] - t[1]:.3f} / -{t[1] - t[0]:.3f}), log-slope {g[1]:.3f} (+{g[2] - g[1]:.3f} / "
+                    f"-{g[1] - g[0]:.3f}); samples' chi2_nu {q['chi2_nu_p16_p50_p84'][1]:.3f}"
+                )
+                if q.get("warning"):
+                    click.echo(f"warning: {q['warning']}", err=True)
     for warning in s["warnings"]:
         click.echo(f"warning: {warning}", err=True)
     return None

@@ -33,6 +33,11 @@ from rimlens.inference.finetune import (
 )
 from rimlens.inference.posterior import PosteriorOptions, PosteriorSamples, sample_posterior
 from rimlens.inference.power_law import measure_power_law
+from rimlens.inference.power_law_posterior import (
+    POWER_LAW_COVARIANCE_SCALE,
+    power_law_images,
+    sample_power_law_posterior,
+)
 from rimlens.inference.quality import assess, rim_input
 from rimlens.io.atomic import atomic_path
 from rimlens.io.checkpoint import load_vae
@@ -44,7 +49,7 @@ from rimlens.io.observation import (
     load_observation,
     prepare_observation,
 )
-from rimlens.io.products import write_products
+from rimlens.io.products import write_power_law_products, write_products
 from rimlens.nn.rim import RIM
 from rimlens.nn.vae import VAE
 from rimlens.physics import PSF
@@ -698,12 +703,14 @@ def reconstruct_observation(
     fit_supersample: int | None = FIT_SUPERSAMPLE,
     power_law: bool = False,
     power_law_subhalos: int = 2,
+    power_law_posterior: int = 0,
 ) -> dict:
     """Reconstruct one FITS observation and write its products (FITS maps, PNG, ``summary.json``)
     into ``out_dir``. Returns the summary (``chi2_nu``, ``baseline_chi2_nu``, ``seconds``, ...).
     With ``posterior``: posterior-mean maps, their standard deviations and the samples as well.
     With ``power_law``: an EPL + shear (+ up to ``power_law_subhalos`` subhaloes) measured on the cut-out's
-    pixels (:func:`describe_power_law`)."""
+    pixels (:func:`describe_power_law`; its products written beside the others), with ``power_law_posterior``
+    samples of its posterior."""
     if psf is None:
         raise RimlensInputError("a PSF is required (--psf)")
     obs = load_observation(image, psf, noise, sigma, pixel_scale_arcsec, mask)
@@ -711,16 +718,31 @@ def reconstruct_observation(
     rec = reconstruct_prepared(model, prep, finetune_with, lens_light, posterior, fit_supersample)
     head: dict = {"image": str(image)}
     if power_law:
-        head["power_law"] = describe_power_law(obs, prep, rec, model.grid.image_grid, power_law_subhalos)
+        head["power_law"] = describe_power_law(
+            obs, prep, rec, model.grid.image_grid, power_law_subhalos,
+            posterior_samples=power_law_posterior, out_dir=Path(out_dir),
+        )  # fmt: skip
     return _write(model, prep, rec, Path(out_dir), head, finetune_with, title=obs.name, obs=obs)
 
 
 def describe_power_law(
-    obs: Observation, prep: PreparedObservation, rec: Reconstruction, grid: PixelGrid, max_subhalos: int = 2
+    obs: Observation,
+    prep: PreparedObservation,
+    rec: Reconstruction,
+    grid: PixelGrid,
+    max_subhalos: int = 2,
+    *,
+    posterior_samples: int = 0,
+    out_dir: Path | None = None,
+    seed: int = 0,
 ) -> dict:
     """``summary.json``'s ``power_law`` block: :func:`rimlens.inference.power_law.measure_power_law` on the
     observation's own pixels, started from ``rec``'s convergence (``grid``: the model's image grid) and
-    with its lens light, at most ``max_subhalos`` subhaloes added by the evidence; ``{"error": why}`` where the measurement is impossible (no Einstein radius)."""
+    with its lens light, at most ``max_subhalos`` subhaloes added by the evidence; ``{"error": why}`` where the
+    measurement is impossible (no Einstein radius). With ``out_dir``, its products are written there
+    (:func:`rimlens.io.products.write_power_law_products`); with ``posterior_samples`` (and ``out_dir``),
+    that many posterior samples (:func:`rimlens.inference.power_law_posterior.sample_power_law_posterior`), their
+    percentiles in the block's ``posterior``."""
     try:
         m = measure_power_law(
             obs.image,
@@ -737,7 +759,55 @@ def describe_power_law(
         )
     except RimlensInputError as exc:
         return {"error": str(exc)}
-    return m.describe()
+    block = m.describe()
+    if out_dir is None:
+        return block
+    axis = prep.center_arcsec
+    samples: dict | None = None
+    images = power_law_images(m)
+    source = images.source
+    if posterior_samples:
+        post = sample_power_law_posterior(m, posterior_samples, seed=seed)
+        kappa = post.kappa_maps(grid, axis)
+        samples = {
+            "parameters": post.masses.numpy(), "names": post.names, "kappa": kappa, "source": post.sources.numpy(),
+            "chi2_nu": post.chi2_nu, "covariance": post.covariance, "covariance_statistical": post.covariance_statistical,
+        }  # fmt: skip
+        source = post.sources.numpy().mean(0)
+        sample_chi2 = [round(float(v), 4) for v in np.percentile(post.chi2_nu, [16, 50, 84])]
+        block["posterior"] = {
+            "samples": posterior_samples,
+            **{f"{k}_p16_p50_p84": v for k, v in post.percentiles().items()},
+            "chi2_nu_p16_p50_p84": sample_chi2,
+            "covariance_scale": POWER_LAW_COVARIANCE_SCALE,
+            "seconds": round(post.seconds, 1),
+            "method": "Laplace approximation of the semi-linear evidence (source and lens light marginalised), "
+            "mass covariance scaled and the slope widened to its total width (rimlens.inference.power_law_posterior)",
+        }
+        if sample_chi2[1] > POSTERIOR_FIT_FACTOR * max(m.chi2_nu, 1.0):
+            block["posterior"]["warning"] = (
+                f"the power-law samples do not fit the data (median chi2_nu {sample_chi2[1]:.2f}): "
+                "read their spread as indicative only"
+            )
+    box = images.source_box
+    n_src = images.source.shape[0]
+    block["products"] = write_power_law_products(
+        out_dir,
+        data=images.data,
+        model=images.model,
+        residuals=images.residuals,
+        light=images.light if rec.lens_light_model is not None else None,
+        crop_grid=PixelGrid(images.data.shape[0], images.pixel_scale_arcsec),
+        crop_center_arcsec=(images.origin_arcsec[0] - axis[0], images.origin_arcsec[1] - axis[1]),
+        source=source,
+        source_grid=PixelGrid(n_src, 2 * box[2] / (n_src - 1)),
+        source_center_arcsec=(box[0] - axis[0], box[1] - axis[1]),
+        chi2_nu=m.chi2_nu,
+        samples=samples,
+        image_grid=grid,
+        title=obs.name,
+    )
+    return block
 
 
 @dataclass
@@ -788,6 +858,7 @@ def reconstruct_folder(
     fit_supersample: int | None = FIT_SUPERSAMPLE,
     power_law: bool = False,
     power_law_subhalos: int = 2,
+    power_law_posterior: int = 0,
 ) -> FolderSummary | None:
     """Reconstruct every lens sub-folder of ``folder`` (``image.fits``, ``psf.fits`` and
     ``noise_map.fits`` unless ``sigma``) into ``out_dir/<name>/``, then write ``out_dir/summary.csv``.
@@ -824,6 +895,7 @@ def reconstruct_folder(
                     fit_supersample=fit_supersample,
                     power_law=power_law,
                     power_law_subhalos=power_law_subhalos,
+                    power_law_posterior=power_law_posterior,
                 )
             except RimlensInputError as exc:
                 errors[lens.name] = str(exc)

@@ -252,6 +252,7 @@ class SourceInversion:
         # free signs their differences make rings that absorb the arcs -- measured: theta_E off by 65%)
         self.light = None if light_basis is None else light_basis.to(torch.float64)
         self.light_image = torch.zeros_like(self.data)
+        self.light_amplitudes: torch.Tensor | None = None  # of the last NNLS solve (refit_light)
         self.light_given = False  # light_image holds a fitted model's light (else: solve it from the data first)
         self.box: tuple[float, float, float] | None = None  # source box centre x, y and half-size (arcsec)
 
@@ -347,7 +348,8 @@ class SourceInversion:
             gram = (g * w2) @ g.T
             rhs = (g * w2) @ (self.data - arcs).reshape(-1)
             amps, _ = nnls_gram(gram[None], rhs[None])
-            self.light_image = torch.einsum("j,jhw->hw", amps[0].to(torch.float64), self.light)
+            self.light_amplitudes = amps[0].to(torch.float64)
+            self.light_image = torch.einsum("j,jhw->hw", self.light_amplitudes, self.light)
 
     def _coords(self, v: torch.Tensor) -> torch.Tensor:
         assert self.box is not None, "place_source_box first"
@@ -872,6 +874,8 @@ class PowerLawMeasurement:
         chi2_nu: chi2 per used pixel of the first fit (all eight parameters free).
         fit: the first fit (:class:`PowerLawFit`); profile: the :class:`SlopeProfile`.
         seconds: total cost.
+        subhalo_searches: each round of the subhalo search.
+        inversion: the :class:`SourceInversion` the fit ran on (its data, light and source box).
     """
 
     mass: PowerLaw
@@ -881,6 +885,8 @@ class PowerLawMeasurement:
     profile: SlopeProfile
     seconds: float
     subhalo_searches: list[SubhaloSearch] = field(default_factory=list)
+    # the fit's data, light and source grid, for sampling the posterior about the measurement
+    inversion: SourceInversion | None = field(default=None, repr=False)
 
     @property
     def slope_sigma_total(self) -> float:
@@ -1007,5 +1013,5 @@ def measure_power_law(
             profile = slope_profile(inv, found)
     return PowerLawMeasurement(
         mass=profile.mass, slope_sigma=profile.slope_sigma, chi2_nu=fit.chi2_nu, fit=fit, profile=profile,
-        seconds=time.perf_counter() - t0, subhalo_searches=searches,
+        seconds=time.perf_counter() - t0, subhalo_searches=searches, inversion=inv,
     )  # fmt: skip

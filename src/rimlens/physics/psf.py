@@ -65,6 +65,13 @@ class PSF:
         # (T_rows, T_cols^T) of the separable method, keyed by (n_rows, n_cols, dtype, device).
         self._toeplitz_cache: dict[tuple[int, int, torch.dtype, str], tuple[torch.Tensor, torch.Tensor]] = {}
 
+    def __getstate__(self) -> dict:
+        """Pickled without the caches: they are rebuilt on use, and one filled inside a ``torch.func``
+        transform holds wrapped tensors that cannot be saved."""
+        state = dict(self.__dict__)
+        state["_fft_cache"], state["_toeplitz_cache"] = {}, {}
+        return state
+
     # ----------------------------------------------------------------- constructors
     @classmethod
     def from_kernel(cls, kernel: torch.Tensor | npt.ArrayLike, *, normalize: bool = True) -> PSF:
