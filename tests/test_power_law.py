@@ -135,20 +135,24 @@ def _check_posterior_and_products(m, gamma, out):
     from rimlens.inference.power_law_posterior import _linear_block, power_law_images, sample_power_law_posterior
     from rimlens.io.products import write_power_law_products
 
-    post = sample_power_law_posterior(m, 24, seed=1)
-    # each sample fits the data (a sample that does not is no posterior sample): a posterior draw's chi2 exceeds
-    # the fit's, on average, by the effective number of linear parameters, tr(F (F + Q)^-1), plus the mass's
-    # tr(S C) (S the data's precision of the mass, C the covariance drawn from: 8 at the statistical width, more
-    # with the slope widened to its total width)
+    # a posterior draw's chi2 exceeds the fit's, on average, by the effective number of linear parameters,
+    # tr(F (F + Q)^-1), plus the mass's tr(S C) (S the data's precision of the mass, C the covariance drawn from):
+    # exact for the Laplace draws (measured here 0.003 apart)
     images = power_law_images(m)
     chi2_fit = float((images.residuals**2).sum()) / m.inversion.n_used
     b, q, _ = _linear_block(m.inversion, m.mass.vector(), m.fit.regularisation, True)
     f = b.T @ b
     n_eff = float(torch.trace(torch.linalg.solve(f + q + 1e-10 * f.diagonal().mean() * torch.eye(f.shape[0]), f)))
+    laplace = sample_power_law_posterior(m, 24, seed=1, total_slope_width=False)
+    expected = chi2_fit + (n_eff + 8) / m.inversion.n_used
+    assert abs(laplace.chi2_nu.mean() - expected) < 0.01, (expected, laplace.chi2_nu)
+    # with the slope widened to its total width the samples still fit the data (a sample that does not is no
+    # posterior sample); they cost more than the quadratic theory says (the slope's valley is curved: measured
+    # +0.044 against +0.020 here), never less
+    post = sample_power_law_posterior(m, 24, seed=1)
     n_mass = float(np.trace(np.linalg.solve(post.covariance_statistical, post.covariance)))
-    expected = chi2_fit + (n_eff + n_mass) / m.inversion.n_used
-    assert abs(np.median(post.chi2_nu) - expected) < 0.03 and post.chi2_nu.max() < expected + 0.15, (
-        expected, post.chi2_nu)  # fmt: skip
+    assert post.chi2_nu.mean() > chi2_fit + (n_eff + n_mass) / m.inversion.n_used - 0.01, post.chi2_nu
+    assert np.median(post.chi2_nu) < expected + 0.05 and post.chi2_nu.max() < expected + 0.2, (expected, post.chi2_nu)
     slope = post.masses[:, 1].numpy()
     # the slope's spread is its total width, and the truth lies within two of it
     assert abs(slope.std(ddof=1) / m.slope_sigma_total - 1) < 0.35, (slope.std(), m.slope_sigma_total)

@@ -33,11 +33,7 @@ from rimlens.inference.finetune import (
 )
 from rimlens.inference.posterior import PosteriorOptions, PosteriorSamples, sample_posterior
 from rimlens.inference.power_law import measure_power_law
-from rimlens.inference.power_law_posterior import (
-    POWER_LAW_COVARIANCE_SCALE,
-    power_law_images,
-    sample_power_law_posterior,
-)
+from rimlens.inference.power_law_posterior import power_law_images, sample_power_law_posterior
 from rimlens.inference.quality import assess, rim_input
 from rimlens.io.atomic import atomic_path
 from rimlens.io.checkpoint import load_vae
@@ -779,7 +775,6 @@ def describe_power_law(
             "samples": posterior_samples,
             **{f"{k}_p16_p50_p84": v for k, v in post.percentiles().items()},
             "chi2_nu_p16_p50_p84": sample_chi2,
-            "covariance_scale": POWER_LAW_COVARIANCE_SCALE,
             "seconds": round(post.seconds, 1),
             "method": "Laplace approximation of the semi-linear evidence (source and lens light marginalised), "
             "mass covariance scaled and the slope widened to its total width (rimlens.inference.power_law_posterior)",

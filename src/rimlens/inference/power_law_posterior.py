@@ -1,5 +1,5 @@
 """Posterior samples of the power-law measurement (:mod:`rimlens.inference.power_law`): the mass's
-parameters, the pixelated source and the convergence they make, with widths calibrated on a peer's lenses.
+parameters, the pixelated source and the convergence they make.
 
 The semi-linear problem is Gaussian once linearised about the measurement: the image is linear in the source
 ``s`` and the lens light's amplitudes ``l``, and nearly so in the mass ``v`` over its posterior's width. The
@@ -10,15 +10,15 @@ joint precision of ``(v, s, l)`` is (whitened by the noise)
 with ``J`` the image's derivative in the mass (central differences, the source held), ``C`` the source's
 curvature regularisation (zero for the light). The mass's marginal covariance (source and light integrated
 out) is the inverse of the Schur complement ``J^T J - J^T B (B^T B + lambda C)^-1 B^T J``; each sample draws the
-mass from it and then the source and light from their exact conditional given that mass. This is the
-Laplace approximation of the semi-linear evidence (Suyu et al. 2006; Vegetti & Koopmans 2009) -- what the
-data alone say, given the model. On lenses the model does not describe exactly (a Sersic light fitted by
-Gaussians, subhaloes missed, the start) the truth lies farther than that (README, "the slope's width made
-honest"), so the mass's covariance is scaled by ``covariance_scale`` and its slope's marginal width brought to
-the measurement's total (:attr:`~rimlens.inference.power_law.PowerLawMeasurement.slope_sigma_total`: the
-evidence's curvature plus :data:`~rimlens.inference.power_law.SLOPE_SIGMA_SYSTEMATIC`), the other parameters
-following the slope along their regression on it, so that each sample still fits the data. Both were
-calibrated on lenstronomy lenses and checked on held-out ones (README, "Posterior samples of the power law").
+mass from it, then its source from the exact solve at that mass plus a draw of the conditional covariance.
+This is the Laplace approximation of the semi-linear evidence (Suyu et al. 2006; Vegetti & Koopmans 2009):
+what the data alone say, given the model. On lenses the model does not describe exactly (a Sersic light
+fitted by Gaussians, subhaloes missed, the start) the truth lies farther than that (README, "the slope's
+width made honest"), so the slope's marginal width is brought to the measurement's total
+(:attr:`~rimlens.inference.power_law.PowerLawMeasurement.slope_sigma_total`: the evidence's curvature plus the
+calibrated :data:`~rimlens.inference.power_law.SLOPE_SIGMA_SYSTEMATIC`), the other parameters following the
+slope along their regression on it, so that each sample still fits the data (README, "Posterior samples of
+the power law", for the coverage this gives on held-out lenstronomy lenses).
 """
 
 from __future__ import annotations
@@ -36,7 +36,6 @@ from rimlens.physics.grid import PixelGrid
 from rimlens.physics.lens_metrics import pixel_mean_kappa
 
 __all__ = [
-    "POWER_LAW_COVARIANCE_SCALE",
     "PowerLawImages",
     "PowerLawPosterior",
     "power_law_images",
@@ -44,9 +43,6 @@ __all__ = [
     "sample_power_law_posterior",
 ]
 
-# the mass covariance's scale (on the variances) beyond the Laplace approximation's: calibrated on lenstronomy
-# lenses with a bright Sersic lens light (README, "Posterior samples of the power law")
-POWER_LAW_COVARIANCE_SCALE = 1.0
 # central-difference steps of the mass's parameters (arcsec, or dimensionless for slope, ellipticity, shear)
 _JACOBIAN_STEP = 1e-4
 
@@ -200,7 +196,7 @@ def sample_power_law_posterior(
     n_samples: int,
     *,
     seed: int = 0,
-    covariance_scale: float = POWER_LAW_COVARIANCE_SCALE,
+    covariance_scale: float = 1.0,
     total_slope_width: bool = True,
     marginalise_light: bool = True,
     resolve_source: bool = True,
@@ -211,7 +207,8 @@ def sample_power_law_posterior(
         measurement: from :func:`~rimlens.inference.power_law.measure_power_law` (its ``inversion`` kept).
         n_samples: samples to draw (>= 2).
         seed: the draws' random seed.
-        covariance_scale: factor on the Laplace mass covariance (1: the data's statistical width alone).
+        covariance_scale: factor on the Laplace mass covariance before the slope is widened (1: the data's
+            statistical width; 4 changed no coverage figure on LLC8, the widened slope dominating: README).
         total_slope_width: bring the slope's marginal width to the measurement's total (statistical and
             systematic; the other parameters follow the slope along their regression on it).
         marginalise_light: integrate the lens light's amplitudes out with the source (else held fixed).
