@@ -4,7 +4,8 @@ per parameter.
 
     python benchmarks/lenstronomy_lenses.py --count 16 --seed 13 --cutout mixed --lens-light --out LENSES
     OMP_NUM_THREADS=1 python benchmarks/power_law_fit.py LENSES --threads 1 --finetune --save FITS
-    python benchmarks/power_law_posterior.py LENSES FITS [--samples 64] [--covariance-scale 1 4 16] [--json OUT]
+    python benchmarks/power_law_posterior.py LENSES FITS [--samples 48] [--json OUT.json --vectors OUT.npz]
+    python benchmarks/power_law_posterior.py --summarize OUT.json [MORE.json ...] [--tarp PNG]   # merge runs
 
 Per lens, from ``--samples`` draws: the fraction of true pixel-mean kappa pixels in 0.5-2 theta_E (about the
 true centre; the shipped model's 64 x 0.12" grid, centred at the fitted centre) within one posterior sigma of
@@ -123,10 +124,40 @@ def summarise(rows: list[dict]) -> dict:
     return out
 
 
+def merge(paths: list[Path], tarp_png: Path | None) -> int:
+    """Summarise the rows of several ``--json`` files (one covariance scale each), with a TARP test over their
+    ``--vectors`` (the ``.npz`` beside each JSON, same stem) when every one has them."""
+    rows, vectors = [], []
+    for path in paths:
+        (result,) = json.loads(path.read_text()).values()
+        rows += result["lenses"]
+        npz = path.with_suffix(".npz")
+        if npz.exists():
+            with np.load(npz) as z:
+                for r in result["lenses"]:
+                    vectors.append({k: (z[f"{r['lens']}/{k}/samples"], z[f"{r['lens']}/{k}/truth"])
+                                    for k in ("lens", "kappa", "source")})  # fmt: skip
+    summary = summarise(rows)
+    if len(vectors) == len(rows) >= 10:
+        summary["tarp"] = tarp_test(vectors, tarp_png)
+    print(f"{len(rows)} lenses: {json.dumps(summary)}")
+    return 0
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("lenses", type=Path, help="folder of lens* folders (benchmarks/lenstronomy_lenses.py)")
-    ap.add_argument("fits", type=Path, help="power_law_fit.py --save's folder (LENS.pt)")
+    ap.add_argument("lenses", type=Path, nargs="?", help="folder of lens* folders (benchmarks/lenstronomy_lenses.py)")
+    ap.add_argument("fits", type=Path, nargs="?", help="power_law_fit.py --save's folder (LENS.pt)")
+    ap.add_argument("--first", type=int, default=0)
+    ap.add_argument("--count", type=int, default=10_000)
+    ap.add_argument("--vectors", type=Path, help="save the TARP vectors of every lens (npz) for --summarize")
+    ap.add_argument(
+        "--summarize",
+        type=Path,
+        nargs="+",
+        metavar="JSON",
+        help="only merge earlier runs' --json (and their --vectors)",
+    )
     ap.add_argument("--samples", type=int, default=64)
     ap.add_argument("--covariance-scale", type=float, nargs="+", default=[1.0])
     ap.add_argument("--statistical-slope", action="store_true", help="do not widen the slope to its total width")
@@ -134,8 +165,12 @@ def main(argv=None) -> int:
     ap.add_argument("--json", type=Path)
     ap.add_argument("--tarp", type=Path, help="PNG of the TARP curves (>= 10 lenses)")
     args = ap.parse_args(argv)
+    if args.summarize:
+        return merge(args.summarize, args.tarp)
+    if args.lenses is None or args.fits is None:
+        ap.error("give the lenses' and the fits' folders (or --summarize JSON ...)")
     torch.set_num_threads(1)
-    fits = sorted(args.fits.glob("lens*.pt"))
+    fits = sorted(args.fits.glob("lens*.pt"))[args.first : args.first + args.count]
     if not fits:
         sys.exit(f"no lens*.pt in {args.fits}")
     results = {}
@@ -152,6 +187,11 @@ def main(argv=None) -> int:
             summary["tarp"] = tarp_test(vectors, args.tarp)
         print(f"covariance scale {scale}: {json.dumps(summary)}", flush=True)
         results[str(scale)] = {"summary": summary, "lenses": rows}
+        if args.vectors and len(args.covariance_scale) == 1:
+            np.savez_compressed(
+                args.vectors, **{f"{r['lens']}/{k}/{w}": v[k][i] for r, v in zip(rows, vectors, strict=True)
+                                 for k in v for i, w in enumerate(("samples", "truth"))},
+            )  # fmt: skip
     if args.json:
         args.json.write_text(json.dumps(results, indent=1))
     return 0
