@@ -66,7 +66,7 @@ class PowerLawPosterior:
         chi2_nu: ``S`` chi2 per used pixel of each sample's model image (mass, source and light of the sample).
         best: the measurement's mass (the samples' centre).
         covariance_statistical: ``P x P`` the Laplace approximation's mass covariance (source and light
-            marginalised); ``covariance``: the one sampled (scaled, the slope's width made total).
+            marginalised); ``covariance``: the one sampled (scaled by ``covariance_scale``, the slope's width made total).
         names: the parameters' names.
         seconds: cost of the sampling.
     """
@@ -89,7 +89,8 @@ class PowerLawPosterior:
 
     def kappa_maps(self, grid: PixelGrid, center_arcsec: tuple[float, float], order: int = 6) -> np.ndarray:
         """``S x N x N`` exact pixel-mean convergence of each sample's mass on ``grid`` centred at
-        ``center_arcsec`` (cut-out frame), by :func:`~rimlens.physics.lens_metrics.pixel_mean_kappa`."""
+        ``center_arcsec`` (cut-out frame), by :func:`~rimlens.physics.lens_metrics.pixel_mean_kappa` with
+        ``order`` Gauss-Legendre points per graded edge piece (half its default: samples differ by far more)."""
         out = []
         for v in self.masses:
             with torch.no_grad():
@@ -106,7 +107,7 @@ class PowerLawPosterior:
         return np.stack(out)
 
     def percentiles(self) -> dict:
-        """16/50/84 percentiles of the Einstein radius, slope, axis ratio, position angle and shear."""
+        """16/50/84 percentiles of the Einstein radius (arcsec), slope, axis ratio and external shear's magnitude."""
         rows = [PowerLaw.from_vector(v) for v in self.masses]
         values = {
             "einstein_radius_arcsec": [m.theta_e_arcsec for m in rows],
