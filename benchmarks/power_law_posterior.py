@@ -28,12 +28,11 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from lenstronomy_lenses import MODEL_GRID, load_truth, truth_kappa
-from posterior_coverage import annulus, coverage, tarp_test
-from rimlens.inference.power_law_posterior import sample_power_law_posterior
-from rimlens.physics import PixelGrid
+from lenstronomy_lenses import MODEL_GRID, load_truth, truth_kappa, truth_source
+from posterior_coverage import annulus, block_mean, coverage, tarp_test
+from rimlens.inference.power_law_posterior import PARAMETER_NAMES, sample_power_law_posterior
 
-PARAMETERS = ("theta_e_arcsec", "slope", "e1", "e2", "center_x_arcsec", "center_y_arcsec", "gamma1", "gamma2")
+PARAMETERS = PARAMETER_NAMES
 
 
 def true_parameters(kw: dict) -> np.ndarray:
@@ -42,19 +41,6 @@ def true_parameters(kw: dict) -> np.ndarray:
     shear = next((k for m, k in zip(kw["lens_models"], kw["kwargs_lens"], strict=True) if m == "SHEAR"), {})
     return np.array([epl["theta_E"], epl["gamma"], epl["e1"], epl["e2"], epl["center_x"], epl["center_y"],
                      shear.get("gamma1", 0.0), shear.get("gamma2", 0.0)])  # fmt: skip
-
-
-def true_source_on(params: dict, grid: PixelGrid, center, supersample: int = 8) -> np.ndarray:
-    """The true source surface brightness averaged over ``grid``'s pixels (centred at ``center``, arcsec)."""
-    from lenstronomy.LightModel.light_model import LightModel
-
-    f = supersample
-    fine = PixelGrid(grid.n_pixels * f, grid.pixel_scale_arcsec / f)
-    a = fine.axis().double().numpy()
-    x, y = np.meshgrid(a + center[0], a + center[1])
-    sb = LightModel(params["source_models"]).surface_brightness(x.ravel(), y.ravel(), params["kwargs_source"])
-    n = grid.n_pixels
-    return np.asarray(sb).reshape(n, f, n, f).mean(axis=(1, 3))
 
 
 def judge_lens(lens: Path, fit_file: Path, n_samples: int, scale: float, total_slope: bool, seed: int) -> tuple:
@@ -71,7 +57,7 @@ def judge_lens(lens: Path, fit_file: Path, n_samples: int, scale: float, total_s
     d = (truth[4] - fit_center[0], truth[5] - fit_center[1])
     ring = annulus(MODEL_GRID, d, float(truth[0]))
     source_s = post.sources.numpy()
-    src_true = true_source_on(params, post.source_grid, post.source_box[:2])
+    src_true = truth_source(params, post.source_grid, post.source_box[:2])
     support = src_true > 0.1 * src_true.max()
     mean = source_s.mean(0)
     src_true = src_true * float((mean * src_true).sum() / max((src_true**2).sum(), 1e-300))
@@ -96,14 +82,12 @@ def judge_lens(lens: Path, fit_file: Path, n_samples: int, scale: float, total_s
         "slope_sigma_statistical_laplace": float(sigma_stat[1]),
         "slope_sigma_statistical_profile": float(m.slope_sigma),
     }
-    flat = lambda a: a.reshape(a.shape[0], -1)  # noqa: E731
+    # TARP vectors: log10 of kappa's 8 x 8-pixel block means (64 px), the source's 5 x 5 block means (40 px)
     vectors = {
         "lens": (post.masses.numpy()[:, :2], truth[:2]),
-        "kappa": (flat(np.log10(kappa_s.reshape(-1, 8, 8, 8, 8).mean((2, 4)))),
-                  np.log10(kappa_true.reshape(8, 8, 8, 8).mean((1, 3))).ravel()),
-        "source": (flat(source_s.reshape(n_samples, 8, 5, 8, 5).mean((2, 4))),
-                   src_true.reshape(8, 5, 8, 5).mean((1, 3)).ravel()),
-    }  # fmt: skip
+        "kappa": (np.log10(block_mean(kappa_s, 8)).reshape(n_samples, -1), np.log10(block_mean(kappa_true, 8)).ravel()),
+        "source": (block_mean(source_s, 5).reshape(n_samples, -1), block_mean(src_true, 5).ravel()),
+    }
     return row, vectors
 
 
