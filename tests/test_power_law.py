@@ -53,6 +53,34 @@ def test_log_evidence_is_the_gaussian_marginal_likelihood():
     np.testing.assert_allclose(offsets, constant, rtol=0, atol=1e-6)
 
 
+def test_the_solver_operators_are_the_model_and_its_adjoint():
+    # the conjugate-gradient solve uses a sparse ray matrix and the flipped PSF, not the model's grid_sample:
+    # both must be the same linear map (checked on the dense columns of grid_sample, a non-symmetric PSF and
+    # rays leaving the source box), and the solve must equal the dense normal equations' solution
+    rng = np.random.default_rng(5)
+    n, s = 23, 7
+    sigma = torch.as_tensor(rng.uniform(0.05, 0.2, (n, n)))
+    image = torch.as_tensor(rng.normal(0, 0.3, (n, n)))
+    kernel = torch.as_tensor(rng.uniform(0.0, 1.0, (5, 5)))
+    inv = SourceInversion(image, sigma, kernel, 0.05, source_pixels=s, supersample=3)
+    v = torch.tensor([0.3, 2.1, 0.05, -0.1, 0.02, 0.01, 0.03, -0.02], dtype=torch.float64)
+    inv.box = (0.01, -0.02, 0.12)  # smaller than the arcs' extent: some rays fall outside
+    forward, adjoint = inv._operators(v)
+    a = inv.design_matrix(v) / inv.w2.sqrt().reshape(-1, 1)  # grid_sample's columns, S^2 of them
+    x = torch.as_tensor(rng.normal(size=s * s))
+    r = torch.as_tensor(rng.normal(size=(n, n)))
+    torch.testing.assert_close(forward(x).reshape(-1), a @ x, rtol=1e-12, atol=1e-13)
+    torch.testing.assert_close(adjoint(r), a.T @ r.reshape(-1), rtol=1e-12, atol=1e-13)
+    batch = torch.as_tensor(rng.normal(size=(3, s * s)))
+    torch.testing.assert_close(forward(batch).reshape(3, -1), batch @ a.T, rtol=1e-12, atol=1e-13)
+    lam = 0.7
+    w2 = inv.w2.reshape(-1)
+    dense = torch.linalg.solve(
+        a.T @ (w2[:, None] * a) + lam * inv.regularisation_matrix(), a.T @ (w2 * inv.data.reshape(-1))
+    )
+    torch.testing.assert_close(inv.solve(v, lam), dense, rtol=1e-7, atol=1e-9)
+
+
 def _lenstronomy_lens(gamma=2.2, theta_e=0.85, n_pix=72, snr=150.0, seed=5, subhalo=None):
     from lenstronomy.Data.imaging_data import ImageData
     from lenstronomy.Data.psf import PSF

@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -380,12 +381,52 @@ class SourceInversion:
         cs = F.conv2d(F.conv2d(s, _LAPLACIAN, padding=1), _LAPLACIAN, padding=1)
         return cs.reshape(x[..., :n].shape)
 
+    def _ray_matrix(self, coords: torch.Tensor) -> torch.Tensor:
+        """Sparse CSR ``(H W) x S^2``: the mean over each pixel's rays of the bilinear weights
+        :meth:`_lensed`'s ``grid_sample`` gives them (``align_corners=True``, zero outside the box)."""
+        c = coords.reshape(-1, 2)
+        gx = (c[:, 0] + 1) * 0.5 * (self.s - 1)
+        gy = (c[:, 1] + 1) * 0.5 * (self.s - 1)
+        x0, y0 = torch.floor(gx), torch.floor(gy)
+        fx, fy = gx - x0, gy - y0
+        pixel = torch.arange(c.shape[0]) // (self.ss * self.ss)  # rays are ordered (row, col, sub-row, sub-col)
+        rows, cols, vals = [], [], []
+        for dx, dy, wt in ((0, 0, (1 - fx) * (1 - fy)), (1, 0, fx * (1 - fy)), (0, 1, (1 - fx) * fy), (1, 1, fx * fy)):
+            xi, yi = x0.long() + dx, y0.long() + dy
+            inside = (xi >= 0) & (xi < self.s) & (yi >= 0) & (yi < self.s)
+            rows.append(pixel[inside])
+            cols.append((yi * self.s + xi)[inside])
+            vals.append(wt[inside] / (self.ss * self.ss))
+        index = torch.stack([torch.cat(rows), torch.cat(cols)])
+        shape = (self.h * self.w, self.s * self.s)
+        coo = torch.sparse_coo_tensor(index, torch.cat(vals), shape, check_invariants=False).coalesce()
+        with warnings.catch_warnings():  # CSR is "beta" in torch; its matrix-vector product is ~10x COO's here
+            warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
+            return coo.to_sparse_csr()
+
     def _operators(self, v: torch.Tensor) -> tuple[Callable, Callable]:
-        """The lensing operator ``A`` at the mass ``v`` and its adjoint (by a vector-Jacobian product)."""
-        coords = self._coords(v.detach()).detach()
-        zero = torch.zeros(self.s * self.s, dtype=torch.float64)
-        vjp = torch.func.vjp(lambda x: self._lensed(x, coords), zero)[1]
-        return (lambda x: self._lensed(x, coords)), (lambda r: vjp(r)[0])
+        """The lensing operator ``A`` at the mass ``v`` (``S^2`` or ``B x S^2`` sources to ``H x W`` images)
+        and its adjoint, through the rays' sparse bilinear matrix and the PSF (its adjoint: the flipped kernel).
+        The same map as :meth:`_lensed`, ~3x faster in the CG solves than autograd's vector-Jacobian product."""
+        with torch.no_grad():
+            ray = self._ray_matrix(self._coords(v.detach()))
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
+            ray_t = ray.t().to_sparse_csr()
+        psf_t = PSF(torch.flip(self.psf.kernel, dims=(-2, -1)), None)
+
+        def forward(x: torch.Tensor) -> torch.Tensor:
+            flat = x[..., : self.s * self.s].reshape(-1, self.s * self.s)
+            img = (ray @ flat.T).T.reshape(-1, 1, self.h, self.w)
+            out = self.psf.convolve(img).reshape(-1, self.h, self.w)
+            return out[0] if x.ndim == 1 else out
+
+        def adjoint(r: torch.Tensor) -> torch.Tensor:
+            img = psf_t.convolve(r.reshape(-1, 1, self.h, self.w)).reshape(-1, self.h * self.w)
+            out = (ray_t @ img.T).T
+            return out[0] if r.ndim == 2 else out
+
+        return forward, adjoint
 
     def solve(
         self, v: torch.Tensor, lam: float, start: torch.Tensor | None = None, rtol: float = 1e-9, max_iter: int = 400
