@@ -30,7 +30,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from lenstronomy_lenses import MODEL_GRID, load_truth, truth_kappa, truth_source
 from posterior_coverage import annulus, block_mean, coverage, tarp_test
-from rimlens.inference.power_law_posterior import PARAMETER_NAMES, sample_power_law_posterior
+from rimlens.inference.power_law_posterior import COVARIANCE_INFLATION, PARAMETER_NAMES, sample_power_law_posterior
 
 PARAMETERS = PARAMETER_NAMES
 
@@ -63,7 +63,7 @@ def judge_lens(lens: Path, fit_file: Path, n_samples: int, scale: float, total_s
     src_true = src_true * float((mean * src_true).sum() / max((src_true**2).sum(), 1e-300))
     k_mean, k_std = kappa_s.mean(0), kappa_s.std(0, ddof=1)
     sigma_stat = np.sqrt(np.diag(post.covariance_statistical)[:8])
-    sigma = post.masses.numpy()[:, :8].std(0, ddof=1)
+    sigma = np.sqrt(np.diag(post.covariance)[:8])  # the sampled covariance's (exact, not the samples' noisy spread)
     fit = m.mass.vector().numpy()[:8]
     row = {
         "lens": lens.name,
@@ -143,7 +143,13 @@ def main(argv=None) -> int:
         help="only merge earlier runs' --json (and their --vectors)",
     )
     ap.add_argument("--samples", type=int, default=64)
-    ap.add_argument("--covariance-scale", type=float, nargs="+", default=[1.0])
+    ap.add_argument(
+        "--covariance-scale",
+        type=float,
+        nargs="+",
+        default=[COVARIANCE_INFLATION],
+        help=f"factors on the Laplace mass covariance to try (default: the calibrated {COVARIANCE_INFLATION:g})",
+    )
     ap.add_argument("--statistical-slope", action="store_true", help="do not widen the slope to its total width")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", type=Path)

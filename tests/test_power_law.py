@@ -171,16 +171,17 @@ def _check_posterior_and_products(m, gamma, out):
     b, q, _ = _linear_block(m.inversion, m.mass.vector(), m.fit.regularisation, True)
     f = b.T @ b
     n_eff = float(torch.trace(torch.linalg.solve(f + q + 1e-10 * f.diagonal().mean() * torch.eye(f.shape[0]), f)))
-    laplace = sample_power_law_posterior(m, 24, seed=1, total_slope_width=False)
+    laplace = sample_power_law_posterior(m, 24, seed=1, covariance_scale=1.0, total_slope_width=False)
     expected = chi2_fit + (n_eff + 8) / m.inversion.n_used
     assert abs(laplace.chi2_nu.mean() - expected) < 0.01, (expected, laplace.chi2_nu)
-    # with the slope widened to its total width the samples still fit the data (a sample that does not is no
-    # posterior sample); they cost more than the quadratic theory says (the slope's valley is curved: measured
-    # +0.044 against +0.020 here), never less
+    # with the covariance inflated and the slope widened to its total width the samples still fit the data (a
+    # sample that does not is no posterior sample); they cost more than the quadratic theory says (the slope's
+    # valley is curved: measured +0.044 against +0.020 here before the inflation), never less
     post = sample_power_law_posterior(m, 24, seed=1)
     n_mass = float(np.trace(np.linalg.solve(post.covariance_statistical, post.covariance)))
-    assert post.chi2_nu.mean() > chi2_fit + (n_eff + n_mass) / m.inversion.n_used - 0.01, post.chi2_nu
-    assert np.median(post.chi2_nu) < expected + 0.05 and post.chi2_nu.max() < expected + 0.2, (expected, post.chi2_nu)
+    theory = chi2_fit + (n_eff + n_mass) / m.inversion.n_used
+    assert post.chi2_nu.mean() > theory - 0.01, post.chi2_nu
+    assert np.median(post.chi2_nu) < theory + 0.05 and post.chi2_nu.max() < theory + 0.2, (theory, post.chi2_nu)
     slope = post.masses[:, 1].numpy()
     # the slope's spread is its total width, and the truth lies within two of it
     assert abs(slope.std(ddof=1) / m.slope_sigma_total - 1) < 0.35, (slope.std(), m.slope_sigma_total)
