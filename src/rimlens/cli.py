@@ -140,8 +140,9 @@ def cli():
     type=click.IntRange(min=2),
     default=None,
     metavar="N",
-    help="N posterior samples (low-rank Laplace about the pixel-refined fit): kappa/source become posterior means, plus kappa_std.fits, "
-    "source_std.fits, posterior_samples.h5 and percentiles in summary.json.",
+    help="N posterior samples of the pixelated maps (low-rank Laplace about the pixel-refined fit): kappa/source become "
+    "posterior means, plus kappa_std.fits, source_std.fits, posterior_samples.h5 and percentiles in summary.json. "
+    "Over-confident on lenstronomy lenses (README); the calibrated posterior is --power-law --power-law-posterior N.",
 )
 @click.option(
     "--fit-supersample",
@@ -172,7 +173,8 @@ def cli():
     default=None,
     metavar="N",
     help="With --power-law: N samples of its posterior (Laplace approximation of the evidence, source and lens light "
-    "marginalised, widths calibrated on lenstronomy lenses): power_law_kappa.fits / _std, power_law_source.fits / _std, "
+    "marginalised, widths calibrated on lenstronomy lenses; coverage in the README): power_law_kappa.fits / _std, "
+    "power_law_source.fits / _std, "
     "power_law_samples.h5, 16/50/84 percentiles in summary.json, power_law.png. Seconds per lens.",
 )
 @click.option("--out", "out_dir", type=FOLDER, required=True)

@@ -33,7 +33,7 @@ from rimlens.inference.finetune import (
 )
 from rimlens.inference.posterior import PosteriorOptions, PosteriorSamples, sample_posterior
 from rimlens.inference.power_law import measure_power_law
-from rimlens.inference.power_law_posterior import power_law_images, sample_power_law_posterior
+from rimlens.inference.power_law_posterior import COVARIANCE_INFLATION, power_law_images, sample_power_law_posterior
 from rimlens.inference.quality import assess, rim_input
 from rimlens.io.atomic import atomic_path
 from rimlens.io.checkpoint import load_vae
@@ -776,8 +776,10 @@ def describe_power_law(
             **{f"{k}_p16_p50_p84": v for k, v in post.percentiles().items()},
             "chi2_nu_p16_p50_p84": sample_chi2,
             "seconds": round(post.seconds, 1),
+            "covariance_inflation": COVARIANCE_INFLATION,
             "method": "Laplace approximation of the semi-linear evidence (source and lens light marginalised), "
-            "mass covariance scaled and the slope widened to its total width (rimlens.inference.power_law_posterior)",
+            "mass covariance scaled by covariance_inflation (calibrated on lenstronomy lenses) and the slope "
+            "widened to its total width (rimlens.inference.power_law_posterior)",
         }
         if sample_chi2[1] > POSTERIOR_FIT_FACTOR * max(m.chi2_nu, 1.0):
             block["posterior"]["warning"] = (
