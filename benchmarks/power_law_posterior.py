@@ -76,6 +76,8 @@ def judge_lens(lens: Path, fit_file: Path, n_samples: int, scale: float, total_s
         "chi2_nu_samples": float(np.median(post.chi2_nu)),
         "chi2_nu_fit": float(m.fit.chi2_nu),
         "seconds_sampling": post.seconds,
+        # the measurement's own warning (chi2_nu > 1.5, or the slope at the scan's edge): the CLI flags these fits
+        "warning": m.describe().get("warning"),
         "z": {p: float(abs(fit[i] - truth[i]) / sigma[i]) for i, p in enumerate(PARAMETERS)},
         "z_statistical": {p: float(abs(fit[i] - truth[i]) / sigma_stat[i]) for i, p in enumerate(PARAMETERS)},
         "slope_sigma": float(sigma[1]),
@@ -108,20 +110,23 @@ def summarise(rows: list[dict]) -> dict:
     return out
 
 
-def merge(paths: list[Path], tarp_png: Path | None) -> int:
+def merge(paths: list[Path], tarp_png: Path | None, unwarned: bool = False) -> int:
     """Summarise the rows of several ``--json`` files (one covariance scale each), with a TARP test over their
-    ``--vectors`` (the ``.npz`` beside each JSON, same stem) when every one has them."""
+    ``--vectors`` (the ``.npz`` beside each JSON, same stem) when every one has them; ``unwarned``: only the
+    lenses whose measurement carries no warning (rows written before the warning was recorded count as such)."""
     rows, vectors = [], []
     for path in paths:
         (result,) = json.loads(path.read_text()).values()
-        rows += result["lenses"]
+        kept = [r for r in result["lenses"] if not (unwarned and r.get("warning"))]
+        rows += kept
         npz = path.with_suffix(".npz")
         if npz.exists():
             with np.load(npz) as z:
-                for r in result["lenses"]:
+                for r in kept:
                     vectors.append({k: (z[f"{r['lens']}/{k}/samples"], z[f"{r['lens']}/{k}/truth"])
                                     for k in ("lens", "kappa", "source")})  # fmt: skip
     summary = summarise(rows)
+    summary["warned_fits"] = sum(bool(r.get("warning")) for r in rows)
     if len(vectors) == len(rows) >= 10:
         summary["tarp"] = tarp_test(vectors, tarp_png)
     print(f"{len(rows)} lenses: {json.dumps(summary)}")
@@ -154,9 +159,12 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", type=Path)
     ap.add_argument("--tarp", type=Path, help="PNG of the TARP curves (>= 10 lenses)")
+    ap.add_argument(
+        "--unwarned", action="store_true", help="with --summarize: only the fits the measurement does not warn of"
+    )
     args = ap.parse_args(argv)
     if args.summarize:
-        return merge(args.summarize, args.tarp)
+        return merge(args.summarize, args.tarp, args.unwarned)
     if args.lenses is None or args.fits is None:
         ap.error("give the lenses' and the fits' folders (or --summarize JSON ...)")
     torch.set_num_threads(1)
