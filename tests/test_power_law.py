@@ -66,7 +66,8 @@ def test_the_solver_operators_are_the_model_and_its_adjoint():
     v = torch.tensor([0.3, 2.1, 0.05, -0.1, 0.02, 0.01, 0.03, -0.02], dtype=torch.float64)
     inv.box = (0.01, -0.02, 0.12)  # smaller than the arcs' extent: some rays fall outside
     forward, adjoint = inv._operators(v)
-    a = inv.design_matrix(v) / inv.w2.sqrt().reshape(-1, 1)  # grid_sample's columns, S^2 of them
+    a = inv._lensed(torch.eye(s * s, dtype=torch.float64), inv._coords(v)).reshape(s * s, -1).T  # grid_sample's
+    torch.testing.assert_close(inv.design_matrix(v, batch=10), a * inv.w2.sqrt().reshape(-1, 1), rtol=1e-12, atol=1e-13)
     x = torch.as_tensor(rng.normal(size=s * s))
     r = torch.as_tensor(rng.normal(size=(n, n)))
     torch.testing.assert_close(forward(x).reshape(-1), a @ x, rtol=1e-12, atol=1e-13)
