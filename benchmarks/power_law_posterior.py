@@ -30,6 +30,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from lenstronomy_lenses import MODEL_GRID, load_truth, truth_kappa, truth_source
 from posterior_coverage import annulus, block_mean, coverage, tarp_test
+from rimlens.errors import RimlensInputError
 from rimlens.inference.power_law_posterior import COVARIANCE_INFLATION, PARAMETER_NAMES, sample_power_law_posterior
 
 PARAMETERS = PARAMETER_NAMES
@@ -114,10 +115,11 @@ def merge(paths: list[Path], tarp_png: Path | None, unwarned: bool = False) -> i
     """Summarise the rows of several ``--json`` files (one covariance scale each), with a TARP test over their
     ``--vectors`` (the ``.npz`` beside each JSON, same stem) when every one has them; ``unwarned``: only the
     lenses whose measurement carries no warning (rows written before the warning was recorded count as such)."""
-    rows, vectors = [], []
+    rows, vectors, no_posterior = [], [], []
     for path in paths:
         (result,) = json.loads(path.read_text()).values()
         kept = [r for r in result["lenses"] if not (unwarned and r.get("warning"))]
+        no_posterior += result.get("no_posterior", [])
         rows += kept
         npz = path.with_suffix(".npz")
         if npz.exists():
@@ -127,6 +129,7 @@ def merge(paths: list[Path], tarp_png: Path | None, unwarned: bool = False) -> i
                                     for k in ("lens", "kappa", "source")})  # fmt: skip
     summary = summarise(rows)
     summary["warned_fits"] = sum(bool(r.get("warning")) for r in rows)
+    summary["fits_without_posterior"] = [r["lens"] for r in no_posterior]
     if len(vectors) == len(rows) >= 10:
         summary["tarp"] = tarp_test(vectors, tarp_png)
     print(f"{len(rows)} lenses: {json.dumps(summary)}")
@@ -173,18 +176,25 @@ def main(argv=None) -> int:
         sys.exit(f"no lens*.pt in {args.fits}")
     results = {}
     for scale in args.covariance_scale:
-        rows, vectors = [], []
+        rows, vectors, failed = [], [], []
         for f in fits:
-            row, vec = judge_lens(args.lenses / f.stem, f, args.samples, scale, not args.statistical_slope, args.seed)
+            try:
+                row, vec = judge_lens(
+                    args.lenses / f.stem, f, args.samples, scale, not args.statistical_slope, args.seed
+                )
+            except RimlensInputError as exc:  # no posterior (a parameter at its bound): said, and left out
+                print(json.dumps({"lens": f.stem, "no_posterior": str(exc)}), flush=True)
+                failed.append({"lens": f.stem, "no_posterior": str(exc)})
+                continue
             rows.append(row)
             vectors.append(vec)
             print(json.dumps({k: (round(v, 3) if isinstance(v, float) else v) for k, v in row.items()
                               if not k.startswith("z")}), flush=True)  # fmt: skip
-        summary = summarise(rows)
+        summary = summarise(rows) if rows else {}
         if len(rows) >= 10:
             summary["tarp"] = tarp_test(vectors, args.tarp)
         print(f"covariance scale {scale}: {json.dumps(summary)}", flush=True)
-        results[str(scale)] = {"summary": summary, "lenses": rows}
+        results[str(scale)] = {"summary": summary, "lenses": rows, "no_posterior": failed}
         if args.vectors and len(args.covariance_scale) == 1:
             np.savez_compressed(
                 args.vectors, **{f"{r['lens']}/{k}/{w}": v[k][i] for r, v in zip(rows, vectors, strict=True)

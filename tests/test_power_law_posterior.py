@@ -82,6 +82,12 @@ def test_draws_follow_the_joint_gaussian_of_mass_and_source():
     assert abs(beta / float(cov[0, 1] / cov[1, 1]) - 1) < 0.1
     with pytest.raises(RimlensInputError, match="at least 2"):
         sample_about_mass(inv, V_TRUE, lam, 1)
+    # a slope beyond the deflection's bound (a fit that ran off, as on one lenstronomy lens at 3.03) leaves the
+    # image unchanged by the slope: refused by name, not a singular-matrix traceback
+    off = V_TRUE.clone()
+    off[1] = 3.1
+    with pytest.raises(RimlensInputError, match="constrain the power law's slope"):
+        sample_about_mass(inv, off, lam, 4)
 
 
 def _fit(inv: SourceInversion, v: torch.Tensor, lam: float, steps: int = 6) -> torch.Tensor:

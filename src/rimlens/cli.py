@@ -279,7 +279,9 @@ def reconstruct(image: Path, model: str, finetune: bool, out_dir: Path, **o):
                 + f", axis ratio {p['axis_ratio']:.2f}, chi2_nu {p['chi2_nu']:.3f}"
                 + (f", {len(p['subhalos'])} subhalo(s)" if p.get("subhalos") else "")
             )
-            if "posterior" in p:
+            if "error" in p.get("posterior", {}):
+                click.echo(f"warning: no power-law posterior: {p['posterior']['error']}", err=True)
+            elif "posterior" in p:
                 q = p["posterior"]
                 t, g = q["einstein_radius_arcsec_p16_p50_p84"], q["log_slope_p16_p50_p84"]
                 click.echo(

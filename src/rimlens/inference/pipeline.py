@@ -762,8 +762,13 @@ def describe_power_law(
     samples: dict | None = None
     images = power_law_images(m)
     source = images.source
+    post = None
     if posterior_samples:
-        post = sample_power_law_posterior(m, posterior_samples, seed=seed)
+        try:
+            post = sample_power_law_posterior(m, posterior_samples, seed=seed)
+        except RimlensInputError as exc:  # the measurement's other products are still written
+            block["posterior"] = {"error": str(exc)}
+    if post is not None:
         kappa = post.kappa_maps(grid, axis)
         samples = {
             "parameters": post.masses.numpy(), "names": post.names, "kappa": kappa, "source": post.sources.numpy(),

@@ -228,7 +228,8 @@ def sample_power_law_posterior(
         :class:`PowerLawPosterior`.
 
     Raises:
-        RimlensInputError: fewer than two samples, or a measurement without its inversion.
+        RimlensInputError: fewer than two samples, a measurement without its inversion, or one whose parameters
+            the data do not constrain there (a slope at the deflection's bound: no Laplace posterior).
     """
     if n_samples < 2:
         raise RimlensInputError(f"the posterior needs at least 2 samples, got {n_samples}")
@@ -279,8 +280,18 @@ def sample_about_mass(
     chol = torch.linalg.cholesky(p_ss)
     p_sv = b.T @ jac
     gain = torch.cholesky_solve(p_sv, chol)  # P_ss^-1 P_sv: how the linear unknowns follow the mass
-    schur = jac.T @ jac - p_sv.T @ gain
-    cov_stat = torch.linalg.inv(0.5 * (schur + schur.T))
+    schur = 0.5 * (jac.T @ jac - p_sv.T @ gain + (jac.T @ jac - p_sv.T @ gain).T)
+    names = parameter_names((v_hat.shape[0] - 8) // 3)
+    free = torch.diagonal(schur) > 1e-12 * float(torch.diagonal(schur).max())
+    if not bool(free.all()) or int(torch.linalg.cholesky_ex(schur)[1]) != 0:
+        # e.g. a slope driven to the deflection's bound, where the image no longer changes with it
+        flat = [n for n, ok in zip(names, free.tolist(), strict=True) if not ok]
+        raise RimlensInputError(
+            "the data do not constrain the power law's "
+            + (", ".join(flat) if flat else "parameters (a degenerate combination)")
+            + " at the measurement: it has no Laplace posterior (is the fit warned?)"
+        )
+    cov_stat = torch.linalg.inv(schur)
     cov_stat = 0.5 * (cov_stat + cov_stat.T)
     cov = covariance_scale * cov_stat
     if slope_sigma_total is not None:
@@ -324,6 +335,6 @@ def sample_about_mass(
     return PowerLawPosterior(
         masses=masses, sources=sources.reshape(n_samples, inv.s, inv.s), source_box=inv.box,
         chi2_nu=np.asarray(chi2), best=PowerLaw.from_vector(v_hat), covariance_statistical=cov_stat.numpy(),
-        covariance=cov.numpy(), names=parameter_names((v_hat.shape[0] - 8) // 3),
+        covariance=cov.numpy(), names=names,
         seconds=time.perf_counter() - t0,
     )  # fmt: skip
