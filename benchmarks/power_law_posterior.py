@@ -111,11 +111,12 @@ def summarise(rows: list[dict]) -> dict:
     return out
 
 
-def merge(paths: list[Path], tarp_png: Path | None, unwarned: bool = False) -> int:
+def merge(paths: list[Path], tarp_png: Path | None, unwarned: bool = False, combine: Path | None = None) -> int:
     """Summarise the rows of several ``--json`` files (one covariance scale each), with a TARP test over their
     ``--vectors`` (the ``.npz`` beside each JSON, same stem) when every one has them; ``unwarned``: only the
-    lenses whose measurement carries no warning (rows written before the warning was recorded count as such)."""
-    rows, vectors, no_posterior = [], [], []
+    lenses whose measurement carries no warning (rows written before the warning was recorded count as such);
+    ``combine``: also write the rows as one JSON, and their vectors as the ``.npz`` beside it (same stem)."""
+    rows, vectors, no_posterior, raw = [], [], [], {}
     for path in paths:
         (result,) = json.loads(path.read_text()).values()
         kept = [r for r in result["lenses"] if not (unwarned and r.get("warning"))]
@@ -127,8 +128,10 @@ def merge(paths: list[Path], tarp_png: Path | None, unwarned: bool = False) -> i
                 for r in kept:
                     vec = {k: (z[f"{r['lens']}/{k}/samples"], z[f"{r['lens']}/{k}/truth"])
                            for k in ("lens", "kappa", "source")}  # fmt: skip
+                    for k, (samples, truth) in vec.items():
+                        raw[f"{r['lens']}/{k}/samples"], raw[f"{r['lens']}/{k}/truth"] = samples, truth
                     # where the source is: its 16 blocks brightest in the samples' mean (chosen without the
-                    # truth); off the source the truth is zero while the Gaussian prior lets samples scatter
+                    # truth); off the source the truth is zero and the regularised samples are not
                     samples, truth = vec["source"]
                     bright = np.argsort(samples.mean(0))[-16:]
                     vec["source_bright"] = (samples[:, bright], truth[bright])
@@ -139,6 +142,11 @@ def merge(paths: list[Path], tarp_png: Path | None, unwarned: bool = False) -> i
     if len(vectors) == len(rows) >= 10:
         summary["tarp"] = tarp_test(vectors, tarp_png)
     print(f"{len(rows)} lenses: {json.dumps(summary)}")
+    if combine is not None:
+        merged = {"summary": summary, "lenses": rows, "no_posterior": no_posterior}
+        combine.write_text(json.dumps({str(COVARIANCE_INFLATION): merged}, indent=1))
+        if raw:
+            np.savez_compressed(combine.with_suffix(".npz"), **{k: v.astype(np.float32) for k, v in raw.items()})
     return 0
 
 
@@ -168,12 +176,13 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", type=Path)
     ap.add_argument("--tarp", type=Path, help="PNG of the TARP curves (>= 10 lenses)")
+    ap.add_argument("--combine", type=Path, help="with --summarize: write the merged rows (JSON, its .npz beside)")
     ap.add_argument(
         "--unwarned", action="store_true", help="with --summarize: only the fits the measurement does not warn of"
     )
     args = ap.parse_args(argv)
     if args.summarize:
-        return merge(args.summarize, args.tarp, args.unwarned)
+        return merge(args.summarize, args.tarp, args.unwarned, args.combine)
     if args.lenses is None or args.fits is None:
         ap.error("give the lenses' and the fits' folders (or --summarize JSON ...)")
     torch.set_num_threads(1)
