@@ -157,7 +157,7 @@ def cli():
     help="Also measure an elliptical power law + external shear on the cut-out's own pixels (pixelated source; "
     "up to two subhaloes where the Bayesian evidence asks for them; slope at the evidence's maximum): "
     f"summary.json's power_law block, the slope's width statistical and systematic ({SLOPE_SIGMA_SYSTEMATIC:g}, calibrated on "
-    "lenstronomy lenses). 3-10 min per lens on one core, up to 50 with two subhaloes.",
+    "lenstronomy lenses). 2-10 min per lens on one core, up to 50 with two subhaloes.",
 )
 @click.option(
     "--power-law-subhalos",
