@@ -116,9 +116,10 @@ def merge(paths: list[Path], tarp_png: Path | None, unwarned: bool = False, comb
     ``--vectors`` (the ``.npz`` beside each JSON, same stem) when every one has them; ``unwarned``: only the
     lenses whose measurement carries no warning (rows written before the warning was recorded count as such);
     ``combine``: also write the rows as one JSON, and their vectors as the ``.npz`` beside it (same stem)."""
-    rows, vectors, no_posterior, raw = [], [], [], {}
+    rows, vectors, no_posterior, raw, scales = [], [], [], {}, set()
     for path in paths:
-        (result,) = json.loads(path.read_text()).values()
+        ((scale, result),) = json.loads(path.read_text()).items()
+        scales.add(scale)
         kept = [r for r in result["lenses"] if not (unwarned and r.get("warning"))]
         no_posterior += result.get("no_posterior", [])
         rows += kept
@@ -144,7 +145,7 @@ def merge(paths: list[Path], tarp_png: Path | None, unwarned: bool = False, comb
     print(f"{len(rows)} lenses: {json.dumps(summary)}")
     if combine is not None:
         merged = {"summary": summary, "lenses": rows, "no_posterior": no_posterior}
-        combine.write_text(json.dumps({str(COVARIANCE_INFLATION): merged}, indent=1))
+        combine.write_text(json.dumps({scales.pop() if len(scales) == 1 else "mixed": merged}, indent=1))
         if raw:
             np.savez_compressed(combine.with_suffix(".npz"), **{k: v.astype(np.float32) for k, v in raw.items()})
     return 0

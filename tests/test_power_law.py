@@ -177,12 +177,13 @@ def _check_posterior_and_products(m, gamma, out):
     assert abs(laplace.chi2_nu.mean() - expected) < 0.01, (expected, laplace.chi2_nu)
     # with the covariance inflated and the slope widened to its total width the samples still fit the data (a
     # sample that does not is no posterior sample); they cost more than the quadratic theory says (the slope's
-    # valley is curved: measured +0.044 against +0.020 here before the inflation), never less
+    # valley is curved), never less. The margins are session 20's over its (uninflated) theory, kept: measured
+    # here median +0.006, max +0.11 over this theory (itself +0.026 over the Laplace draws')
     post = sample_power_law_posterior(m, 24, seed=1)
     n_mass = float(np.trace(np.linalg.solve(post.covariance_statistical, post.covariance)))
     theory = chi2_fit + (n_eff + n_mass) / m.inversion.n_used
     assert post.chi2_nu.mean() > theory - 0.01, post.chi2_nu
-    assert np.median(post.chi2_nu) < theory + 0.05 and post.chi2_nu.max() < theory + 0.2, (theory, post.chi2_nu)
+    assert np.median(post.chi2_nu) < theory + 0.03 and post.chi2_nu.max() < theory + 0.18, (theory, post.chi2_nu)
     slope = post.masses[:, 1].numpy()
     # the slope's spread is its total width, and the truth lies within two of it
     assert abs(slope.std(ddof=1) / m.slope_sigma_total - 1) < 0.35, (slope.std(), m.slope_sigma_total)

@@ -385,8 +385,8 @@ class SourceInversion:
         cs = F.conv2d(F.conv2d(s, _LAPLACIAN, padding=1), _LAPLACIAN, padding=1)
         return cs.reshape(x[..., :n].shape)
 
-    def _ray_matrix(self, coords: torch.Tensor) -> torch.Tensor:
-        """Sparse CSR ``(H W) x S^2``: the mean over each pixel's rays of the bilinear weights
+    def _ray_matrix(self, coords: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Sparse CSR ``(H W) x S^2`` and its transpose: the mean over each pixel's rays of the bilinear weights
         :meth:`_lensed`'s ``grid_sample`` gives them (``align_corners=True``, zero outside the box)."""
         c = coords.reshape(-1, 2)
         gx = (c[:, 0] + 1) * 0.5 * (self.s - 1)
@@ -406,7 +406,7 @@ class SourceInversion:
         coo = torch.sparse_coo_tensor(index, torch.cat(vals), shape, check_invariants=False).coalesce()
         with warnings.catch_warnings():  # CSR is "beta" in torch; its matrix-vector product is ~10x COO's here
             warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
-            return coo.to_sparse_csr()
+            return coo.to_sparse_csr(), coo.t().coalesce().to_sparse_csr()
 
     def _operators(self, v: torch.Tensor, coords: torch.Tensor | None = None) -> tuple[Callable, Callable]:
         """The lensing operator ``A`` at the mass ``v`` (``S^2`` or ``B x S^2`` sources to ``H x W`` images)
@@ -414,10 +414,7 @@ class SourceInversion:
         The same map as :meth:`_lensed`, ~3x faster in the CG solves than autograd's vector-Jacobian product.
         ``coords``: ``v``'s :meth:`_coords` when already computed."""
         with torch.no_grad():
-            ray = self._ray_matrix(self._coords(v.detach()) if coords is None else coords.detach())
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
-            ray_t = ray.t().to_sparse_csr()
+            ray, ray_t = self._ray_matrix(self._coords(v.detach()) if coords is None else coords.detach())
         psf_t = PSF(torch.flip(self.psf.kernel, dims=(-2, -1)), None)
 
         def forward(x: torch.Tensor) -> torch.Tensor:
@@ -488,10 +485,7 @@ class SourceInversion:
         the mass ``v`` (the rays' sparse matrix of :meth:`_ray_matrix`, blurred ``batch`` columns at a time:
         the map of :meth:`model`, without its ``grid_sample`` over every ray for every column)."""
         with torch.no_grad():
-            ray_t = self._ray_matrix(self._coords(v)).t()
-            with warnings.catch_warnings():
-                warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
-                ray_t = ray_t.to_sparse_csr()  # row k: the rays' weights of source pixel k
+            ray_t = self._ray_matrix(self._coords(v))[1]  # row k: the rays' weights of source pixel k
             ptr, col, val = ray_t.crow_indices(), ray_t.col_indices(), ray_t.values()
             n = self.s * self.s
             w = self.w2.sqrt().reshape(1, -1)

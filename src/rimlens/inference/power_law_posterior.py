@@ -280,7 +280,8 @@ def sample_about_mass(
     chol = torch.linalg.cholesky(p_ss)
     p_sv = b.T @ jac
     gain = torch.cholesky_solve(p_sv, chol)  # P_ss^-1 P_sv: how the linear unknowns follow the mass
-    schur = 0.5 * (jac.T @ jac - p_sv.T @ gain + (jac.T @ jac - p_sv.T @ gain).T)
+    schur = jac.T @ jac - p_sv.T @ gain
+    schur = 0.5 * (schur + schur.T)
     names = parameter_names((v_hat.shape[0] - 8) // 3)
     free = torch.diagonal(schur) > 1e-12 * float(torch.diagonal(schur).max())
     if not bool(free.all()) or int(torch.linalg.cholesky_ex(schur)[1]) != 0:
