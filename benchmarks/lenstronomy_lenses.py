@@ -73,7 +73,16 @@ from rimlens.io.fits import write_image
 from rimlens.physics import PixelGrid
 from rimlens.physics.lens_metrics import pixel_mean_kappa
 
-__all__ = ["MODEL_GRID", "SOURCE_GRID", "draw_lens", "make_lens", "truth_kappa", "truth_source"]
+__all__ = [
+    "MODEL_GRID",
+    "SLOPE_RANGE",
+    "SOURCE_GRID",
+    "THETA_E_RANGE_ARCSEC",
+    "draw_lens",
+    "make_lens",
+    "truth_kappa",
+    "truth_source",
+]
 
 PIXEL_SCALE = 0.05  # arcsec / px of the cut-outs
 PSF_PIXELS = 21
@@ -81,6 +90,9 @@ SUPERSAMPLING = 5
 MODEL_GRID = PixelGrid(64, 0.12)  # the shipped model's image grid (7.68")
 SOURCE_GRID = PixelGrid(64, 3.0 / 64)  # its source grid (3")
 MIN_MAGNIFICATION = 5.0
+# the population prior of the main parameters (uniform): also what a Bayesian posterior of these lenses uses
+THETA_E_RANGE_ARCSEC = (0.8, 1.8)
+SLOPE_RANGE = (1.85, 2.15)
 SUBHALO_CORE = 0.005  # arcsec
 
 
@@ -98,8 +110,8 @@ def draw_lens(
     rng: np.random.Generator, lens_light: bool, cutout: str = "96", subhalos: bool = True, shear_max: float = 0.05
 ) -> dict:
     """Parameters of one lens (JSON-ready): lenstronomy model lists and kwargs plus the noise recipe."""
-    theta_e = rng.uniform(0.8, 1.8)
-    gamma = rng.uniform(1.85, 2.15)
+    theta_e = rng.uniform(*THETA_E_RANGE_ARCSEC)
+    gamma = rng.uniform(*SLOPE_RANGE)
     q = rng.uniform(0.6, 1.0)
     phi = rng.uniform(0, math.pi)
     cx, cy = _disc(rng, 0.05)

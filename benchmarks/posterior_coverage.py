@@ -87,11 +87,13 @@ def lens_vectors(kappa_s, source_s, kappa_true, source_true, grid, center) -> di
     }
 
 
-def tarp_test(vectors: list[dict], out_png: Path | None = None, seed: int = 0) -> dict:
+def tarp_test(vectors: list[dict], out_png: Path | None = None, seed: int = 0, norm: bool = True) -> dict:
     """TARP expected-coverage curves (Lemos, Coogan et al. 2023; the ``tarp`` package) of each
     vector over all lenses, with 100 bootstrap resamplings; lenses with a non-finite vector are
     left out. Returns, per vector, the lenses used and the largest |ECP - credibility| of the
-    bootstrap-mean curve (0 for a calibrated posterior), and draws the curves to ``out_png``."""
+    bootstrap-mean curve (0 for a calibrated posterior), and draws the curves to ``out_png``.
+    ``norm``: the package's normalisation (each component scaled to the truths' range over the lenses, the
+    reference points uniform in that box); without it the references are uniform in the raw unit cube."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -107,7 +109,7 @@ def tarp_test(vectors: list[dict], out_png: Path | None = None, seed: int = 0) -
         # the package's default (lenses // 10 bins) leaves one bin, hence a trivially flat curve, below 20 lenses
         bins = max(2, min(20, len(keep) // 5))
         ecp, alpha = tarp.get_tarp_coverage(
-            samples, truth, num_alpha_bins=bins, norm=True, bootstrap=True, num_bootstrap=100, seed=seed
+            samples, truth, num_alpha_bins=bins, norm=norm, bootstrap=True, num_bootstrap=100, seed=seed
         )
         mean, std = ecp.mean(0), ecp.std(0)
         figures[name] = {"lenses": len(keep), "max_abs_ecp_minus_alpha": float(np.max(np.abs(mean - alpha)))}

@@ -6,6 +6,7 @@ per parameter.
     OMP_NUM_THREADS=1 python benchmarks/power_law_fit.py LENSES --threads 1 --finetune --save FITS
     python benchmarks/power_law_posterior.py LENSES FITS [--samples 48] [--json OUT.json --vectors OUT.npz]
     python benchmarks/power_law_posterior.py --summarize OUT.json [MORE.json ...] [--tarp PNG]   # merge runs
+        [--population-prior] [--tarp-reference] [--tarp-unnormalised]
 
 Per lens, from ``--samples`` draws: the fraction of true pixel-mean kappa pixels in 0.5-2 theta_E (about the
 true centre; the shipped model's 64 x 0.12" grid, centred at the fitted centre) within one posterior sigma of
@@ -15,6 +16,14 @@ pooled over all the lenses' pixels (the calibration figure: a lens's pixels shar
 sigma / kappa in the annulus (goal <= 0.15), the samples' median chi2_nu; per parameter, |fit - truth| /
 sigma (within 1: "covered"). Medians over lenses and a TARP test (>= 10 lenses) are printed; the fits are
 ``power_law_fit.py --save``'s (the measurement is not repeated here).
+
+TARP judges a Bayesian posterior against the population the truths were drawn from; rimlens's posterior has flat
+priors, so even exact widths fail it where the widths are comparable to the population's spread (the estimates
+scatter beyond the population's box). ``--tarp-reference`` says how much, by simulation: exact Gaussian
+posteriors with each lens's own sampled widths, truths from lenstronomy_lenses.py's uniform (theta_E, slope)
+box, once with flat priors and once with that box as the prior. ``--population-prior`` redoes the TARP test with
+the samples resampled under that box prior (importance weights: the box's indicator), the Bayesian posterior of
+this population as far as theta_E and the slope go.
 """
 
 from __future__ import annotations
@@ -28,7 +37,14 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from lenstronomy_lenses import MODEL_GRID, load_truth, truth_kappa, truth_source
+from lenstronomy_lenses import (
+    MODEL_GRID,
+    SLOPE_RANGE,
+    THETA_E_RANGE_ARCSEC,
+    load_truth,
+    truth_kappa,
+    truth_source,
+)
 from posterior_coverage import annulus, block_mean, coverage, tarp_test
 from rimlens.errors import RimlensInputError
 from rimlens.inference.power_law_posterior import COVARIANCE_INFLATION, PARAMETER_NAMES, sample_power_law_posterior
@@ -111,11 +127,65 @@ def summarise(rows: list[dict]) -> dict:
     return out
 
 
-def merge(paths: list[Path], tarp_png: Path | None, unwarned: bool = False, combine: Path | None = None) -> int:
+POPULATION_BOX = np.array([THETA_E_RANGE_ARCSEC, SLOPE_RANGE]).T  # 2 x 2: lower, upper of (theta_E, slope)
+
+
+def under_population_prior(vec: dict, rng: np.random.Generator) -> tuple[dict, bool]:
+    """One lens's TARP vectors with their samples resampled (with replacement, as many) from those whose
+    (theta_E, slope) lie in the simulator's uniform box: the flat-prior posterior times that prior. Where no
+    sample does (the truth, always inside, is then far in the posterior's tail) the vectors are returned as they
+    are, so the lens still counts as the miss it is; the flag says whether any sample was inside."""
+    lens_samples = vec["lens"][0]
+    inside = np.flatnonzero(((lens_samples >= POPULATION_BOX[0]) & (lens_samples <= POPULATION_BOX[1])).all(1))
+    if inside.size == 0:
+        return vec, False
+    pick = rng.choice(inside, size=len(lens_samples), replace=True)
+    return {k: (samples[pick], truth) for k, (samples, truth) in vec.items()}, True
+
+
+def tarp_reference(vectors: list[dict], repeats: int = 20, seed: int = 0) -> dict:
+    """What TARP's largest |ECP - credibility| of the (theta_E, slope) vector is for exact Gaussian posteriors of
+    these lenses' sampled widths (per lens: the samples' standard deviations, no correlation), on truths drawn
+    from the simulator's box: with flat priors (what rimlens reports) and with the box as prior (the Bayesian
+    posterior). Median and 16-84th percentiles over ``repeats`` simulated sets of as many lenses."""
+    import tarp
+
+    rng = np.random.default_rng(seed)
+    sigma = np.array([v["lens"][0].std(0, ddof=1) for v in vectors])  # lenses x 2
+    n, n_samples = len(sigma), len(vectors[0]["lens"][0])
+    bins = max(2, min(20, n // 5))  # as tarp_test
+    figures: dict[str, list[float]] = {"flat_prior": [], "population_prior": []}
+    for r in range(repeats):
+        truth = rng.uniform(POPULATION_BOX[0], POPULATION_BOX[1], (n, 2))
+        estimate = truth + rng.normal(size=(n, 2)) * sigma
+        draws = estimate + rng.normal(size=(4000, n, 2)) * sigma  # 4000 x lenses x 2
+        flat = draws[:n_samples]
+        inside = ((draws >= POPULATION_BOX[0]) & (draws <= POPULATION_BOX[1])).all(2)  # 4000 x lenses
+        bayes = np.stack([draws[rng.choice(np.flatnonzero(inside[:, j]), n_samples), j] for j in range(n)], axis=1)
+        for name, samples in (("flat_prior", flat), ("population_prior", bayes)):
+            ecp, alpha = tarp.get_tarp_coverage(
+                samples, truth, num_alpha_bins=bins, norm=True, bootstrap=True, num_bootstrap=100, seed=r
+            )
+            figures[name].append(float(np.max(np.abs(ecp.mean(0) - alpha))))
+    return {k: [round(float(q), 3) for q in np.percentile(v, [16, 50, 84])] for k, v in figures.items()}
+
+
+def merge(
+    paths: list[Path],
+    tarp_png: Path | None,
+    unwarned: bool = False,
+    combine: Path | None = None,
+    population_prior: bool = False,
+    reference: bool = False,
+    tarp_norm: bool = True,
+) -> int:
     """Summarise the rows of several ``--json`` files (one covariance scale each), with a TARP test over their
     ``--vectors`` (the ``.npz`` beside each JSON, same stem) when every one has them; ``unwarned``: only the
     lenses whose measurement carries no warning (rows written before the warning was recorded count as such);
-    ``combine``: also write the rows as one JSON, and their vectors as the ``.npz`` beside it (same stem)."""
+    ``combine``: also write the rows as one JSON, and their vectors as the ``.npz`` beside it (same stem);
+    ``population_prior``: the TARP test of the samples under the simulator's (theta_E, slope) prior
+    (:func:`under_population_prior`); ``reference``: :func:`tarp_reference`'s figures beside it; ``tarp_norm``:
+    :func:`posterior_coverage.tarp_test`'s ``norm``."""
     rows, vectors, no_posterior, raw, scales = [], [], [], {}, set()
     for path in paths:
         ((scale, result),) = json.loads(path.read_text()).items()
@@ -141,7 +211,16 @@ def merge(paths: list[Path], tarp_png: Path | None, unwarned: bool = False, comb
     summary["warned_fits"] = sum(bool(r.get("warning")) for r in rows)
     summary["fits_without_posterior"] = [r["lens"] for r in no_posterior]
     if len(vectors) == len(rows) >= 10:
-        summary["tarp"] = tarp_test(vectors, tarp_png)
+        if population_prior:
+            rng = np.random.default_rng(0)
+            reweighted = [under_population_prior(v, rng) for v in vectors]
+            vectors = [v for v, _ in reweighted]
+            summary["population_prior_no_sample_inside"] = [
+                r["lens"] for r, (_, inside) in zip(rows, reweighted, strict=True) if not inside
+            ]
+        summary["tarp"] = tarp_test(vectors, tarp_png, norm=tarp_norm)
+        if reference:
+            summary["tarp_reference_lens"] = tarp_reference(vectors)
     print(f"{len(rows)} lenses: {json.dumps(summary)}")
     if combine is not None:
         merged = {"summary": summary, "lenses": rows, "no_posterior": no_posterior}
@@ -181,9 +260,32 @@ def main(argv=None) -> int:
     ap.add_argument(
         "--unwarned", action="store_true", help="with --summarize: only the fits the measurement does not warn of"
     )
+    ap.add_argument(
+        "--population-prior",
+        action="store_true",
+        help="with --summarize: TARP of the samples resampled under the simulator's (theta_E, slope) box prior",
+    )
+    ap.add_argument(
+        "--tarp-reference",
+        action="store_true",
+        help="with --summarize: the lens TARP figure of exact flat-prior and Bayesian posteriors of these widths",
+    )
+    ap.add_argument(
+        "--tarp-unnormalised",
+        action="store_true",
+        help="with --summarize: TARP's reference points in the raw unit cube, not the truths' box",
+    )
     args = ap.parse_args(argv)
     if args.summarize:
-        return merge(args.summarize, args.tarp, args.unwarned, args.combine)
+        return merge(
+            args.summarize,
+            args.tarp,
+            args.unwarned,
+            args.combine,
+            args.population_prior,
+            args.tarp_reference,
+            not args.tarp_unnormalised,
+        )
     if args.lenses is None or args.fits is None:
         ap.error("give the lenses' and the fits' folders (or --summarize JSON ...)")
     torch.set_num_threads(1)
