@@ -87,18 +87,35 @@ def lens_vectors(kappa_s, source_s, kappa_true, source_true, grid, center) -> di
     }
 
 
+def tarp_curve(samples: np.ndarray, truth: np.ndarray, seed: int = 0, norm: bool = True) -> tuple:
+    """TARP's expected coverage (Lemos, Coogan et al. 2023; the ``tarp`` package) of ``samples``
+    (S x lenses x D) against ``truth`` (lenses x D), 100 bootstrap resamplings: the credibility levels,
+    the bootstrap-mean and standard deviation of the curve, and its largest |ECP - credibility| (0 for a
+    calibrated posterior). ``norm``: the package's normalisation (each component scaled to the truths' range
+    over the lenses, the reference points uniform in that box); without it the references are uniform in the
+    raw unit cube."""
+    import tarp
+
+    # the package's default (lenses // 10 bins) leaves one bin, hence a trivially flat curve, below 20 lenses
+    bins = max(2, min(20, truth.shape[0] // 5))
+    # its bootstrap overwrites the arrays it is given (one lens by another, cumulatively), hence copies; and it
+    # draws its first resampling from numpy's global generator before seeding it, hence the seed here
+    np.random.seed(seed)  # noqa: NPY002 (the package uses the global generator)
+    ecp, alpha = tarp.get_tarp_coverage(
+        samples.copy(), truth.copy(), num_alpha_bins=bins, norm=norm, bootstrap=True, num_bootstrap=100, seed=seed
+    )
+    mean = ecp.mean(0)
+    return alpha, mean, ecp.std(0), float(np.max(np.abs(mean - alpha)))
+
+
 def tarp_test(vectors: list[dict], out_png: Path | None = None, seed: int = 0, norm: bool = True) -> dict:
-    """TARP expected-coverage curves (Lemos, Coogan et al. 2023; the ``tarp`` package) of each
-    vector over all lenses, with 100 bootstrap resamplings; lenses with a non-finite vector are
-    left out. Returns, per vector, the lenses used and the largest |ECP - credibility| of the
-    bootstrap-mean curve (0 for a calibrated posterior), and draws the curves to ``out_png``.
-    ``norm``: the package's normalisation (each component scaled to the truths' range over the lenses, the
-    reference points uniform in that box); without it the references are uniform in the raw unit cube."""
+    """:func:`tarp_curve` of each vector over all lenses; lenses with a non-finite vector are left out.
+    Returns, per vector, the lenses used and the largest |ECP - credibility|, and draws the curves to
+    ``out_png``."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    import tarp
 
     figures = {}
     fig, axes = plt.subplots(1, len(vectors[0]), figsize=(4 * len(vectors[0]), 4), squeeze=False)
@@ -106,13 +123,8 @@ def tarp_test(vectors: list[dict], out_png: Path | None = None, seed: int = 0, n
         keep = [v[name] for v in vectors if np.isfinite(v[name][0]).all() and np.isfinite(v[name][1]).all()]
         samples = np.stack([s for s, _ in keep], axis=1)  # S x lenses x D
         truth = np.stack([t for _, t in keep])
-        # the package's default (lenses // 10 bins) leaves one bin, hence a trivially flat curve, below 20 lenses
-        bins = max(2, min(20, len(keep) // 5))
-        ecp, alpha = tarp.get_tarp_coverage(
-            samples, truth, num_alpha_bins=bins, norm=norm, bootstrap=True, num_bootstrap=100, seed=seed
-        )
-        mean, std = ecp.mean(0), ecp.std(0)
-        figures[name] = {"lenses": len(keep), "max_abs_ecp_minus_alpha": float(np.max(np.abs(mean - alpha)))}
+        alpha, mean, std, worst = tarp_curve(samples, truth, seed, norm)
+        figures[name] = {"lenses": len(keep), "max_abs_ecp_minus_alpha": worst}
         ax.plot([0, 1], [0, 1], "k--", lw=1, label="calibrated")
         ax.plot(alpha, mean, label=f"rimlens ({len(keep)} lenses)")
         ax.fill_between(alpha, mean - std, mean + std, alpha=0.3)

@@ -45,7 +45,7 @@ from lenstronomy_lenses import (
     truth_kappa,
     truth_source,
 )
-from posterior_coverage import annulus, block_mean, coverage, tarp_test
+from posterior_coverage import annulus, block_mean, coverage, tarp_curve, tarp_test
 from rimlens.errors import RimlensInputError
 from rimlens.inference.power_law_posterior import COVARIANCE_INFLATION, PARAMETER_NAMES, sample_power_law_posterior
 
@@ -130,43 +130,40 @@ def summarise(rows: list[dict]) -> dict:
 POPULATION_BOX = np.array([THETA_E_RANGE_ARCSEC, SLOPE_RANGE]).T  # 2 x 2: lower, upper of (theta_E, slope)
 
 
+def in_population_box(theta: np.ndarray) -> np.ndarray:
+    """Whether each (theta_E, slope) of ``theta`` (... x 2) lies in the simulator's uniform box (... )."""
+    return ((theta >= POPULATION_BOX[0]) & (theta <= POPULATION_BOX[1])).all(-1)
+
+
 def under_population_prior(vec: dict, rng: np.random.Generator) -> tuple[dict, bool]:
     """One lens's TARP vectors with their samples resampled (with replacement, as many) from those whose
     (theta_E, slope) lie in the simulator's uniform box: the flat-prior posterior times that prior. Where no
     sample does (the truth, always inside, is then far in the posterior's tail) the vectors are returned as they
     are, so the lens still counts as the miss it is; the flag says whether any sample was inside."""
-    lens_samples = vec["lens"][0]
-    inside = np.flatnonzero(((lens_samples >= POPULATION_BOX[0]) & (lens_samples <= POPULATION_BOX[1])).all(1))
+    inside = np.flatnonzero(in_population_box(vec["lens"][0]))
     if inside.size == 0:
         return vec, False
-    pick = rng.choice(inside, size=len(lens_samples), replace=True)
+    pick = rng.choice(inside, size=len(vec["lens"][0]), replace=True)
     return {k: (samples[pick], truth) for k, (samples, truth) in vec.items()}, True
 
 
 def tarp_reference(vectors: list[dict], repeats: int = 20, seed: int = 0) -> dict:
     """What TARP's largest |ECP - credibility| of the (theta_E, slope) vector is for exact Gaussian posteriors of
-    these lenses' sampled widths (per lens: the samples' standard deviations, no correlation), on truths drawn
-    from the simulator's box: with flat priors (what rimlens reports) and with the box as prior (the Bayesian
-    posterior). Median and 16-84th percentiles over ``repeats`` simulated sets of as many lenses."""
-    import tarp
-
+    these lenses' flat-prior sampled widths (per lens: the samples' standard deviations, no correlation), on
+    truths drawn from the simulator's box: with flat priors (what rimlens reports) and with the box as prior (the
+    Bayesian posterior). Median and 16-84th percentiles over ``repeats`` simulated sets of as many lenses."""
     rng = np.random.default_rng(seed)
     sigma = np.array([v["lens"][0].std(0, ddof=1) for v in vectors])  # lenses x 2
     n, n_samples = len(sigma), len(vectors[0]["lens"][0])
-    bins = max(2, min(20, n // 5))  # as tarp_test
     figures: dict[str, list[float]] = {"flat_prior": [], "population_prior": []}
     for r in range(repeats):
         truth = rng.uniform(POPULATION_BOX[0], POPULATION_BOX[1], (n, 2))
-        estimate = truth + rng.normal(size=(n, 2)) * sigma
-        draws = estimate + rng.normal(size=(4000, n, 2)) * sigma  # 4000 x lenses x 2
-        flat = draws[:n_samples]
-        inside = ((draws >= POPULATION_BOX[0]) & (draws <= POPULATION_BOX[1])).all(2)  # 4000 x lenses
-        bayes = np.stack([draws[rng.choice(np.flatnonzero(inside[:, j]), n_samples), j] for j in range(n)], axis=1)
-        for name, samples in (("flat_prior", flat), ("population_prior", bayes)):
-            ecp, alpha = tarp.get_tarp_coverage(
-                samples, truth, num_alpha_bins=bins, norm=True, bootstrap=True, num_bootstrap=100, seed=r
-            )
-            figures[name].append(float(np.max(np.abs(ecp.mean(0) - alpha))))
+        draws = truth + rng.normal(size=(n, 2)) * sigma + rng.normal(size=(4000, n, 2)) * sigma  # 4000 x lenses x 2
+        inside = in_population_box(draws)  # 4000 x lenses; all of them where none is inside (never seen)
+        pick = [np.flatnonzero(inside[:, j]) if inside[:, j].any() else np.arange(len(draws)) for j in range(n)]
+        bayes = np.stack([draws[rng.choice(p, n_samples), j] for j, p in enumerate(pick)], axis=1)
+        for name, samples in (("flat_prior", draws[:n_samples]), ("population_prior", bayes)):
+            figures[name].append(tarp_curve(samples, truth, seed=r)[3])
     return {k: [round(float(q), 3) for q in np.percentile(v, [16, 50, 84])] for k, v in figures.items()}
 
 
@@ -211,6 +208,8 @@ def merge(
     summary["warned_fits"] = sum(bool(r.get("warning")) for r in rows)
     summary["fits_without_posterior"] = [r["lens"] for r in no_posterior]
     if len(vectors) == len(rows) >= 10:
+        if reference:  # the widths of the samples as rimlens reports them (flat priors)
+            summary["tarp_reference_lens"] = tarp_reference(vectors)
         if population_prior:
             rng = np.random.default_rng(0)
             reweighted = [under_population_prior(v, rng) for v in vectors]
@@ -219,8 +218,6 @@ def merge(
                 r["lens"] for r, (_, inside) in zip(rows, reweighted, strict=True) if not inside
             ]
         summary["tarp"] = tarp_test(vectors, tarp_png, norm=tarp_norm)
-        if reference:
-            summary["tarp_reference_lens"] = tarp_reference(vectors)
     print(f"{len(rows)} lenses: {json.dumps(summary)}")
     if combine is not None:
         merged = {"summary": summary, "lenses": rows, "no_posterior": no_posterior}
